@@ -1,0 +1,129 @@
+"""Adapter for Hugging Face decoder-only language models.
+
+Supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Gemma3ForCausalLM (also the
+language model inside video LLMs of those families, through :class:`DecoderLMAdapter` with
+``inputs_embeds``).
+
+Managed layers are the full-attention layers. Sliding-window layers (5 of every 6 in Gemma 3,
+all of them in a Mistral config with ``sliding_window`` set, Qwen2 with ``use_sliding_window``)
+keep their own window cache; the engine still builds their masks. The retained-cache statistic
+is computed over managed layers only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from namm_transfer.policies.base import HostInfo
+
+from .hf_attention import route_attention, unroute_attention
+
+__all__ = ["DecoderLMAdapter", "SUPPORTED_DECODER_LMS"]
+
+SUPPORTED_DECODER_LMS = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+    "Gemma3ForCausalLM": "gemma3",
+}
+
+
+class DecoderLMAdapter:
+    """Host questions answered for a decoder LM: layers, cache access, chunk feeding."""
+
+    name = "decoder-lm"
+
+    def __init__(self, model: nn.Module) -> None:
+        cls = type(model).__name__
+        if cls not in SUPPORTED_DECODER_LMS:
+            raise TypeError(
+                f"{cls} is not a supported decoder LM; supported: {', '.join(SUPPORTED_DECODER_LMS)}"
+            )
+        self.model = model
+        self.family = SUPPORTED_DECODER_LMS[cls]
+        self.config = model.config
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.attn_modules: list[nn.Module] = [layer.self_attn for layer in decoder.layers]
+        for i, m in enumerate(self.attn_modules):
+            if getattr(m, "layer_idx", i) != i:
+                raise RuntimeError(f"attention module {i} reports layer_idx {m.layer_idx}")
+        probe = self.make_cache()
+        sliding = [bool(getattr(layer, "is_sliding", False)) for layer in probe.layers]
+        if len(sliding) != len(self.attn_modules):
+            sliding = [False] * len(self.attn_modules)
+        self.managed = tuple(i for i, s in enumerate(sliding) if not s)
+        if not self.managed:
+            raise ValueError(
+                f"every layer of this {cls} uses a sliding window (config.sliding_window="
+                f"{getattr(self.config, 'sliding_window', None)}), so there is no full-attention cache to manage; "
+                "load it with sliding_window=None (as Mistral v0.2+ and most Qwen2 checkpoints do)"
+            )
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._accepts_cache_position = "cache_position" in params
+        self._saved: Any = None
+
+    # ----- host description ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def host_info(self) -> HostInfo:
+        c = self.config
+        n_heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+        return HostInfo(
+            n_layers=len(self.attn_modules),
+            managed_layers=self.managed,
+            n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
+            n_q_heads=n_heads,
+            head_dim=head_dim,
+            family=self.family,
+        )
+
+    # ----- cache ------------------------------------------------------------------------------------
+    def make_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def get_kv(self, cache: Any, layer: int) -> tuple[Tensor, Tensor]:
+        lyr = cache.layers[layer]
+        return lyr.keys, lyr.values
+
+    def set_kv(self, cache: Any, layer: int, keys: Tensor, values: Tensor) -> None:
+        lyr = cache.layers[layer]
+        lyr.keys = keys
+        lyr.values = values
+
+    # ----- routing ----------------------------------------------------------------------------------
+    def install(self, engine: Any) -> None:
+        self._saved = route_attention(engine, self.attn_modules)
+
+    def uninstall(self, engine: Any) -> None:
+        unroute_attention(self.attn_modules, self._saved or [])
+        self._saved = None
+
+    # ----- feeding ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        cache: Any,
+        input_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        position_ids: Tensor,
+        clock: Tensor,
+        logits_to_keep: int = 1,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Run one chunk; returns logits (B, logits_to_keep, vocab)."""
+        extra: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "position_ids": position_ids}
+        if self._accepts_cache_position:
+            extra["cache_position"] = clock
+        out = self.model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **extra, **kwargs
+        )
+        return out.logits

@@ -1,0 +1,394 @@
+"""The eviction engine: host-agnostic KV-cache management driven by a memory policy.
+
+The engine never branches on the policy type or the model family. An adapter (see
+``namm_transfer.adapters``) tells it where the attention layers are, how to run the host on a
+chunk, and how to read and write one layer's cache. The adapter routes the host's attention
+through :meth:`EvictionEngine.attention`, which
+
+* builds the attention mask itself from the engine's bookkeeping (live slots of each cache row,
+  left padding, causality inside the chunk, sliding windows of unmanaged layers),
+* computes the attention probability rows of the chunk's queries against the current cache only
+  when the policy asks for them (chunk x cache, never T x T), and hands them to the policy,
+* and otherwise calls PyTorch's fused SDPA.
+
+After each chunk, when the clock (rows fed, padding included) reaches a multiple of
+``update_interval``, every managed layer asks the policy which slots to keep and the engine
+compacts that layer's cache and every per-token tensor of the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .policies.base import HostInfo, LayerState, MemoryPolicy
+
+__all__ = ["EngineConfig", "EvictionEngine", "EvictionStats"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the eviction loop."""
+
+    update_interval: int = 512
+    """Run the policy whenever the clock (tokens fed, padding included) reaches a multiple of this."""
+    chunk_size: int = 128
+    """Prompts are fed in chunks of at most this many tokens (boundaries also fall on update steps)."""
+    final_update: bool = False
+    """Also run the policy once at the end of every prompt (off in the paper's setting)."""
+    record_kept: bool = False
+    """Record the positions of the kept tokens of every (sequence, head) at every update."""
+
+    def __post_init__(self) -> None:
+        if self.update_interval < 1 or self.chunk_size < 1:
+            raise ValueError(
+                f"update_interval and chunk_size must be >= 1, got {self.update_interval}, {self.chunk_size}"
+            )
+
+
+@dataclass
+class EvictionStats:
+    """What happened to the cache during one session (one batch of sequences).
+
+    Attributes:
+        managed_layers: host layer indices the policy manages.
+        clock: after each forward call, the rows fed so far.
+        n_seen: after each forward call, (B,) real tokens seen per sequence.
+        cache_tokens: after each forward call, (L, B) live tokens per managed layer and sequence,
+            averaged over KV heads.
+        kept_counts: ``kept_counts[step][layer]`` = (B, H) kept tokens at that update: what a
+            :class:`~namm_transfer.policies.base.ReplayBudget` replays.
+        kept_positions: with ``record_kept``: ``kept_positions[step][layer]`` = list (B) of lists (H)
+            of position arrays.
+        update_clock: the clock at each update.
+    """
+
+    managed_layers: tuple[int, ...] = ()
+    clock: list[int] = field(default_factory=list)
+    n_seen: list[np.ndarray] = field(default_factory=list)
+    cache_tokens: list[np.ndarray] = field(default_factory=list)
+    kept_counts: dict[int, dict[int, list[list[int]]]] = field(default_factory=dict)
+    kept_positions: dict[int, dict[int, list[list[np.ndarray]]]] = field(default_factory=dict)
+    update_clock: list[int] = field(default_factory=list)
+
+    def retained_per_call(self) -> np.ndarray:
+        """(calls, B) mean over managed layers of live tokens / tokens a full cache would hold."""
+        if not self.cache_tokens:
+            return np.zeros((0, 0))
+        kept = np.stack(self.cache_tokens)  # (calls, L, B)
+        seen = np.stack(self.n_seen).astype(np.float64)  # (calls, B)
+        return (kept / np.maximum(seen[:, None, :], 1.0)).mean(axis=1)
+
+    def retained_cache(self) -> float:
+        """Mean over managed layers, forward calls and sequences; 1.0 for a full cache."""
+        r = self.retained_per_call()
+        return float(r.mean()) if r.size else 1.0
+
+    def kept_counts_json(self) -> dict[str, dict[str, list[list[int]]]]:
+        return {str(s): {str(layer): c for layer, c in d.items()} for s, d in self.kept_counts.items()}
+
+
+class EvictionEngine:
+    """Owns the cache bookkeeping of one attached model. Create through :func:`namm_transfer.attach`."""
+
+    def __init__(self, adapter: Any, policy: MemoryPolicy, config: EngineConfig | None = None) -> None:
+        self.adapter = adapter
+        self.policy = policy
+        self.config = config or EngineConfig()
+        self.host: HostInfo = adapter.host_info()
+        self.managed = set(self.host.managed_layers)
+        policy.bind(self.host)
+        self.cache: Any = None
+        self.states: dict[int, LayerState] = {}
+        self.stats = EvictionStats(managed_layers=self.host.managed_layers)
+        self._attached = False
+        self._chunk: dict[str, Any] | None = None
+        self.batch_size = 0
+
+    # ----- session ---------------------------------------------------------------------------
+    def reset(self, batch_size: int, device: torch.device | str | None = None) -> None:
+        """Start new sequences: empty cache, empty bookkeeping, fresh statistics."""
+        device = torch.device(device) if device is not None else self.adapter.device
+        self.device = device
+        self.batch_size = batch_size
+        self.cache = self.adapter.make_cache()
+        self.clock = 0
+        self.n_seen = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.newest_position = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.pad_history = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.update_step = 0
+        h = self.host.n_kv_heads
+        self.states = {}
+        for layer in self.host.managed_layers:
+            empty_i = torch.zeros(batch_size, h, 0, dtype=torch.int64, device=device)
+            st = LayerState(
+                layer=layer,
+                valid=torch.zeros(batch_size, h, 0, dtype=torch.bool, device=device),
+                position=empty_i,
+                arrival=empty_i.clone(),
+            )
+            self.policy.init_layer(st)
+            self.states[layer] = st
+        self.stats = EvictionStats(managed_layers=self.host.managed_layers)
+
+    # ----- feeding -----------------------------------------------------------------------------
+    def forward_chunk(
+        self,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        logits_to_keep: int = 1,
+        allow_update: bool = True,
+        **host_kwargs: Any,
+    ) -> Any:
+        """Feed one chunk of Q tokens to the host and evict if an update step is reached.
+
+        Args:
+            input_ids: (B, Q) or None; inputs_embeds: (B, Q, hidden) or None (exactly one given).
+            attention_mask: (B, Q) 1 for real tokens, 0 for padding (default: all real).
+            logits_to_keep: passed to the host (the adapter decides what "logits" are).
+        Returns:
+            whatever the adapter's forward returns for this chunk (logits for decoder LMs).
+        """
+        if self.cache is None:
+            raise RuntimeError("call reset(batch_size) before feeding tokens")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("give input_ids or inputs_embeds")
+        b, q = ref.shape[0], ref.shape[1]
+        if b != self.batch_size:
+            raise ValueError(f"batch size {b} does not match the session's {self.batch_size}; call reset() first")
+        if q == 0:
+            raise ValueError("empty chunk")
+        if attention_mask is None:
+            chunk_valid = torch.ones(b, q, dtype=torch.bool, device=self.device)
+        else:
+            if attention_mask.shape != (b, q):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, q)}")
+            chunk_valid = attention_mask.to(device=self.device, dtype=torch.bool)
+        offsets = torch.cumsum(chunk_valid.to(torch.int64), dim=1) - 1
+        position = self.next_position[:, None] + offsets.clamp_min(0)
+        self._chunk = {
+            "valid": chunk_valid,
+            "position": position,
+            "clock0": self.clock,
+            "q": q,
+        }
+        self.pad_history = torch.cat([self.pad_history, chunk_valid], dim=1)
+        try:
+            out = self.adapter.forward(
+                self.cache,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                position_ids=position,
+                clock=torch.arange(self.clock, self.clock + q, device=self.device),
+                logits_to_keep=logits_to_keep,
+                **host_kwargs,
+            )
+        finally:
+            self._chunk = None
+        self.clock += q
+        n_real = chunk_valid.sum(1)
+        self.n_seen += n_real
+        self.next_position += n_real
+        has = n_real > 0
+        self.newest_position = torch.where(has, self.next_position - 1, self.newest_position)
+        if allow_update and self.clock % self.config.update_interval == 0:
+            self.update()
+        self._record_call()
+        return out
+
+    def update(self) -> None:
+        """Ask the policy which tokens every managed layer keeps, then prune caches and state."""
+        step = self.update_step
+        self.stats.update_clock.append(self.clock)
+        counts_step: dict[int, list[list[int]]] = {}
+        for layer, st in self.states.items():
+            if st.valid.shape[-1] == 0:
+                continue
+            keys, values = self.adapter.get_kv(self.cache, layer)
+            st.keys = keys
+            st.n_seen = self.n_seen
+            st.newest_position = self.newest_position
+            st.step = step
+            st.clock = self.clock
+            keep = self.policy.select(st)
+            st.keys = None
+            if keep.shape != st.valid.shape or keep.dtype != torch.bool:
+                raise ValueError(
+                    f"policy {self.policy.name!r} returned a keep mask of shape {tuple(keep.shape)} "
+                    f"and dtype {keep.dtype}; expected bool {tuple(st.valid.shape)}"
+                )
+            keep = keep & st.valid
+            keep[..., -1] |= st.valid[..., -1]  # the newest token is always kept
+            counts = keep.sum(-1)
+            counts_step[layer] = counts.tolist()
+            if self.config.record_kept:
+                pos = st.position.cpu()
+                km = keep.cpu()
+                self.stats.kept_positions.setdefault(step, {})[layer] = [
+                    [pos[bi, hi][km[bi, hi]].numpy() for hi in range(km.shape[1])] for bi in range(km.shape[0])
+                ]
+            self._compact(layer, st, keep, keys, values)
+        self.stats.kept_counts[step] = counts_step
+        self.update_step += 1
+
+    def _compact(self, layer: int, st: LayerState, keep: Tensor, keys: Tensor, values: Tensor) -> None:
+        counts = keep.sum(-1)  # (B, H)
+        new_len = int(counts.max().item()) if counts.numel() else 0
+        s = keep.shape[-1]
+        if new_len == s and bool(keep.all()):
+            return
+        # stable sort puts dropped slots first and kept slots after them, both in arrival order
+        order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[..., s - new_len :]  # (B, H, L)
+        ar = torch.arange(new_len, device=keep.device)
+        st.valid = ar.view(1, 1, -1) >= (new_len - counts).unsqueeze(-1)
+        st.position = torch.gather(st.position, 2, order)
+        st.arrival = torch.gather(st.arrival, 2, order)
+        for name, t in st.tokens.items():
+            st.tokens[name] = _gather_tokens(t, order)
+        self.adapter.set_kv(self.cache, layer, _gather_tokens(keys, order), _gather_tokens(values, order))
+
+    def _record_call(self) -> None:
+        if not self.states:
+            return
+        per_layer = torch.stack([st.valid.sum(-1).float().mean(-1) for st in self.states.values()])  # (L, B)
+        self.stats.clock.append(self.clock)
+        self.stats.n_seen.append(self.n_seen.cpu().numpy().copy())
+        self.stats.cache_tokens.append(per_layer.cpu().numpy())
+
+    # ----- attention (called by the adapter's attention hook) -----------------------------------
+    def attention(
+        self,
+        layer: int,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        scaling: float,
+        softcap: float | None = None,
+        sliding_window: int | None = None,
+    ) -> Tensor:
+        """Attention of the chunk's queries against this layer's cache.
+
+        Args:
+            query: (B, Hq, Q, d); key, value: (B, H, S, d), the layer's cache *including* the chunk.
+        Returns:
+            (B, Q, Hq, d) attention output (the layout Hugging Face attention functions return).
+        """
+        chunk = self._chunk
+        if chunk is None:
+            raise RuntimeError(
+                "the model was called directly while a NAMM engine is attached; feed it through the session "
+                "(prefill / step / generate), or detach first"
+            )
+        b, hq, q, d = query.shape
+        h, s = key.shape[1], key.shape[2]
+        if hq % h:
+            raise ValueError(f"{hq} query heads cannot be grouped over {h} KV heads")
+        g = hq // h
+        st = self.states.get(layer)
+        if st is not None:
+            self._append(st, q, s)
+            mask = self._managed_mask(st, q)  # (B, H, Q, S)
+        else:
+            mask = self._clock_mask(q, s, sliding_window)  # (B, 1, Q, S)
+        # rows of queries that see nothing (padding before any real token): let them see all; their
+        # outputs are never used and this keeps every value finite
+        mask = mask | ~mask.any(-1, keepdim=True)
+        qg = query.reshape(b, h, g * q, d)
+        mg = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, q, s).reshape(mask.shape[0], -1, g * q, s)
+        need_rows = st is not None and self.policy.needs_attention
+        if need_rows or softcap is not None:
+            scores = torch.matmul(qg.float(), key.float().transpose(-1, -2)) * scaling
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            probs = torch.softmax(scores.masked_fill(~mg, float("-inf")), dim=-1)
+            out = torch.matmul(probs.to(value.dtype), value)
+            if need_rows:
+                assert st is not None
+                rows = probs.view(b, h, g, q, s).mean(2) * chunk["valid"].view(b, 1, q, 1)
+                self.policy.observe(st, rows)
+        else:
+            out = F.scaled_dot_product_attention(qg, key, value, attn_mask=mg, scale=scaling)
+        return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
+
+    def _append(self, st: LayerState, q: int, s: int) -> None:
+        chunk = self._chunk
+        assert chunk is not None
+        old = st.valid.shape[-1]
+        if old + q != s:
+            raise RuntimeError(
+                f"layer {st.layer}: cache holds {s} slots after the chunk, the engine expected {old} + {q}; "
+                "was the cache modified outside the engine?"
+            )
+        b, h = st.valid.shape[:2]
+        st.valid = torch.cat([st.valid, chunk["valid"][:, None, :].expand(b, h, q)], dim=-1)
+        st.position = torch.cat([st.position, chunk["position"][:, None, :].expand(b, h, q)], dim=-1)
+        arr = torch.arange(chunk["clock0"], chunk["clock0"] + q, device=st.valid.device)
+        st.arrival = torch.cat([st.arrival, arr.view(1, 1, q).expand(b, h, q)], dim=-1)
+        for name, t in st.tokens.items():
+            pad = torch.zeros(*t.shape[:2], q, *t.shape[3:], dtype=t.dtype, device=t.device)
+            st.tokens[name] = torch.cat([t, pad], dim=2)
+
+    def _managed_mask(self, st: LayerState, q: int) -> Tensor:
+        chunk = self._chunk
+        assert chunk is not None
+        s = st.valid.shape[-1]
+        old = s - q
+        causal = torch.ones(q, q, dtype=torch.bool, device=st.valid.device).tril()
+        new_part = causal.view(1, 1, q, q) & st.valid[:, :, None, old:]
+        old_part = st.valid[:, :, None, :old].expand(-1, -1, q, -1)
+        return torch.cat([old_part, new_part], dim=-1)
+
+    def _clock_mask(self, q: int, s: int, sliding_window: int | None) -> Tensor:
+        chunk = self._chunk
+        assert chunk is not None
+        end = chunk["clock0"] + q
+        key_clock = torch.arange(end - s, end, device=self.device)  # the most recent s rows
+        q_clock = torch.arange(chunk["clock0"], end, device=self.device)
+        allowed = key_clock.view(1, -1) <= q_clock.view(-1, 1)
+        if sliding_window is not None:
+            allowed &= key_clock.view(1, -1) > q_clock.view(-1, 1) - sliding_window
+        key_valid = self.pad_history[:, end - s : end]  # (B, S)
+        return (allowed.view(1, 1, q, s) & key_valid.view(-1, 1, 1, s)).contiguous()
+
+    # ----- attach / detach ----------------------------------------------------------------------
+    def install(self) -> None:
+        if self._attached:
+            raise RuntimeError("this engine is already attached")
+        self.adapter.install(self)
+        self._attached = True
+
+    def remove(self) -> None:
+        if self._attached:
+            self.adapter.uninstall(self)
+            self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @contextmanager
+    def attached_to(self) -> Iterator[EvictionEngine]:
+        self.install()
+        try:
+            yield self
+        finally:
+            self.remove()
+
+
+def _gather_tokens(t: Tensor, order: Tensor) -> Tensor:
+    """Gather (B, H, S, ...) along S with (B, H, L) indices."""
+    idx = order.view(*order.shape, *([1] * (t.ndim - 3))).expand(*order.shape, *t.shape[3:])
+    return torch.gather(t, 2, idx)

@@ -1,0 +1,258 @@
+"""The memory-policy interface, per-layer cache bookkeeping, and budgets.
+
+A policy sees one managed layer at a time through a :class:`LayerState` and returns which cache
+slots to keep. The engine owns the state and re-indexes every per-token tensor when it prunes,
+so a policy's own per-token state (an EMA, accumulated attention, ...) follows the cache through
+evictions without the policy doing anything.
+
+Layout of one layer's cache (engine invariant): each (sequence, KV head) row holds its live
+tokens right-aligned and in arrival order; slots before them are invalid (left padding, or
+slack left because other rows of the same layer kept more tokens). Invalid slots are masked out
+of the host's attention, so evicting a token and masking it are the same thing to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HostInfo",
+    "LayerState",
+    "MemoryPolicy",
+    "Budget",
+    "RatioBudget",
+    "TokenBudget",
+    "ReplayBudget",
+    "parse_budget",
+]
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What a policy may learn about the host when it is attached."""
+
+    n_layers: int
+    managed_layers: tuple[int, ...]
+    n_kv_heads: int
+    n_q_heads: int
+    head_dim: int
+    family: str = "unknown"
+
+
+@dataclass
+class LayerState:
+    """Bookkeeping of one managed layer. Every tensor in ``tokens`` has shape (B, H, S, ...).
+
+    Attributes:
+        layer: host layer index.
+        valid: (B, H, S) bool, live tokens (a right-aligned suffix of each row).
+        position: (B, H, S) int64, each token's true position in its own sequence (real tokens
+            only; what the host's rotary embedding used).
+        arrival: (B, H, S) int64, the engine clock (query rows, padding included) at arrival.
+        tokens: policy-owned per-token tensors, re-indexed by the engine on every eviction.
+        meta: policy-owned per-layer values (not re-indexed).
+        keys: (B, H, S, head_dim) the cached keys (after rotary), set by the engine for ``select``.
+        n_seen: (B,) int64, real tokens each sequence has fed so far (what a full cache would hold).
+        newest_position: (B,) int64, position of the newest real token of each sequence.
+        step: index of the current update (0 for the first eviction decision).
+        clock: rows processed so far (padded length of the batch).
+    """
+
+    layer: int
+    valid: Tensor
+    position: Tensor
+    arrival: Tensor
+    tokens: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    keys: Tensor | None = None
+    n_seen: Tensor | None = None
+    newest_position: Tensor | None = None
+    step: int = 0
+    clock: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        b, h, s = self.valid.shape
+        return b, h, s
+
+    def n_valid(self) -> Tensor:
+        """(B, H) live tokens per row."""
+        return self.valid.sum(-1)
+
+
+class Budget:
+    """How many tokens a budgeted policy may keep, per (sequence, head) row at an update."""
+
+    def target(self, state: LayerState) -> Tensor:  # pragma: no cover - interface
+        """(B, H) int64 number of tokens to keep (the caller clamps to the live count)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class RatioBudget(Budget):
+    """Keep ``floor(ratio * n_seen)`` tokens (at least 1), n_seen = what a full cache would hold."""
+
+    ratio: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"a ratio budget must be in (0, 1], got {self.ratio}")
+
+    def target(self, state: LayerState) -> Tensor:
+        assert state.n_seen is not None
+        t = torch.floor(state.n_seen.to(torch.float64) * self.ratio).to(torch.int64).clamp_min(1)
+        return t[:, None].expand(state.shape[0], state.shape[1])
+
+    def describe(self) -> str:
+        return f"ratio:{self.ratio:g}"
+
+
+@dataclass
+class TokenBudget(Budget):
+    """Keep at most ``tokens`` tokens per row."""
+
+    tokens: int
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"a token budget must be >= 1, got {self.tokens}")
+
+    def target(self, state: LayerState) -> Tensor:
+        b, h, _ = state.shape
+        return torch.full((b, h), self.tokens, dtype=torch.int64, device=state.valid.device)
+
+    def describe(self) -> str:
+        return f"tokens:{self.tokens}"
+
+
+@dataclass
+class ReplayBudget(Budget):
+    """Replay the per-layer, per-update cache lengths recorded in another run.
+
+    ``record[step][layer]`` is a (B, H) list of kept counts, as recorded by the engine in
+    :attr:`namm_transfer.engine.EvictionStats.kept_counts`. The baseline run must feed the same
+    sequences in the same batch order with the same update interval.
+    """
+
+    record: dict[int, dict[int, Any]]
+    source: str = "replay"
+
+    def target(self, state: LayerState) -> Tensor:
+        try:
+            counts = self.record[state.step][state.layer]
+        except KeyError:
+            raise ValueError(
+                f"replayed budget has no entry for update {state.step}, layer {state.layer}: the run being "
+                "replayed made fewer updates (different prompts, lengths or update_interval?)"
+            ) from None
+        t = torch.as_tensor(counts, dtype=torch.int64, device=state.valid.device)
+        if t.shape != state.shape[:2]:
+            raise ValueError(f"replayed counts have shape {tuple(t.shape)}, this batch needs {state.shape[:2]}")
+        return t
+
+    def describe(self) -> str:
+        return f"replay:{self.source}"
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ReplayBudget:
+        data = json.loads(Path(path).read_text())
+        record = {int(s): {int(k): v for k, v in layers.items()} for s, layers in data["kept_counts"].items()}
+        return cls(record, source=str(path))
+
+
+def parse_budget(spec: str | float | int | Budget | None) -> Budget | None:
+    """``0.5`` or ``"50%"`` -> ratio; ``"256t"`` or an int -> tokens; ``"replay:FILE"`` -> replay."""
+    if spec is None or isinstance(spec, Budget):
+        return spec
+    if isinstance(spec, bool):
+        raise ValueError(f"not a budget: {spec!r}")
+    if isinstance(spec, int):
+        return TokenBudget(spec)
+    if isinstance(spec, float):
+        return RatioBudget(spec)
+    text = str(spec).strip()
+    if text.startswith("replay:"):
+        return ReplayBudget.from_json(text.split(":", 1)[1])
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", text):
+        return RatioBudget(float(m.group(1)) / 100.0)
+    if m := re.fullmatch(r"(\d+)t(?:okens)?", text):
+        return TokenBudget(int(m.group(1)))
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(
+            f"cannot read budget {spec!r}: use a ratio (0.5 or 50%), a token count (256t) or replay:FILE.json"
+        ) from None
+    if value > 1.0 and value == math.floor(value):
+        return TokenBudget(int(value))
+    return RatioBudget(value)
+
+
+class MemoryPolicy:
+    """Base class of every memory policy.
+
+    Override :meth:`select` (and :meth:`observe` if ``needs_attention``). Class attributes:
+
+    * ``name``: registry name.
+    * ``needs_attention``: the engine computes attention probability rows of the recent queries
+      (averaged over the query heads of each KV head) and passes them to :meth:`observe` after
+      every chunk. Rows are only ever (chunk x cache), never (T x T).
+    * ``needs_keys``: :meth:`select` reads ``state.keys``.
+    """
+
+    name: ClassVar[str] = "base"
+    needs_attention: ClassVar[bool] = False
+    needs_keys: ClassVar[bool] = False
+
+    def __init__(self, budget: Budget | str | float | int | None = None) -> None:
+        self.budget = parse_budget(budget)
+        self.host: HostInfo | None = None
+
+    def bind(self, host: HostInfo) -> None:
+        """Called once at attach: learn the host's shape."""
+        self.host = host
+
+    def init_layer(self, state: LayerState) -> None:
+        """Create per-token tensors (with S = current length) and per-layer meta at session start."""
+
+    def observe(self, state: LayerState, rows: Tensor) -> None:
+        """Fold attention rows (B, H, Q, S) of the chunk's Q queries (S includes the chunk)."""
+
+    def select(self, state: LayerState) -> Tensor:
+        """Return (B, H, S) bool: which slots to keep. Invalid slots are dropped whatever is returned."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Settings recorded in results files."""
+        return {"policy": self.name, "budget": self.budget.describe() if self.budget else None}
+
+    # helpers shared by budgeted policies ---------------------------------------------------------
+    def keep_top(self, state: LayerState, score: Tensor, budget: Budget | None = None) -> Tensor:
+        """Keep exactly ``min(target, live)`` live tokens per row with the highest ``score``.
+
+        Ties break toward newer tokens. The newest token is always kept by the engine; it is given
+        top priority here so the budget is not exceeded by that rule.
+        """
+        budget = budget or self.budget
+        if budget is None:
+            return state.valid.clone()
+        b, h, s = state.shape
+        target = budget.target(state).clamp(min=1).clamp(max=state.n_valid())  # (B, H)
+        score = score.to(torch.float64)
+        # tie-break toward newer slots, newest slot first of all, invalid slots last
+        order_key = score + torch.linspace(0, 1e-9, s, dtype=torch.float64, device=score.device)
+        order_key[..., -1] = float("inf")
+        order_key = order_key.masked_fill(~state.valid, float("-inf"))
+        rank = torch.argsort(torch.argsort(order_key, dim=-1, descending=True, stable=True), dim=-1)
+        return (rank < target.unsqueeze(-1)) & state.valid

@@ -1,0 +1,128 @@
+"""Classic eviction baselines. Each keeps exactly ``min(budget, live)`` tokens per (sequence, head).
+
+* :class:`FullCache` keeps everything (the reference).
+* :class:`StreamingLLM` keeps ``sinks`` first tokens and the most recent ones (Xiao et al., 2023).
+* :class:`H2O` keeps a ``recent`` window plus the heavy hitters by accumulated attention (Zhang et al., 2023).
+* :class:`L2Norm` keeps the tokens whose keys have the lowest L2 norm (Devoto et al., 2024).
+* :class:`RandomEviction` keeps a random subset (seeded) plus the newest token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import Budget, LayerState, MemoryPolicy
+
+__all__ = ["FullCache", "StreamingLLM", "H2O", "L2Norm", "RandomEviction"]
+
+
+class FullCache(MemoryPolicy):
+    """Keep every token."""
+
+    name: ClassVar[str] = "full"
+
+    def __init__(self, budget: Any = None) -> None:
+        super().__init__(None)
+
+    def select(self, state: LayerState) -> Tensor:
+        return state.valid.clone()
+
+
+class _Budgeted(MemoryPolicy):
+    def __init__(self, budget: Budget | str | float | int | None = 0.5) -> None:
+        super().__init__(budget)
+        if self.budget is None:
+            raise ValueError(f"policy {self.name!r} needs a budget (ratio, tokens or replay)")
+
+
+class StreamingLLM(_Budgeted):
+    """Attention sinks (the first ``sinks`` tokens of each sequence) plus the most recent tokens."""
+
+    name: ClassVar[str] = "streaming"
+
+    def __init__(self, budget: Budget | str | float | int | None = 0.5, sinks: int = 4) -> None:
+        super().__init__(budget)
+        self.sinks = sinks
+
+    def select(self, state: LayerState) -> Tensor:
+        pos = state.position.to(torch.float64)
+        score = torch.where(state.position < self.sinks, torch.full_like(pos, float("inf")), pos)
+        return self.keep_top(state, score)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "sinks": self.sinks}
+
+
+class H2O(_Budgeted):
+    """Heavy hitters: attention accumulated over every query since arrival, plus a recent window.
+
+    ``recent`` is a fraction of the budget (the H2O paper splits it half and half).
+    """
+
+    name: ClassVar[str] = "h2o"
+    needs_attention: ClassVar[bool] = True
+
+    def __init__(self, budget: Budget | str | float | int | None = 0.5, recent_fraction: float = 0.5) -> None:
+        super().__init__(budget)
+        if not 0.0 <= recent_fraction <= 1.0:
+            raise ValueError(f"recent_fraction must be in [0, 1], got {recent_fraction}")
+        self.recent_fraction = recent_fraction
+
+    def init_layer(self, state: LayerState) -> None:
+        b, h, s = state.shape
+        state.tokens["h2o_acc"] = torch.zeros(b, h, s, device=state.valid.device)
+
+    def observe(self, state: LayerState, rows: Tensor) -> None:
+        state.tokens["h2o_acc"] = state.tokens["h2o_acc"] + rows.sum(-2)
+
+    def select(self, state: LayerState) -> Tensor:
+        assert self.budget is not None
+        target = self.budget.target(state).clamp(min=1).clamp(max=state.n_valid())  # (B, H)
+        n_recent = torch.floor(target.to(torch.float64) * self.recent_fraction).to(torch.int64)
+        # rank live slots by recency: the newest live slot has rank 0
+        s = state.shape[2]
+        from_end = torch.arange(s - 1, -1, -1, device=state.valid.device).view(1, 1, -1)
+        recent = state.valid & (from_end < n_recent.unsqueeze(-1))
+        score = state.tokens["h2o_acc"].to(torch.float64).masked_fill(recent, float("inf"))
+        return self.keep_top(state, score)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "recent_fraction": self.recent_fraction}
+
+
+class L2Norm(_Budgeted):
+    """Keep the tokens whose cached keys have the lowest L2 norm (averaged over nothing: per head)."""
+
+    name: ClassVar[str] = "l2"
+    needs_keys: ClassVar[bool] = True
+
+    def select(self, state: LayerState) -> Tensor:
+        assert state.keys is not None
+        return self.keep_top(state, -state.keys.float().norm(dim=-1).to(torch.float64))
+
+
+class RandomEviction(_Budgeted):
+    """Keep a uniformly random subset of the budget's size (seeded, reproducible)."""
+
+    name: ClassVar[str] = "random"
+
+    def __init__(self, budget: Budget | str | float | int | None = 0.5, seed: int = 0) -> None:
+        super().__init__(budget)
+        self.seed = seed
+        self._gen: torch.Generator | None = None
+
+    def init_layer(self, state: LayerState) -> None:
+        if state.layer == min(self.host.managed_layers if self.host else (state.layer,)):
+            self._gen = torch.Generator().manual_seed(self.seed)
+
+    def select(self, state: LayerState) -> Tensor:
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed(self.seed)
+        score = torch.rand(state.valid.shape, generator=self._gen, dtype=torch.float64).to(state.valid.device)
+        return self.keep_top(state, score)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "seed": self.seed}

@@ -1,0 +1,155 @@
+"""The NAMM as a memory policy: streamed spectrogram features in, keep / evict out."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..features import SpectrogramStream
+from ..namm import NAMM
+from .base import Budget, LayerState, MemoryPolicy
+
+__all__ = ["NAMMPolicy"]
+
+
+class NAMMPolicy(MemoryPolicy):
+    """Evict the tokens a NAMM scores below its threshold (namm-spec.md, "Selection").
+
+    Args:
+        namm: the network (weights and frozen normalization statistics).
+        budget: optional; if given, keep the ``budget`` highest-scoring tokens instead of
+            thresholding (an ablation; the paper thresholds).
+        collect_statistics: keep every token and accumulate the pooled mean and variance of the
+            17 EMA bins over layers, heads and tokens at every update (the normalization
+            estimate of the spec); finish with :meth:`finalize_statistics`.
+
+    Evolution scores a whole population in one batch with :meth:`set_population`.
+    """
+
+    name: ClassVar[str] = "namm"
+    needs_attention: ClassVar[bool] = True
+
+    def __init__(
+        self, namm: NAMM, budget: Budget | str | float | int | None = None, collect_statistics: bool = False
+    ) -> None:
+        super().__init__(budget)
+        self.namm = namm
+        cfg = namm.config
+        self.stream = SpectrogramStream(cfg.n_fft, cfg.hop, cfg.gamma)
+        self.collect_statistics = collect_statistics
+        self._stat_sum = torch.zeros(cfg.n_bins, dtype=torch.float64)
+        self._stat_sq = torch.zeros(cfg.n_bins, dtype=torch.float64)
+        self._stat_n = 0
+        self._theta: Tensor | None = None  # (P, D)
+        self._member: Tensor | None = None  # (B,) member index of each sequence
+        self.last_scores: dict[int, Tensor] = {}
+
+    # ----- population ---------------------------------------------------------------------------
+    def set_population(self, theta: Tensor | None, member_of_sequence: Tensor | None = None) -> None:
+        """Score sequence ``b`` with ``theta[member_of_sequence[b]]``; ``None`` restores the deployed weights."""
+        if theta is None:
+            self._theta = self._member = None
+            return
+        theta = torch.as_tensor(theta, dtype=torch.float32)
+        if theta.ndim != 2 or theta.shape[1] != self.namm.n_params:
+            raise ValueError(f"population must be (P, {self.namm.n_params}), got {tuple(theta.shape)}")
+        if not torch.isfinite(theta).all():
+            raise ValueError("population parameters contain NaN or inf")
+        self._theta = theta
+        self._member = None if member_of_sequence is None else torch.as_tensor(member_of_sequence, dtype=torch.long)
+
+    # ----- engine hooks ---------------------------------------------------------------------------
+    def init_layer(self, state: LayerState) -> None:
+        b, h, s = state.shape
+        dev = state.valid.device
+        state.tokens["namm_rows"] = self.stream.empty_rows(b, h, s, dev)
+        state.tokens["namm_ema"] = torch.zeros(b, h, s, self.stream.n_bins, device=dev)
+        state.meta["namm_start"] = self.stream.initial_start()
+        state.meta["namm_clock"] = 0
+
+    def observe(self, state: LayerState, rows: Tensor) -> None:
+        q = rows.shape[-2]
+        buf, ema, start = self.stream.advance(
+            state.tokens["namm_rows"],
+            state.tokens["namm_ema"],
+            state.arrival,
+            rows.transpose(-1, -2),
+            state.meta["namm_start"],
+            state.meta["namm_clock"],
+        )
+        state.tokens["namm_rows"], state.tokens["namm_ema"] = buf, ema
+        state.meta["namm_start"] = start
+        state.meta["namm_clock"] += q
+
+    def select(self, state: LayerState) -> Tensor:
+        ema = state.tokens["namm_ema"]
+        if self.collect_statistics:
+            live = ema[state.valid].to(torch.float64)
+            self._stat_sum += live.sum(0).cpu()
+            self._stat_sq += (live**2).sum(0).cpu()
+            self._stat_n += live.shape[0]
+            return state.valid.clone()
+        if not bool(self.namm.normalization_ready):
+            raise RuntimeError(
+                "this NAMM has no normalization statistics: load a trained checkpoint (load_namm), or estimate "
+                "them first with NAMMPolicy(namm, collect_statistics=True) and finalize_statistics()"
+            )
+        scores = self.scores(state)
+        self.last_scores[state.layer] = scores
+        live_scores = scores[state.valid]
+        if not torch.isfinite(live_scores).all():
+            raise FloatingPointError(
+                f"NAMM produced non-finite scores at layer {state.layer} (update {state.step}); check the weights "
+                "and normalization statistics (std near 0?) of the checkpoint"
+            )
+        if self.budget is not None:
+            return self.keep_top(state, scores)
+        keep = (scores >= self.namm.config.threshold) & state.valid
+        cap = self.namm.config.max_tokens
+        if cap is not None:
+            from .base import TokenBudget
+
+            capped = self.keep_top(state, scores, TokenBudget(cap))
+            keep = keep & capped
+        return keep
+
+    def scores(self, state: LayerState) -> Tensor:
+        """(B, H, S) float32 scores; invalid slots get -inf."""
+        b, h, s = state.shape
+        assert state.newest_position is not None
+        age = (state.newest_position.view(b, 1, 1) - state.position).clamp_min(0)
+        x = self.namm.features(state.tokens["namm_ema"], age).reshape(b * h, s, -1)
+        theta = None
+        if self._theta is not None:
+            member = self._member
+            if member is None:
+                if self._theta.shape[0] != 1:
+                    raise ValueError("a population of several members needs member_of_sequence")
+                member = torch.zeros(b, dtype=torch.long)
+            if member.shape[0] != b:
+                raise ValueError(f"member_of_sequence has {member.shape[0]} entries, the batch has {b} sequences")
+            theta = self._theta.to(x.device)[member.to(x.device)].repeat_interleave(h, dim=0)  # (B*H, D)
+        with torch.no_grad():
+            scores = self.namm.score(x, state.valid.reshape(b * h, s), theta)
+        return scores.view(b, h, s)
+
+    # ----- normalization estimate ------------------------------------------------------------------
+    def finalize_statistics(self) -> tuple[Tensor, Tensor]:
+        """Set the NAMM's frozen normalization from what was collected; returns (mean, std)."""
+        if self._stat_n == 0:
+            raise RuntimeError("no statistics collected: feed prompts long enough to reach an update step")
+        mean = self._stat_sum / self._stat_n
+        var = (self._stat_sq / self._stat_n - mean**2).clamp_min(0.0)
+        std = var.sqrt()
+        self.namm.set_normalization(mean.float(), std.float())
+        self.collect_statistics = False
+        return mean.float(), std.float()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "threshold": self.namm.config.threshold,
+            "max_tokens": self.namm.config.max_tokens,
+        }

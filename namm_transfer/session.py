@@ -1,0 +1,181 @@
+"""Attach a memory policy to a model and run it: ``attach(model, policy)`` -> :class:`AttachedMemory`.
+
+>>> with attach(model, "namm", update_interval=512) as mem:          # doctest: +SKIP
+...     out = mem.generate(input_ids, attention_mask, max_new_tokens=32)
+...     print(mem.stats.retained_cache())
+
+Generation goes through :meth:`AttachedMemory.generate` (greedy; the same main arguments as
+``model.generate``): Hugging Face's ``generate`` derives positions and masks from the cache
+length, which eviction changes, so it is not used while a policy is attached.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import EngineConfig, EvictionEngine, EvictionStats
+from .policies.base import MemoryPolicy
+from .registry import create_policy, find_adapter
+
+__all__ = ["attach", "AttachedMemory"]
+
+
+def attach(
+    model: Any,
+    policy: MemoryPolicy | str = "namm",
+    *,
+    update_interval: int = 512,
+    chunk_size: int = 128,
+    final_update: bool = False,
+    record_kept: bool = False,
+    adapter: str | None = None,
+    **policy_kwargs: Any,
+) -> AttachedMemory:
+    """Attach ``policy`` to ``model``'s attention. Reversible: use as a context manager or call ``detach()``.
+
+    Args:
+        model: a supported host (see ``namm-transfer info``).
+        policy: a :class:`MemoryPolicy` or a registered name (``full``, ``namm``, ``h2o``, ...);
+            ``policy_kwargs`` go to the registered factory (e.g. ``budget=0.5``).
+        update_interval: run the policy every this many tokens (a multiple of 3 for Decision Transformers).
+        chunk_size: prefill chunk length.
+    """
+    if isinstance(policy, str):
+        policy = create_policy(policy, **policy_kwargs)
+    elif policy_kwargs:
+        raise TypeError(f"policy keyword arguments {sorted(policy_kwargs)} need a policy name, not an instance")
+    host = find_adapter(model, adapter)
+    cfg = EngineConfig(update_interval, chunk_size, final_update, record_kept)
+    engine = EvictionEngine(host, policy, cfg)
+    engine.install()
+    return AttachedMemory(engine)
+
+
+class AttachedMemory:
+    """Handle of an attached policy: feeds the model and exposes statistics."""
+
+    def __init__(self, engine: EvictionEngine) -> None:
+        self.engine = engine
+
+    # context manager -------------------------------------------------------------------------------
+    def __enter__(self) -> AttachedMemory:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def detach(self) -> None:
+        """Restore the model exactly as it was (idempotent)."""
+        self.engine.remove()
+
+    @property
+    def policy(self) -> MemoryPolicy:
+        return self.engine.policy
+
+    @property
+    def stats(self) -> EvictionStats:
+        return self.engine.stats
+
+    def _check(self) -> None:
+        if not self.engine.attached:
+            raise RuntimeError("this memory handle was detached; attach again to keep using it")
+
+    # feeding ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        logits_to_keep: int = 1,
+        reset: bool = True,
+    ) -> Tensor:
+        """Feed a (left-padded) prompt in chunks; returns logits of its last ``logits_to_keep`` positions.
+
+        Args:
+            input_ids: (B, T); or inputs_embeds: (B, T, hidden).
+            attention_mask: (B, T), 0 for padding (left padding).
+            reset: start new sequences (True) or continue the current ones.
+        Returns:
+            (B, logits_to_keep, vocab).
+        """
+        self._check()
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("give input_ids or inputs_embeds")
+        b, t = ref.shape[0], ref.shape[1]
+        if t == 0:
+            raise ValueError("empty prompt")
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, t):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, t)}")
+        if not 1 <= logits_to_keep <= t:
+            raise ValueError(f"logits_to_keep must be in [1, {t}], got {logits_to_keep}")
+        eng = self.engine
+        if reset:
+            eng.reset(b, ref.device)
+        cfg = eng.config
+        pieces = []
+        pos = 0
+        while pos < t:
+            clock = eng.clock
+            to_update = cfg.update_interval - clock % cfg.update_interval
+            end = min(t, pos + cfg.chunk_size, pos + to_update)
+            want = max(0, min(end - pos, logits_to_keep - (t - end)))
+            out = eng.forward_chunk(
+                input_ids=None if input_ids is None else input_ids[:, pos:end],
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, pos:end],
+                attention_mask=None if attention_mask is None else attention_mask[:, pos:end],
+                logits_to_keep=max(want, 1),
+            )
+            if want:
+                pieces.append(out[:, -want:])
+            pos = end
+        if cfg.final_update and eng.clock % cfg.update_interval != 0:
+            eng.update()
+        return torch.cat(pieces, dim=1)
+
+    @torch.no_grad()
+    def step(self, token_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Feed one token per sequence (B, 1) and return its logits (B, 1, vocab)."""
+        self._check()
+        if token_ids.ndim != 2 or token_ids.shape[1] != 1:
+            raise ValueError(f"step feeds one token per sequence: expected (B, 1), got {tuple(token_ids.shape)}")
+        return self.engine.forward_chunk(input_ids=token_ids, attention_mask=attention_mask, logits_to_keep=1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> Tensor:
+        """Greedy decoding, like ``model.generate(..., do_sample=False)``.
+
+        Returns:
+            (B, T + n) the prompt followed by the generated tokens; sequences that finished early
+            are padded with ``pad_token_id`` (default: the first EOS id, else 0).
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        logits = self.prefill(input_ids, attention_mask)
+        b = input_ids.shape[0]
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        out = [input_ids]
+        eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
+        for i in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out.append(nxt[:, None])
+            if eos:
+                done |= torch.isin(nxt, eos_t)
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            logits = self.step(nxt[:, None])
+        return torch.cat(out, dim=1)
