@@ -70,7 +70,8 @@ class EvictionStats:
             :class:`~namm_transfer.policies.base.ReplayBudget` replays.
         kept_positions: with ``record_kept``: ``kept_positions[step][layer]`` = list (B) of lists (H)
             of position arrays.
-        update_clock: the clock at each update.
+        live_counts: ``live_counts[step][layer]`` = (B, H) live tokens just before that update.
+        update_clock: the clock at each update; update_n_seen: (B,) real tokens seen at each update.
     """
 
     managed_layers: tuple[int, ...] = ()
@@ -78,6 +79,8 @@ class EvictionStats:
     n_seen: list[np.ndarray] = field(default_factory=list)
     cache_tokens: list[np.ndarray] = field(default_factory=list)
     kept_counts: dict[int, dict[int, list[list[int]]]] = field(default_factory=dict)
+    live_counts: dict[int, dict[int, list[list[int]]]] = field(default_factory=dict)
+    update_n_seen: list[list[int]] = field(default_factory=list)
     kept_positions: dict[int, dict[int, list[list[np.ndarray]]]] = field(default_factory=dict)
     update_clock: list[int] = field(default_factory=list)
 
@@ -87,7 +90,8 @@ class EvictionStats:
             return np.zeros((0, 0))
         kept = np.stack(self.cache_tokens)  # (calls, L, B)
         seen = np.stack(self.n_seen).astype(np.float64)  # (calls, B)
-        return (kept / np.maximum(seen[:, None, :], 1.0)).mean(axis=1)
+        ratio = np.where(seen[:, None, :] > 0, kept / np.maximum(seen[:, None, :], 1.0), 1.0)  # nothing seen: full
+        return ratio.mean(axis=1)
 
     def retained_cache(self) -> float:
         """Mean over managed layers, forward calls and sequences; 1.0 for a full cache."""
@@ -107,6 +111,11 @@ class EvictionEngine:
         self.config = config or EngineConfig()
         self.host: HostInfo = adapter.host_info()
         self.managed = set(self.host.managed_layers)
+        if policy.needs_attention and not getattr(adapter, "provides_attention_rows", True):
+            raise ValueError(
+                f"policy {policy.name!r} needs attention rows, but the {getattr(adapter, 'name', 'host')} adapter "
+                "cannot provide attention rows; use a policy that does not need them (l2, streaming, random, full)"
+            )
         policy.bind(self.host)
         self.cache: Any = None
         self.states: dict[int, LayerState] = {}
@@ -213,7 +222,9 @@ class EvictionEngine:
         """Ask the policy which tokens every managed layer keeps, then prune caches and state."""
         step = self.update_step
         self.stats.update_clock.append(self.clock)
+        self.stats.update_n_seen.append(self.n_seen.tolist())
         counts_step: dict[int, list[list[int]]] = {}
+        live_step: dict[int, list[list[int]]] = {}
         for layer, st in self.states.items():
             if st.valid.shape[-1] == 0:
                 continue
@@ -232,8 +243,8 @@ class EvictionEngine:
                 )
             keep = keep & st.valid
             keep[..., -1] |= st.valid[..., -1]  # the newest token is always kept
-            counts = keep.sum(-1)
-            counts_step[layer] = counts.tolist()
+            counts_step[layer] = keep.sum(-1).tolist()
+            live_step[layer] = st.valid.sum(-1).tolist()
             if self.config.record_kept:
                 pos = st.position.cpu()
                 km = keep.cpu()
@@ -242,6 +253,7 @@ class EvictionEngine:
                 ]
             self._compact(layer, st, keep, keys, values)
         self.stats.kept_counts[step] = counts_step
+        self.stats.live_counts[step] = live_step
         self.update_step += 1
 
     def _compact(self, layer: int, st: LayerState, keep: Tensor, keys: Tensor, values: Tensor) -> None:

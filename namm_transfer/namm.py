@@ -107,8 +107,8 @@ def recency_embedding(age: Tensor, dims: int = 8, base: float = 50000.0) -> Tens
     """
     half = dims // 2
     freq = base ** (torch.arange(half, device=age.device, dtype=torch.float64) / half)
-    angle = (age.to(torch.float64)[..., None] / freq).to(torch.float32)
-    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+    angle = age.to(torch.float64)[..., None] / freq  # float64: ages reach 1e5, float32 would lose ~1e-3 rad
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).to(torch.float32)
 
 
 class NAMM(nn.Module):

@@ -1,0 +1,45 @@
+"""Video QA evaluation: frame reading, benchmark readers, prompts, scoring and a synthetic benchmark.
+
+Importing this package is cheap (no numpy, torch, decord or PyAV); the names below load their
+module on first use.
+
+- :mod:`.video_io`: ``read_frames``, ``sample_indices``, ``VideoError`` (decord, PyAV fallback);
+- :mod:`.benchmarks`: ``QASample``, ``load_longvideobench``, ``load_mlvu``, ``load_videomme``,
+  ``build_prompt``, ``parse_answer``, ``score_response``, ``accuracy``, ``mlvu_m_avg``;
+- :mod:`.synthetic`: ``generate_benchmark``, a procedurally generated long-video QA set in the
+  LongVideoBench layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "VideoError": "video_io",
+    "read_frames": "video_io",
+    "sample_indices": "video_io",
+    "video_info": "video_io",
+    "QASample": "benchmarks",
+    "accuracy": "benchmarks",
+    "build_prompt": "benchmarks",
+    "build_longvideobench_prompt": "benchmarks",
+    "build_mlvu_prompt": "benchmarks",
+    "build_videomme_prompt": "benchmarks",
+    "load_longvideobench": "benchmarks",
+    "load_mlvu": "benchmarks",
+    "load_videomme": "benchmarks",
+    "mlvu_m_avg": "benchmarks",
+    "parse_answer": "benchmarks",
+    "score_response": "benchmarks",
+    "generate_benchmark": "synthetic",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -250,8 +250,11 @@ class MemoryPolicy:
         b, h, s = state.shape
         target = budget.target(state).clamp(min=1).clamp(max=state.n_valid())  # (B, H)
         score = score.to(torch.float64)
-        # tie-break toward newer slots, newest slot first of all, invalid slots last
-        order_key = score + torch.linspace(0, 1e-9, s, dtype=torch.float64, device=score.device)
+        if torch.isnan(score[state.valid]).any():
+            raise FloatingPointError(f"policy {self.name!r} produced NaN scores at layer {state.layer}")
+        # protected tokens may score +inf: squash to a finite ceiling so that the newest slot (+inf) ranks
+        # first of all; ties break toward newer slots; invalid slots rank last
+        order_key = score.clamp(-1e300, 1e300) + torch.linspace(0, 1e-9, s, dtype=torch.float64, device=score.device)
         order_key[..., -1] = float("inf")
         order_key = order_key.masked_fill(~state.valid, float("-inf"))
         rank = torch.argsort(torch.argsort(order_key, dim=-1, descending=True, stable=True), dim=-1)

