@@ -151,6 +151,43 @@ class EvictionEngine:
             self.states[layer] = st
         self.stats = EvictionStats(managed_layers=self.host.managed_layers)
 
+    def fork(self, repeats: int) -> None:
+        """Repeat every sequence ``repeats`` times (sequence b becomes b*repeats .. b*repeats+repeats-1).
+
+        Used to share a prefix: feed it once, then fork one copy per population member before the
+        first eviction. Cache, bookkeeping, policy state and statistics are all repeated.
+        """
+        if repeats < 1:
+            raise ValueError("repeats must be >= 1")
+        if repeats == 1:
+            return
+
+        def rep(t: Tensor) -> Tensor:
+            return t.repeat_interleave(repeats, dim=0)
+
+        for i in range(len(self.cache.layers)):
+            lyr = self.cache.layers[i]
+            if getattr(lyr, "keys", None) is not None and lyr.keys.numel():
+                lyr.keys, lyr.values = rep(lyr.keys), rep(lyr.values)
+        self.n_seen, self.next_position = rep(self.n_seen), rep(self.next_position)
+        self.newest_position, self.pad_history = rep(self.newest_position), rep(self.pad_history)
+        for st in self.states.values():
+            st.valid, st.position, st.arrival = rep(st.valid), rep(st.position), rep(st.arrival)
+            st.tokens = {k: rep(v) for k, v in st.tokens.items()}
+        self.batch_size *= repeats
+        s = self.stats
+        s.n_seen = [np.repeat(a, repeats, axis=0) for a in s.n_seen]
+        s.cache_tokens = [np.repeat(a, repeats, axis=-1) for a in s.cache_tokens]
+        for d in (s.kept_counts, s.live_counts):
+            for layers in d.values():
+                for layer, c in layers.items():
+                    layers[layer] = [row for row in c for _ in range(repeats)]
+        s.update_n_seen = [[v for v in row for _ in range(repeats)] for row in s.update_n_seen]
+        s.kept_positions = {
+            step: {layer: [r for r in rows for _ in range(repeats)] for layer, rows in layers.items()}
+            for step, layers in s.kept_positions.items()
+        }
+
     # ----- feeding -----------------------------------------------------------------------------
     def forward_chunk(
         self,

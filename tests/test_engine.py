@@ -267,8 +267,15 @@ def test_all_sliding_model_is_refused_with_fix():
     from transformers import MistralConfig, MistralForCausalLM
 
     m = MistralForCausalLM(
-        MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+        MistralConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            sliding_window=16,
+        )
     )
     with pytest.raises(ValueError, match="sliding_window=None"):
         attach(m, "full")
@@ -307,3 +314,24 @@ def test_bad_inputs_are_clear_errors(model):
         create_policy("h2o", budget="lots")
     with pytest.raises(KeyError, match="registered"):
         create_policy("nope")
+
+
+def test_fork_after_shared_prefix_equals_separate_runs(model):
+    """Feeding a prefix once and forking equals feeding every copy from the start."""
+    torch.manual_seed(11)
+    thetas = torch.randn(3, 4172) * 0.3
+    ids, _ = _batch(1, 48, seed=6)
+    policy = NAMMPolicy(_namm())
+    with attach(model, policy, update_interval=16, chunk_size=8) as mem:
+        mem.engine.reset(1)
+        mem.engine.forward_chunk(input_ids=ids[:, :8])
+        mem.engine.forward_chunk(input_ids=ids[:, 8:16], allow_update=False)
+        mem.engine.fork(3)
+        policy.set_population(thetas, torch.arange(3))
+        mem.engine.update()
+        forked = mem.prefill(ids.repeat(3, 1)[:, 16:], reset=False)
+        forked_counts = mem.stats.kept_counts
+        policy.set_population(thetas, torch.arange(3))
+        direct = mem.prefill(ids.repeat(3, 1))
+        assert mem.stats.kept_counts == forked_counts
+    torch.testing.assert_close(forked, direct, atol=1e-5, rtol=0)

@@ -1,0 +1,666 @@
+"""Behaviour policies for data collection: Stable-Baselines3 PPO trained in resumable rounds.
+
+A *run* is one PPO training run per (task, Gymnasium version, algorithm, seed), kept in a folder under
+``cache_dir()/behaviour/{env}-{version}-ppo-seed{seed}/``:
+
+==============================  ===============================================================================
+``latest.zip``                  full SB3 model (policy + optimizer + timestep count): training resumes from it
+``latest_vecnormalize.pkl``     VecNormalize statistics belonging to ``latest.zip``
+``snapshots/round_KKKK.zip``    policy-only snapshot after round K (SB3 ``ActorCriticPolicy.save``)
+``snapshots/round_KKKK.pkl``    the observation-normalization statistics of that snapshot
+``transitions/round_KKKK.npz``  every environment transition of round K (raw observations), for medium-replay
+``history.json``                one entry per round: timesteps, evaluation return / normalized score, snapshot
+``milestones.json``             which snapshot serves which level (``medium``, ``expert``)
+==============================  ===============================================================================
+
+Observations fed to the policy are normalized with SB3's ``VecNormalize`` (running mean/variance, clipped at
+10); everything stored in datasets is the RAW observation, and every snapshot carries its normalization
+statistics so that :class:`BehaviourPolicy` maps raw observations to actions.
+
+PPO hyperparameters (:data:`PPO_CONFIGS`) are the tuned MuJoCo values published in rl-baselines3-zoo
+(``hyperparams/ppo.yml``, Hopper / HalfCheetah / Walker2d v3-v4 entries; ``normalize: true``, one env,
+constant learning rate); they reach roughly 2,400 (Hopper), 5,800 (HalfCheetah) and 3,500 (Walker2d)
+returns within 1M steps there.
+
+Importing this module is cheap; torch, gymnasium and stable-baselines3 load inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .envs import DEFAULT_VERSION, check_observation, get_env_info, make_env
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters (Stable-Baselines3 names) plus the VecNormalize settings."""
+
+    n_steps: int = 2048
+    """environment steps per rollout (one env), before each update"""
+    batch_size: int = 64
+    """minibatch size"""
+    n_epochs: int = 10
+    """passes over each rollout"""
+    learning_rate: float = 3e-4
+    """Adam learning rate (constant)"""
+    gamma: float = 0.99
+    """discount (also used by VecNormalize's reward normalization)"""
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    net_arch: tuple[int, ...] = (64, 64)
+    """hidden sizes of the separate policy and value MLPs"""
+    activation: str = "tanh"
+    """``tanh`` or ``relu``"""
+    log_std_init: float = 0.0
+    ortho_init: bool = True
+    normalize_obs: bool = True
+    normalize_reward: bool = True
+    clip_obs: float = 10.0
+
+    def sb3_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``stable_baselines3.PPO`` (imports torch for the activation class)."""
+        import torch
+
+        activation = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[self.activation]
+        return {
+            "n_steps": self.n_steps,
+            "batch_size": self.batch_size,
+            "n_epochs": self.n_epochs,
+            "learning_rate": self.learning_rate,
+            "gamma": self.gamma,
+            "gae_lambda": self.gae_lambda,
+            "clip_range": self.clip_range,
+            "ent_coef": self.ent_coef,
+            "vf_coef": self.vf_coef,
+            "max_grad_norm": self.max_grad_norm,
+            "policy_kwargs": {
+                "net_arch": {"pi": list(self.net_arch), "vf": list(self.net_arch)},
+                "activation_fn": activation,
+                "log_std_init": self.log_std_init,
+                "ortho_init": self.ortho_init,
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of all fields."""
+        d = asdict(self)
+        d["net_arch"] = list(self.net_arch)
+        return d
+
+
+def _zoo_large(**kwargs: Any) -> PPOConfig:
+    """rl-zoo's larger-policy variant: separate 256x256 ReLU MLPs, initial log std -2, no orthogonal init."""
+    return PPOConfig(net_arch=(256, 256), activation="relu", log_std_init=-2.0, ortho_init=False, **kwargs)
+
+
+PPO_CONFIGS: dict[str, PPOConfig] = {
+    "hopper": _zoo_large(
+        n_steps=512, batch_size=32, n_epochs=5, learning_rate=9.80828e-05, gamma=0.999, gae_lambda=0.99,
+        clip_range=0.2, ent_coef=0.00229519, vf_coef=0.835671, max_grad_norm=0.7,
+    ),
+    "halfcheetah": _zoo_large(
+        n_steps=512, batch_size=64, n_epochs=20, learning_rate=2.0633e-05, gamma=0.98, gae_lambda=0.92,
+        clip_range=0.1, ent_coef=0.000401762, vf_coef=0.58096, max_grad_norm=0.8,
+    ),
+    "walker2d": PPOConfig(
+        n_steps=512, batch_size=32, n_epochs=20, learning_rate=5.05041e-05, gamma=0.99, gae_lambda=0.95,
+        clip_range=0.1, ent_coef=0.000585045, vf_coef=0.871923, max_grad_norm=1.0,
+    ),
+}  # fmt: skip
+"""rl-baselines3-zoo's tuned PPO settings per task (see the module docstring)."""
+
+
+def default_run_dir(env_name: str, version: str = DEFAULT_VERSION, seed: int = 0, algo: str = "ppo") -> Path:
+    """``cache_dir()/behaviour/{env}-{version}-{algo}-seed{seed}``."""
+    from .datasets import cache_dir
+
+    return cache_dir() / "behaviour" / f"{get_env_info(env_name).name}-{version}-{algo}-seed{seed}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recording every transition seen in training
+
+
+def _recorder(env: Any) -> Any:
+    """Wrap a Gymnasium env so that every transition is recorded (raw observations, clipped actions)."""
+    import gymnasium as gym
+
+    class TransitionRecorder(gym.Wrapper):
+        def __init__(self, inner: gym.Env) -> None:
+            super().__init__(inner)
+            self._obs: np.ndarray | None = None
+            self.buffer: dict[str, list[Any]] = self._empty()
+
+        @staticmethod
+        def _empty() -> dict[str, list[Any]]:
+            keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+            return {k: [] for k in keys}
+
+        def reset(self, **kwargs: Any) -> Any:
+            obs, info = self.env.reset(**kwargs)
+            self._obs = np.array(obs, dtype=np.float32)
+            return obs, info
+
+        def step(self, action: Any) -> Any:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            nxt = np.array(obs, dtype=np.float32)
+            b = self.buffer
+            b["observations"].append(self._obs)
+            b["actions"].append(np.array(action, dtype=np.float32))
+            b["rewards"].append(float(reward))
+            b["terminals"].append(bool(terminated))
+            b["timeouts"].append(bool(truncated))
+            b["next_observations"].append(nxt)
+            self._obs = nxt
+            return obs, reward, terminated, truncated, info
+
+        def drain(self) -> dict[str, np.ndarray]:
+            b, self.buffer = self.buffer, self._empty()
+            if not b["rewards"]:
+                return {}
+            return {
+                "observations": np.stack(b["observations"]),
+                "actions": np.stack(b["actions"]),
+                "rewards": np.asarray(b["rewards"], dtype=np.float32),
+                "terminals": np.asarray(b["terminals"], dtype=bool),
+                "timeouts": np.asarray(b["timeouts"], dtype=bool),
+                "next_observations": np.stack(b["next_observations"]),
+            }
+
+    return TransitionRecorder(env)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A trained policy, mapping raw observations to actions
+
+
+@dataclass
+class BehaviourPolicy:
+    """An SB3 actor-critic policy with its observation-normalization statistics.
+
+    Attributes:
+        policy: ``stable_baselines3`` ``ActorCriticPolicy``.
+        obs_mean, obs_var: (obs_dim,) running statistics from VecNormalize (None: no normalization).
+        clip_obs: clip of the normalized observation.
+        epsilon: VecNormalize's variance epsilon.
+        source: where it was loaded from.
+    """
+
+    policy: Any
+    obs_mean: np.ndarray | None
+    obs_var: np.ndarray | None
+    clip_obs: float = 10.0
+    epsilon: float = 1e-8
+    source: str = ""
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        """Normalize raw observations (batch, obs_dim) as VecNormalize did during training."""
+        obs = np.asarray(obs, dtype=np.float32)
+        if self.obs_mean is None or self.obs_var is None:
+            return obs
+        out = (obs - self.obs_mean) / np.sqrt(self.obs_var + self.epsilon)
+        return np.clip(out, -self.clip_obs, self.clip_obs).astype(np.float32)
+
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        """Actions for raw observations.
+
+        Args:
+            obs: (batch, obs_dim) raw observations.
+            deterministic: the Gaussian mean instead of a sample.
+
+        Returns:
+            (batch, act_dim) float32 actions, clipped to the action bounds.
+        """
+        actions, _ = self.policy.predict(self.normalize(obs), deterministic=deterministic)
+        return np.asarray(actions, dtype=np.float32)
+
+    @classmethod
+    def load(cls, zip_path: str | os.PathLike, stats_path: str | os.PathLike | None = None) -> BehaviourPolicy:
+        """Load a policy-only snapshot (``*.zip``) and its normalization statistics (``*.pkl``)."""
+        import pickle
+
+        from stable_baselines3.common.policies import ActorCriticPolicy
+
+        zip_path = Path(zip_path)
+        stats_path = Path(stats_path) if stats_path is not None else zip_path.with_suffix(".pkl")
+        policy = ActorCriticPolicy.load(str(zip_path), device="cpu")
+        policy.set_training_mode(False)
+        mean = var = None
+        clip_obs, eps = 10.0, 1e-8
+        if stats_path.is_file():
+            with open(stats_path, "rb") as fh:
+                stats = pickle.load(fh)
+            if stats.get("obs_mean") is not None:
+                mean = np.asarray(stats["obs_mean"], dtype=np.float32)
+                var = np.asarray(stats["obs_var"], dtype=np.float32)
+            clip_obs, eps = float(stats.get("clip_obs", 10.0)), float(stats.get("epsilon", 1e-8))
+        return cls(policy, mean, var, clip_obs, eps, source=str(zip_path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Episodes:
+    """Completed episodes from :func:`run_episodes`.
+
+    Attributes:
+        episodes: per episode, a dict of arrays with T_i rows: ``observations`` (T_i, obs_dim),
+            ``actions`` (T_i, act_dim), ``rewards``, ``terminals``, ``timeouts``, ``next_observations``,
+            ``infos/qpos``, ``infos/qvel`` (only when recorded).
+        returns: (num_episodes,) undiscounted returns.
+        lengths: (num_episodes,) episode lengths.
+    """
+
+    episodes: list[dict[str, np.ndarray]] = field(default_factory=list)
+    returns: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def run_episodes(
+    policy: BehaviourPolicy,
+    env_name: str,
+    version: str = DEFAULT_VERSION,
+    *,
+    episodes: int | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    deterministic: bool = False,
+    n_envs: int = 8,
+    max_episode_steps: int | None = None,
+    record: bool = True,
+) -> Episodes:
+    """Roll a policy out in ``n_envs`` environments stepped in lockstep (one batched forward per step).
+
+    Stops after ``episodes`` completed episodes, or once the completed episodes hold at least ``steps``
+    transitions (episodes still running then are dropped), whichever comes first.
+
+    Args:
+        policy: the behaviour policy.
+        env_name, version: the task.
+        episodes: number of episodes to complete.
+        steps: number of transitions to reach.
+        seed: environment i is first reset with ``seed + i``; torch sampling is seeded with ``seed``.
+        deterministic: act with the Gaussian mean (False: sample, as a behaviour policy should).
+        n_envs: environments stepped together.
+        max_episode_steps: episode cap (default: the task's 1000).
+        record: keep per-step arrays (False: only returns and lengths, for evaluation).
+
+    Returns:
+        :class:`Episodes`, in order of completion.
+    """
+    import torch
+
+    if episodes is None and steps is None:
+        raise ValueError("run_episodes needs episodes or steps")
+    n_envs = max(1, min(n_envs, episodes if episodes is not None else n_envs))
+    torch.manual_seed(seed)
+    kwargs = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
+    envs: list[Any] = [make_env(env_name, version, **kwargs) for _ in range(n_envs)]
+    obs = [np.asarray(env.reset(seed=seed + i)[0]) for i, env in enumerate(envs)]
+    for i, env in enumerate(envs):
+        env.action_space.seed(seed + i)
+    started = n_envs
+    bufs: list[dict[str, list[Any]]] = [_new_buf() for _ in range(n_envs)]
+    ep_return = np.zeros(n_envs)
+    ep_len = np.zeros(n_envs, dtype=np.int64)
+    active = list(range(n_envs))
+    out = Episodes()
+    returns: list[float] = []
+    lengths: list[int] = []
+    done_steps = 0
+
+    def finished() -> bool:
+        return (episodes is not None and len(returns) >= episodes) or (steps is not None and done_steps >= steps)
+
+    try:
+        while active and not finished():
+            batch = np.stack([obs[i] for i in active]).astype(np.float32)
+            actions = policy.act(batch, deterministic=deterministic)
+            still: list[int] = []
+            for j, i in enumerate(active):
+                env = envs[i]
+                if record:
+                    data = env.unwrapped.data  # MuJoCo MjData: the state before the action
+                    bufs[i]["infos/qpos"].append(np.array(data.qpos, dtype=np.float32))
+                    bufs[i]["infos/qvel"].append(np.array(data.qvel, dtype=np.float32))
+                nxt, reward, terminated, truncated, _ = env.step(actions[j])
+                nxt = check_observation(nxt, step=int(ep_len[i]), env_name=env_name)
+                ep_return[i] += float(reward)
+                ep_len[i] += 1
+                if record:
+                    b = bufs[i]
+                    b["observations"].append(np.asarray(obs[i], dtype=np.float32))
+                    b["actions"].append(actions[j])
+                    b["rewards"].append(float(reward))
+                    b["terminals"].append(bool(terminated))
+                    b["timeouts"].append(bool(truncated))
+                    b["next_observations"].append(np.asarray(nxt, dtype=np.float32))
+                obs[i] = nxt
+                if terminated or truncated:
+                    returns.append(float(ep_return[i]))
+                    lengths.append(int(ep_len[i]))
+                    done_steps += int(ep_len[i])
+                    if record:
+                        out.episodes.append(_stack_buf(bufs[i]))
+                        bufs[i] = _new_buf()
+                    ep_return[i], ep_len[i] = 0.0, 0
+                    if finished() or (episodes is not None and started >= episodes):
+                        continue  # this env retires
+                    obs[i] = np.asarray(env.reset()[0])
+                    started += 1
+                still.append(i)
+            active = still
+    finally:
+        for env in envs:
+            env.close()
+    out.returns = np.asarray(returns)
+    out.lengths = np.asarray(lengths, dtype=np.int64)
+    return out
+
+
+def _new_buf() -> dict[str, list[Any]]:
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+    return {k: [] for k in (*keys, "infos/qpos", "infos/qvel")}
+
+
+def _stack_buf(b: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in b.items():
+        if k == "rewards":
+            out[k] = np.asarray(v, dtype=np.float32)
+        elif k in ("terminals", "timeouts"):
+            out[k] = np.asarray(v, dtype=bool)
+        else:
+            out[k] = np.stack(v).astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A resumable training run
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class BehaviourRun:
+    """One resumable PPO training run (see the module docstring for its folder layout).
+
+    Args:
+        env_name: task.
+        version: Gymnasium version.
+        seed: training seed.
+        run_dir: folder of the run (default :func:`default_run_dir`).
+        config: PPO settings (default ``PPO_CONFIGS[env]``); a resumed run keeps the saved model's settings.
+        record: record every training transition (for medium-replay datasets).
+    """
+
+    def __init__(
+        self,
+        env_name: str,
+        version: str = DEFAULT_VERSION,
+        seed: int = 0,
+        run_dir: str | os.PathLike | None = None,
+        config: PPOConfig | None = None,
+        record: bool = True,
+    ) -> None:
+        self.info = get_env_info(env_name)
+        self.env_name = self.info.name
+        self.version = version
+        self.info.gym_id(version)  # validates the version
+        self.seed = seed
+        self.dir = Path(run_dir) if run_dir is not None else default_run_dir(env_name, version, seed)
+        self.config = config or PPO_CONFIGS[self.env_name]
+        self.record = record
+        self.model: Any = None
+        self.venv: Any = None
+        self._recorder: Any = None
+        self.history: list[dict[str, Any]] = self._load_json("history.json", [])
+        self.milestones: dict[str, Any] = self._load_json("milestones.json", {})
+
+    # paths -------------------------------------------------------------------------------------------------
+    @property
+    def model_path(self) -> Path:
+        return self.dir / "latest.zip"
+
+    @property
+    def vecnorm_path(self) -> Path:
+        return self.dir / "latest_vecnormalize.pkl"
+
+    def snapshot_path(self, tag: str) -> Path:
+        """Policy-only snapshot ``snapshots/{tag}.zip`` (its statistics: the same name with ``.pkl``)."""
+        return self.dir / "snapshots" / f"{tag}.zip"
+
+    def transitions_path(self, round_index: int) -> Path:
+        return self.dir / "transitions" / f"round_{round_index:04d}.npz"
+
+    def _load_json(self, name: str, default: Any) -> Any:
+        path = self.dir / name
+        if path.is_file():
+            return json.loads(path.read_text())
+        return default
+
+    @property
+    def timesteps(self) -> int:
+        """Environment steps trained so far."""
+        if self.model is not None:
+            return int(self.model.num_timesteps)
+        return int(self.history[-1]["timesteps"]) if self.history else 0
+
+    # model -------------------------------------------------------------------------------------------------
+    def _make_venv(self) -> Any:
+        from stable_baselines3.common.vec_env import DummyVecEnv
+
+        def factory() -> Any:
+            env = make_env(self.env_name, self.version)
+            if self.record:
+                env = _recorder(env)
+                self._recorder = env
+            return env
+
+        return DummyVecEnv([factory])
+
+    def load_or_create(self) -> None:
+        """Load ``latest.zip`` (+ statistics) to resume, or create a fresh PPO model."""
+        from stable_baselines3 import PPO
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        if self.model is not None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        base = self._make_venv()
+        if self.model_path.is_file() and self.vecnorm_path.is_file():
+            self.venv = VecNormalize.load(str(self.vecnorm_path), base)
+            self.venv.training = True
+            self.model = PPO.load(str(self.model_path), env=self.venv, device="cpu")
+            self.model.set_random_seed(self.seed + len(self.history))
+            logger.info(
+                "%s: resumed PPO run %s at %d steps (%d rounds)",
+                self.env_name,
+                self.dir,
+                self.model.num_timesteps,
+                len(self.history),
+            )
+            saved = self._load_json("config.json", None)
+            if saved is not None and saved != cfg.to_dict():
+                logger.warning("%s: the saved run used other PPO settings; continuing with the saved model", self.dir)
+        else:
+            self.venv = VecNormalize(
+                base,
+                norm_obs=cfg.normalize_obs,
+                norm_reward=cfg.normalize_reward,
+                clip_obs=cfg.clip_obs,
+                gamma=cfg.gamma,
+            )
+            self.model = PPO("MlpPolicy", self.venv, seed=self.seed, device="cpu", verbose=0, **cfg.sb3_kwargs())
+            _write_json(self.dir / "config.json", cfg.to_dict())
+            if self.history:
+                logger.warning("%s: history without a model; starting the run over", self.dir)
+                self.history = []
+            logger.info("%s: new PPO run in %s", self.env_name, self.dir)
+
+    def current_policy(self) -> BehaviourPolicy:
+        """The model's current policy with the current normalization statistics."""
+        self.load_or_create()
+        rms = self.venv.obs_rms if self.config.normalize_obs else None
+        return BehaviourPolicy(
+            self.model.policy,
+            None if rms is None else np.asarray(rms.mean, dtype=np.float32),
+            None if rms is None else np.asarray(rms.var, dtype=np.float32),
+            float(self.venv.clip_obs),
+            float(self.venv.epsilon),
+            source=str(self.model_path),
+        )
+
+    def _save_snapshot(self, tag: str) -> Path:
+        import pickle
+
+        path = self.snapshot_path(tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.model.policy.save(str(path))
+        rms = self.venv.obs_rms if self.config.normalize_obs else None
+        stats = {
+            "obs_mean": None if rms is None else np.asarray(rms.mean),
+            "obs_var": None if rms is None else np.asarray(rms.var),
+            "clip_obs": float(self.venv.clip_obs),
+            "epsilon": float(self.venv.epsilon),
+            "timesteps": self.timesteps,
+        }
+        with open(path.with_suffix(".pkl"), "wb") as fh:
+            pickle.dump(stats, fh)
+        return path
+
+    def load_snapshot(self, tag: str) -> BehaviourPolicy:
+        """Load a saved snapshot (e.g. ``round_0012``) as a :class:`BehaviourPolicy`."""
+        return BehaviourPolicy.load(self.snapshot_path(tag))
+
+    # training ----------------------------------------------------------------------------------------------
+    def train_round(self, steps: int, eval_episodes: int = 10) -> dict[str, Any]:
+        """Train for about ``steps`` more environment steps (whole PPO rollouts), then evaluate and save.
+
+        Saves the recorded transitions, a policy snapshot ``round_KKKK``, the full model and the history.
+
+        Returns:
+            The history entry: ``round``, ``timesteps``, ``return_mean``/``return_std``, ``score_mean``/
+            ``score_std`` (D4RL normalized, stochastic policy), ``eval_length_mean``, ``steps_per_s``,
+            ``snapshot``.
+        """
+        self.load_or_create()
+        k = len(self.history)
+        t0 = time.time()
+        start = self.model.num_timesteps
+        self.model.learn(total_timesteps=steps, reset_num_timesteps=False, progress_bar=False)
+        train_s = time.time() - t0
+        if self._recorder is not None:
+            chunk = self._recorder.drain()
+            if chunk:
+                path = self.transitions_path(k)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(path, **chunk)
+        ev = self.evaluate(eval_episodes, seed=self.seed * 1_000_003 + 7_919 * (k + 1))
+        tag = f"round_{k:04d}"
+        self._save_snapshot(tag)
+        self.model.save(str(self.model_path))
+        self.venv.save(str(self.vecnorm_path))
+        entry = {
+            "round": k,
+            "timesteps": int(self.model.num_timesteps),
+            **ev,
+            "steps_per_s": (self.model.num_timesteps - start) / max(train_s, 1e-9),
+            "snapshot": tag,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        self.history.append(entry)
+        _write_json(self.dir / "history.json", self.history)
+        logger.info(
+            "%s round %d: %d steps, return %.1f +- %.1f, D4RL score %.1f +- %.1f (len %.0f), %.0f steps/s",
+            self.env_name,
+            k,
+            entry["timesteps"],
+            ev["return_mean"],
+            ev["return_std"],
+            ev["score_mean"],
+            ev["score_std"],
+            ev["eval_length_mean"],
+            entry["steps_per_s"],
+        )
+        return entry
+
+    def evaluate(self, episodes: int = 10, seed: int = 0, policy: BehaviourPolicy | None = None) -> dict[str, float]:
+        """Evaluate the (stochastic) behaviour policy on full-length episodes.
+
+        Returns:
+            ``return_mean``, ``return_std``, ``score_mean``, ``score_std`` (D4RL normalized),
+            ``eval_length_mean``, ``eval_episodes``.
+        """
+        pol = policy or self.current_policy()
+        res = run_episodes(
+            pol,
+            self.env_name,
+            self.version,
+            episodes=episodes,
+            seed=seed,
+            deterministic=False,
+            n_envs=episodes,
+            record=False,
+        )
+        scores = self.info.normalized_score(res.returns)
+        return {
+            "return_mean": float(res.returns.mean()),
+            "return_std": float(res.returns.std()),
+            "score_mean": float(scores.mean()),
+            "score_std": float(scores.std()),
+            "eval_length_mean": float(res.lengths.mean()),
+            "eval_episodes": int(episodes),
+        }
+
+    def set_milestone(self, level: str, entry: dict[str, Any], **extra: Any) -> None:
+        """Record that history entry ``entry`` serves ``level``."""
+        self.milestones[level] = {**entry, **extra}
+        _write_json(self.dir / "milestones.json", self.milestones)
+
+    def replay_transitions(self, up_to_round: int) -> dict[str, np.ndarray]:
+        """All recorded training transitions of rounds ``0..up_to_round``, concatenated (D4RL layout).
+
+        Where the stream breaks without an episode end (training resumed in a new process, which resets the
+        environment), the last step before the break is marked as a timeout so that episodes stay separate.
+
+        Raises:
+            FileNotFoundError: a round's transitions are missing (the run was trained without recording).
+        """
+        parts = []
+        for k in range(up_to_round + 1):
+            path = self.transitions_path(k)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"training transitions of round {k} are missing ({path}); medium-replay needs a run recorded "
+                    "from the start: delete the run folder and collect again"
+                )
+            with np.load(path) as z:
+                parts.append({key: z[key] for key in z.files})
+        data = {key: np.concatenate([p[key] for p in parts], axis=0) for key in parts[0]}
+        done = data["terminals"] | data["timeouts"]
+        breaks = np.flatnonzero(~done[:-1] & np.any(data["next_observations"][:-1] != data["observations"][1:], axis=1))
+        if len(breaks):
+            data["timeouts"][breaks] = True
+            logger.info("replay data: %d episode(s) cut at a resume marked as timeouts", len(breaks))
+        return data

@@ -1,0 +1,1 @@
+"""Evolving a NAMM: fitness on language prompts, CMA-ES trainer, supervised warm start."""

@@ -1,0 +1,165 @@
+"""Fitness of NAMM parameter vectors on language prompts (answer log-likelihood, prefill only).
+
+For a prompt ``p`` with answer tokens ``a_1..a_A`` the score is the geometric-mean probability
+of the answer under teacher forcing, ``exp(mean_i log P(a_i | p, a_<i))`` (in [0, 1]; a
+prefill-only stand-in for exact match that is smooth in the parameters). Per task, a member's
+fitness is ``sum_p score_member(p) / sum_p score_full(p)`` over the generation's prompts (a ratio
+of sums, so a prompt on which the full cache scores 0 does not divide by zero), and the member's
+fitness is the mean over tasks, minus an optional cache-size term::
+
+    fitness = mean_task(ratio) - cache_weight * max(0, retained_cache - cache_target)
+
+Cost savings: the first ``update_interval`` tokens of a prompt are identical for every member
+(no eviction has happened yet), so they are fed once and the engine is forked into one copy per
+member; members are then evaluated as one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..namm import NAMM
+from ..policies.namm_policy import NAMMPolicy
+from ..session import AttachedMemory, attach
+
+__all__ = ["EncodedPrompt", "FitnessConfig", "FitnessEvaluator", "answer_score"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A tokenized prompt with its answer appended: ``ids = prompt + answer``."""
+
+    id: str
+    task: str
+    ids: tuple[int, ...]
+    answer_len: int
+
+    def __post_init__(self) -> None:
+        if self.answer_len < 1 or self.answer_len >= len(self.ids):
+            raise ValueError(f"prompt {self.id}: answer length {self.answer_len} invalid for {len(self.ids)} tokens")
+
+
+@dataclass
+class FitnessConfig:
+    update_interval: int = 256
+    """NAMM update interval (tokens) during evolution."""
+    chunk_size: int = 256
+    """Prefill chunk length."""
+    cache_weight: float = 0.0
+    """Weight of the cache-size penalty (0 = the paper's pure performance fitness)."""
+    cache_target: float = 0.5
+    """Retained-cache level above which the penalty applies."""
+    member_batch: int = 32
+    """Population members evaluated in one batch (lower it to save memory)."""
+
+
+def answer_score(logits: Tensor, answer_ids: Tensor) -> Tensor:
+    """Geometric-mean answer probability. logits: (B, A, V) predicting answer_ids (B, A) -> (B,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+    return logp.mean(-1).exp()
+
+
+@dataclass
+class GenerationResult:
+    fitness: np.ndarray  # (P,)
+    task_ratio: dict[str, np.ndarray]  # task -> (P,)
+    retained: np.ndarray  # (P,)
+    full_scores: dict[str, float] = field(default_factory=dict)
+
+
+class FitnessEvaluator:
+    """Scores a population of NAMM vectors on a list of prompts with one host model."""
+
+    def __init__(self, model: Any, namm: NAMM, config: FitnessConfig | None = None) -> None:
+        self.model = model
+        self.namm = namm
+        self.config = config or FitnessConfig()
+        self._full_cache: dict[str, float] = {}
+        self.device = next(model.parameters()).device
+
+    # ----- full-cache reference ----------------------------------------------------------------------
+    @torch.no_grad()
+    def full_score(self, prompt: EncodedPrompt) -> float:
+        if prompt.id not in self._full_cache:
+            ids = torch.tensor([prompt.ids], device=self.device)
+            a = prompt.answer_len
+            with attach(self.model, "full", update_interval=self.config.update_interval,
+                        chunk_size=self.config.chunk_size) as mem:
+                logits = mem.prefill(ids, logits_to_keep=a + 1)[:, :a]
+            self._full_cache[prompt.id] = float(answer_score(logits, ids[:, -a:])[0])
+        return self._full_cache[prompt.id]
+
+    # ----- population ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def member_scores(self, thetas: Tensor, prompt: EncodedPrompt) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (P,) and retained cache (P,) of every member on one prompt."""
+        cfg = self.config
+        p_total = thetas.shape[0]
+        ids = torch.tensor([prompt.ids], device=self.device)
+        a = prompt.answer_len
+        t = ids.shape[1]
+        prefix = min(cfg.update_interval, t)
+        scores, retained = [], []
+        policy = NAMMPolicy(self.namm)
+        with attach(self.model, policy, update_interval=cfg.update_interval, chunk_size=cfg.chunk_size) as mem:
+            for start in range(0, p_total, cfg.member_batch):
+                members = thetas[start : start + cfg.member_batch]
+                n = members.shape[0]
+                policy.set_population(None)
+                self._feed_prefix(mem, ids[:, :prefix])
+                mem.engine.fork(n)
+                policy.set_population(members, torch.arange(n))
+                if prefix == cfg.update_interval:
+                    mem.engine.update()
+                if prefix < t:
+                    logits = mem.prefill(ids[:, prefix:].expand(n, -1), logits_to_keep=a + 1, reset=False)[:, :a]
+                else:  # whole prompt shorter than one interval: no eviction can happen
+                    logits = self._prefix_logits.expand(n, -1, -1)[:, -a - 1 : -1]
+                scores.append(answer_score(logits, ids[:, -a:].expand(n, -1)).cpu().numpy())
+                retained.append(mem.stats.retained_per_call().mean(0))
+        return np.concatenate(scores), np.concatenate(retained)
+
+    def _feed_prefix(self, mem: AttachedMemory, prefix_ids: Tensor) -> None:
+        eng = mem.engine
+        eng.reset(1, self.device)
+        t = prefix_ids.shape[1]
+        pos = 0
+        logits = []
+        while pos < t:
+            end = min(t, pos + self.config.chunk_size)
+            out = eng.forward_chunk(input_ids=prefix_ids[:, pos:end], logits_to_keep=end - pos, allow_update=False)
+            logits.append(out)
+            pos = end
+        self._prefix_logits = torch.cat(logits, dim=1)
+
+    def evaluate(self, thetas: Tensor, prompts: list[EncodedPrompt]) -> GenerationResult:
+        """Fitness of each member (P,) on ``prompts`` (all members see the same prompts)."""
+        thetas = torch.as_tensor(thetas, dtype=torch.float32)
+        by_task: dict[str, list[EncodedPrompt]] = {}
+        for pr in prompts:
+            by_task.setdefault(pr.task, []).append(pr)
+        ratios: dict[str, np.ndarray] = {}
+        retained_all = []
+        full_totals: dict[str, float] = {}
+        for task, items in sorted(by_task.items()):
+            member_sum = np.zeros(thetas.shape[0])
+            full_sum = 0.0
+            for pr in items:
+                s, r = self.member_scores(thetas, pr)
+                member_sum += s
+                full_sum += self.full_score(pr)
+                retained_all.append(r)
+            full_totals[task] = full_sum
+            ratios[task] = member_sum / full_sum if full_sum > 0 else member_sum
+        retained = np.mean(np.stack(retained_all), axis=0)
+        perf = np.mean(np.stack(list(ratios.values())), axis=0)
+        penalty = self.config.cache_weight * np.maximum(0.0, retained - self.config.cache_target)
+        return GenerationResult(fitness=perf - penalty, task_ratio=ratios, retained=retained, full_scores=full_totals)

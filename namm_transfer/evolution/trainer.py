@@ -1,0 +1,319 @@
+"""CMA-ES evolution of a NAMM (pycma), with incremental stages and exact resumption.
+
+Defaults follow the paper: population 32, elite ratio 0.5 (``mu = 16``), initial sigma 0.065,
+initial mean 0, and the deployed model is the CMA-ES *mean*. The full 4,172 x 4,172 covariance
+learns slowly at this population and its state is ~282 MB, so the separable (diagonal) variant
+is the default here (``separable=True``); ``separable=False`` gives full CMA-ES.
+
+Resumption without pickles. A run directory holds ``run.json`` (settings), ``log.jsonl`` (one
+line per generation: the fitness of every member and a hash of the resulting mean),
+``normalization.safetensors`` (the frozen feature statistics), an optional ``init.safetensors``
+(warm-start mean) and ``namm/`` (the current mean as a NAMM checkpoint). On restart the CMA-ES
+state is rebuilt by replaying ``ask``/``tell`` with the logged fitness values from the same seed:
+pycma draws its samples from a seeded NumPy generator, so the replay reproduces the state
+bit for bit; the logged hash of every mean is checked on the way. The state that travels
+between machines is therefore a few kilobytes plus the log, and no file is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import save_namm
+from ..namm import NAMM, NAMMConfig
+from ..policies.namm_policy import NAMMPolicy
+from ..session import attach
+from .fitness import EncodedPrompt, FitnessConfig, FitnessEvaluator
+
+__all__ = ["StageConfig", "EvolutionConfig", "Evolution", "estimate_normalization"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageConfig:
+    tasks: list[str]
+    generations: int
+
+
+@dataclass
+class EvolutionConfig:
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(["passkey"], 10)])
+    population: int = 32
+    elite_ratio: float = 0.5
+    sigma0: float = 0.065
+    separable: bool = True
+    seed: int = 1
+    prompts_per_task: int = 2
+    """Prompts each task contributes to one generation (the same for every member)."""
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
+    model: str = "unknown"
+    """Recorded in checkpoints' provenance."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvolutionConfig:
+        d = dict(d)
+        d["stages"] = [StageConfig(**s) for s in d["stages"]]
+        d["fitness"] = FitnessConfig(**d["fitness"])
+        return cls(**d)
+
+
+def _mean_hash(mean: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(mean, dtype=np.float64).tobytes()).hexdigest()[:16]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def estimate_normalization(
+    model: Any, namm: NAMM, prompts: list[EncodedPrompt], update_interval: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled mean / std of the 17 EMA bins on the full-cache model (namm-spec.md, "Normalization")."""
+    policy = NAMMPolicy(namm, collect_statistics=True)
+    device = next(model.parameters()).device
+    with attach(model, policy, update_interval=update_interval, chunk_size=chunk_size) as mem:
+        for pr in prompts:
+            mem.prefill(torch.tensor([pr.ids], device=device))
+    return policy.finalize_statistics()
+
+
+class Evolution:
+    """Run or resume a CMA-ES evolution in ``run_dir``.
+
+    Args:
+        run_dir: folder of the run (created; an existing run resumes; a run with other settings is refused).
+        config: settings; ignored when resuming except that they must match the stored ones.
+        model: the host language model (any supported decoder LM).
+        prompt_pools: task name -> training prompts to draw each generation's prompts from.
+        init: optional warm-start NAMM (its weights become the initial mean and its normalization is reused).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: EvolutionConfig,
+        model: Any,
+        prompt_pools: dict[str, list[EncodedPrompt]],
+        init: NAMM | None = None,
+        namm_config: NAMMConfig | None = None,
+    ) -> None:
+        import cma  # noqa: F401  (fail early with a clear ImportError)
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model = model
+        self.pools = prompt_pools
+        self.config = self._load_or_store_config(config)
+        missing = {t for s in self.config.stages for t in s.tasks} - set(prompt_pools)
+        if missing:
+            raise ValueError(f"no prompts for tasks {sorted(missing)}; have {sorted(prompt_pools)}")
+        self.namm = NAMM(namm_config or (init.config if init is not None else NAMMConfig()))
+        self._init_normalization_and_mean(init)
+        self.evaluator = FitnessEvaluator(model, self.namm, self.config.fitness)
+        self.log_path = self.run_dir / "log.jsonl"
+        self.history = self._read_log()
+        self.es = self._new_es()
+        self._replay()
+
+    # ----- setup -------------------------------------------------------------------------------------
+    def _load_or_store_config(self, config: EvolutionConfig) -> EvolutionConfig:
+        path = self.run_dir / "run.json"
+        if path.exists():
+            stored = EvolutionConfig.from_dict(json.loads(path.read_text())["config"])
+            if stored.to_dict() != config.to_dict():
+                diff = sorted(k for k, v in config.to_dict().items() if stored.to_dict().get(k) != v)
+                raise ValueError(
+                    f"run directory {self.run_dir} holds a run with other settings (differs in {diff}); "
+                    "use another --run-dir, or the same settings to resume"
+                )
+            return stored
+        _atomic_write_text(path, json.dumps({"config": config.to_dict()}, indent=2))
+        return config
+
+    def _init_normalization_and_mean(self, init: NAMM | None) -> None:
+        from safetensors.torch import load_file, save_file
+
+        norm_path = self.run_dir / "normalization.safetensors"
+        init_path = self.run_dir / "init.safetensors"
+        if init is not None and not init_path.exists():
+            save_file({"flat": init.get_flat()}, str(init_path))
+        if init is not None and bool(init.normalization_ready) and not norm_path.exists():
+            save_file({"mean": init.feature_mean.clone(), "std": init.feature_std.clone()}, str(norm_path))
+        if not norm_path.exists():
+            stage1 = self.config.stages[0].tasks
+            prompts = [p for t in stage1 for p in self.pools[t]]
+            logger.info("estimating normalization statistics on %d stage-1 prompts (full cache)", len(prompts))
+            mean, std = estimate_normalization(
+                self.model, self.namm, prompts, self.config.fitness.update_interval, self.config.fitness.chunk_size
+            )
+            save_file({"mean": mean, "std": std}, str(norm_path))
+        stats = load_file(str(norm_path))
+        self.namm.set_normalization(stats["mean"], stats["std"])
+        self.x0 = load_file(str(init_path))["flat"].double().numpy() if init_path.exists() else None
+
+    def _new_es(self) -> Any:
+        import cma
+
+        cfg = self.config
+        x0 = self.x0 if self.x0 is not None else np.zeros(self.namm.n_params)
+        # a private generator (not NumPy's global one) so that nothing else in the process can shift the
+        # samples; the replay on resume then reproduces them exactly
+        rng = np.random.default_rng(cfg.seed)
+        opts = {
+            "randn": lambda *shape: rng.standard_normal(shape),
+            "popsize": cfg.population,
+            "CMA_mu": max(1, int(round(cfg.population * cfg.elite_ratio))),
+            "CMA_diagonal": bool(cfg.separable),
+            "seed": cfg.seed,
+            "verbose": -9,
+            "verb_log": 0,
+            "verb_disp": 0,
+            "maxiter": 10**9,
+            "tolfun": 0,
+            "tolx": 0,
+            "tolflatfitness": 10**9,
+            "tolstagnation": 10**9,
+        }
+        return cma.CMAEvolutionStrategy(x0, cfg.sigma0, opts)
+
+    def _read_log(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        rows = []
+        lines = self.log_path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # killed while writing the last line: that generation is redone
+                    logger.warning("ignoring a truncated last line in %s", self.log_path)
+                    _atomic_write_text(self.log_path, "".join(ln + "\n" for ln in lines[:-1]))
+                    break
+                raise ValueError(f"{self.log_path} line {i + 1} is corrupt; cannot resume") from None
+        return rows
+
+    def _replay(self) -> None:
+        for row in self.history:
+            xs = self.es.ask()
+            self.es.tell(xs, [-f for f in row["fitness"]])
+            got = _mean_hash(self.es.mean)
+            if got != row["mean_hash"]:
+                raise RuntimeError(
+                    f"replaying generation {row['generation']} gave a different CMA-ES mean ({got} != "
+                    f"{row['mean_hash']}): the run was made with another pycma/NumPy version or settings"
+                )
+        if self.history:
+            logger.info("resumed %s after %d generations", self.run_dir, len(self.history))
+
+    # ----- running -------------------------------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        return len(self.history)
+
+    @property
+    def total_generations(self) -> int:
+        return sum(s.generations for s in self.config.stages)
+
+    def stage_of(self, generation: int) -> tuple[int, StageConfig]:
+        g = generation
+        for i, s in enumerate(self.config.stages):
+            if g < s.generations:
+                return i, s
+            g -= s.generations
+        return len(self.config.stages) - 1, self.config.stages[-1]
+
+    def prompts_for(self, generation: int) -> list[EncodedPrompt]:
+        """The generation's prompts: a seeded draw per task (the same for every member)."""
+        _, stage = self.stage_of(generation)
+        rng = np.random.default_rng([self.config.seed, generation])  # never the global RNG pycma uses
+        chosen = []
+        for task in stage.tasks:
+            pool = self.pools[task]
+            k = min(self.config.prompts_per_task, len(pool))
+            chosen += [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
+        return chosen
+
+    def step(self) -> dict[str, Any]:
+        """Run one generation, log it, and checkpoint the mean."""
+        g = self.generation
+        stage_idx, _ = self.stage_of(g)
+        t0 = time.time()
+        xs = self.es.ask()
+        thetas = torch.tensor(np.stack(xs), dtype=torch.float32)
+        result = self.evaluator.evaluate(thetas, self.prompts_for(g))
+        self.es.tell(xs, [-float(f) for f in result.fitness])
+        row = {
+            "generation": g,
+            "stage": stage_idx,
+            "fitness": [float(f) for f in result.fitness],
+            "fitness_mean": float(np.mean(result.fitness)),
+            "fitness_best": float(np.max(result.fitness)),
+            "retained_mean": float(np.mean(result.retained)),
+            "retained_of_best": float(result.retained[int(np.argmax(result.fitness))]),
+            "task_ratio_mean": {k: float(np.mean(v)) for k, v in result.task_ratio.items()},
+            "sigma": float(self.es.sigma),
+            "mean_hash": _mean_hash(self.es.mean),
+            "seconds": round(time.time() - t0, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.history.append(row)
+        self.save_mean()
+        return row
+
+    def mean_namm(self) -> NAMM:
+        net = NAMM(self.namm.config)
+        net.set_flat(torch.tensor(np.asarray(self.es.mean), dtype=torch.float32))
+        net.set_normalization(self.namm.feature_mean, self.namm.feature_std)
+        return net
+
+    def save_mean(self, path: str | Path | None = None, name: str | None = None) -> Path:
+        prov = {
+            "trainer": "namm_transfer.evolution (pycma CMA-ES, deployed = mean)",
+            "model": self.config.model,
+            "generations": self.generation,
+            "stages": [asdict(s) for s in self.config.stages],
+            "population": self.config.population,
+            "separable": self.config.separable,
+            "sigma0": self.config.sigma0,
+            "seed": self.config.seed,
+            "update_interval": self.config.fitness.update_interval,
+            "warm_start": self.x0 is not None,
+            "last_fitness_mean": self.history[-1]["fitness_mean"] if self.history else None,
+        }
+        return save_namm(self.mean_namm(), path or self.run_dir / "namm", provenance=prov, name=name)
+
+    def run(self, generations: int | None = None, callback: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Run up to ``generations`` more generations (default: until the last stage ends)."""
+        end = self.total_generations if generations is None else min(self.total_generations,
+                                                                       self.generation + generations)
+        while self.generation < end:
+            row = self.step()
+            logger.info(
+                "gen %d stage %d fitness mean %.4f best %.4f retained %.3f (%.1fs)",
+                row["generation"], row["stage"], row["fitness_mean"], row["fitness_best"], row["retained_mean"],
+                row["seconds"],
+            )
+            if callback is not None:
+                callback(row)

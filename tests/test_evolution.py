@@ -1,0 +1,128 @@
+"""CMA-ES trainer: fitness definition, prefix sharing, exact resumption after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_decoder
+
+from namm_transfer.checkpoint import load_namm
+from namm_transfer.evolution.fitness import EncodedPrompt, FitnessConfig, FitnessEvaluator
+from namm_transfer.evolution.trainer import Evolution, EvolutionConfig, StageConfig
+from namm_transfer.namm import NAMM
+
+
+def _pools(n=4, length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pools = {}
+    for task in ("alpha", "beta"):
+        pools[task] = [
+            EncodedPrompt(f"{task}-{i}", task, tuple(torch.randint(0, VOCAB, (length,), generator=g).tolist()), 3)
+            for i in range(n)
+        ]
+    return pools
+
+
+def _config(gens=(2, 1)):
+    return EvolutionConfig(
+        stages=[StageConfig(["alpha"], gens[0]), StageConfig(["alpha", "beta"], gens[1])],
+        population=4,
+        prompts_per_task=2,
+        seed=3,
+        fitness=FitnessConfig(update_interval=16, chunk_size=8, member_batch=4),
+        model="tiny-llama",
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_decoder("llama")
+
+
+def test_zero_vector_fitness_is_one_and_members_match_single_runs(model):
+    namm = NAMM()
+    namm.set_normalization(torch.zeros(17), torch.ones(17))
+    ev = FitnessEvaluator(model, namm, FitnessConfig(update_interval=16, chunk_size=8, member_batch=2))
+    prompts = _pools()["alpha"][:2]
+    thetas = torch.cat([torch.zeros(1, 4172), torch.randn(2, 4172) * 0.5])
+    res = ev.evaluate(thetas, prompts)
+    assert res.fitness[0] == pytest.approx(1.0, abs=1e-5)  # all-zero NAMM keeps everything
+    assert res.retained[0] == 1.0
+    # member scores from the batched, prefix-shared path equal a member evaluated alone
+    for i in (1, 2):
+        alone = ev.evaluate(thetas[i : i + 1], prompts)
+        assert alone.fitness[0] == pytest.approx(res.fitness[i], abs=1e-5)
+
+
+def test_cache_term_penalizes_large_caches(model):
+    namm = NAMM()
+    namm.set_normalization(torch.zeros(17), torch.ones(17))
+    ev = FitnessEvaluator(
+        model, namm, FitnessConfig(update_interval=16, chunk_size=8, cache_weight=2.0, cache_target=0.5)
+    )
+    res = ev.evaluate(torch.zeros(1, 4172), _pools()["alpha"][:1])
+    assert res.fitness[0] == pytest.approx(1.0 - 2.0 * 0.5, abs=1e-5)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(model, tmp_path):
+    pools = _pools()
+    full = Evolution(tmp_path / "a", _config(), model, pools)
+    full.run()
+    assert full.generation == 3
+    assert [r["stage"] for r in full.history] == [0, 0, 1]
+
+    part = Evolution(tmp_path / "b", _config(), model, pools)
+    part.run(generations=2)
+    # simulate a kill while the third line was being written
+    with open(tmp_path / "b" / "log.jsonl", "a") as fh:
+        fh.write('{"generation": 2, "fitn')
+    resumed = Evolution(tmp_path / "b", _config(), model, pools)
+    assert resumed.generation == 2
+    resumed.run()
+    np.testing.assert_array_equal(np.asarray(resumed.es.mean), np.asarray(full.es.mean))
+    np.testing.assert_allclose([r["fitness"] for r in resumed.history], [r["fitness"] for r in full.history])
+    # the deployed model is the mean, saved as a loadable checkpoint with provenance
+    net = load_namm(tmp_path / "b" / "namm")
+    np.testing.assert_allclose(net.get_flat().numpy(), np.asarray(full.es.mean, dtype=np.float32))
+    assert net.checkpoint_info["provenance"]["generations"] == 3
+    assert bool(net.normalization_ready)
+
+
+def test_other_settings_in_same_run_dir_are_refused(model, tmp_path):
+    pools = _pools()
+    Evolution(tmp_path / "r", _config(), model, pools)
+    with pytest.raises(ValueError, match="other settings"):
+        Evolution(tmp_path / "r", _config(gens=(5, 1)), model, pools)
+
+
+def test_paper_defaults():
+    cfg = EvolutionConfig()
+    assert (cfg.population, cfg.elite_ratio, cfg.sigma0) == (32, 0.5, 0.065)
+    assert json.loads(json.dumps(cfg.to_dict()))["population"] == 32
+
+
+def test_warm_start_collects_balanced_rows_and_fits_a_learnable_rule(model):
+    from namm_transfer.evolution.warmstart import WarmStartConfig, collect_warmstart_data, fit_scorer
+    from namm_transfer.namm import recency_embedding
+
+    namm = NAMM()
+    namm.set_normalization(torch.zeros(17), torch.ones(17))
+    cfg = WarmStartConfig(update_interval=16, chunk_size=8, min_future=16, steps=150, lr=2e-2)
+    rows = collect_warmstart_data(model, namm, _pools(n=2, length=64)["alpha"], cfg)
+    assert rows and all(x.shape[-1] == 25 and y.shape == x.shape[:1] for x, y in rows)
+    assert 0.4 < float(torch.cat([y for _, y in rows]).mean()) < 0.6  # balanced labels
+    # a random tiny model's attention has no structure to learn; check the fit on a known rule instead:
+    # keep the newer half of every row (recency features only)
+    g = torch.Generator().manual_seed(0)
+    synthetic = []
+    for _ in range(24):
+        s = int(torch.randint(8, 40, (1,), generator=g))
+        age = torch.arange(s - 1, -1, -1)
+        x = torch.cat([recency_embedding(age * 50), torch.randn(s, 17, generator=g)], dim=-1)
+        synthetic.append((x, (age < s // 2).float()))
+    metrics = fit_scorer(namm, synthetic, cfg)
+    assert metrics["accuracy"] > 0.75  # chance is 0.5
+    assert torch.isfinite(namm.get_flat()).all()
