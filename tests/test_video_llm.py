@@ -1,0 +1,322 @@
+"""Video LLM adapter on tiny random models of every supported family, with their real processor classes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchvision")  # the transformers video processors need it
+pytest.importorskip("av")
+
+from namm_transfer.adapters.video_llm import (  # noqa: E402
+    SUPPORTED_VIDEO_LLMS,
+    VideoLLMAdapter,
+    VideoQASession,
+    answer,
+    build_inputs,
+    format_prompt,
+    frame_kept_fraction,
+    load_frames,
+    retained_text,
+    retained_video,
+)
+from namm_transfer.evals.video_qa.synthetic import generate_benchmark  # noqa: E402
+
+from namm_transfer.registry import find_adapter, list_adapters  # noqa: E402
+from namm_transfer.session import attach  # noqa: E402
+
+FAMILIES = ["llava-next-video", "video-llava", "llava-onevision"]
+TOKENS_PER_FRAME = {"llava-next-video": 4, "video-llava": 17, "llava-onevision": 4}  # 32 px, patch 8
+N_FRAMES = 8
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<video>", "<|im_start|>", "<|im_end|>"]
+PINPOINTS = [[32, 32], [32, 64], [64, 32]]
+NEXT_VIDEO_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _tokenizer():
+    """A byte-level tokenizer (one token per byte, no merges) with the special tokens the processors need."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+
+
+def _tiny(family: str, tok):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    ids = dict(
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>")
+    )
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.05,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    square = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    if family == "llava-next-video":
+        cfg = tf.LlavaNextVideoConfig(
+            vision_config=tf.CLIPVisionConfig(**vision),
+            text_config=tf.LlamaConfig(**text),
+            image_grid_pinpoints=PINPOINTS,
+            **ids,
+        )
+        model = tf.LlavaNextVideoForConditionalGeneration(cfg)
+        proc = tf.LlavaNextVideoProcessor(
+            video_processor=tf.LlavaNextVideoVideoProcessor(**square),
+            image_processor=tf.LlavaNextImageProcessor(**square, image_grid_pinpoints=PINPOINTS),
+            tokenizer=tok,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+        )
+    elif family == "video-llava":
+        cfg = tf.VideoLlavaConfig(
+            vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text), **ids
+        )
+        model = tf.VideoLlavaForConditionalGeneration(cfg)
+        proc = tf.VideoLlavaProcessor(
+            video_processor=tf.VideoLlavaVideoProcessor(**square),
+            image_processor=tf.VideoLlavaImageProcessor(**square),
+            tokenizer=tok,
+            patch_size=8,
+        )
+    else:
+        cfg = tf.LlavaOnevisionConfig(
+            vision_config=tf.SiglipVisionConfig(**vision),
+            text_config=tf.Qwen2Config(**text),
+            image_grid_pinpoints=PINPOINTS,
+            **ids,
+        )
+        model = tf.LlavaOnevisionForConditionalGeneration(cfg)
+        proc = tf.LlavaOnevisionProcessor(
+            video_processor=tf.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}),
+            image_processor=tf.LlavaOnevisionImageProcessor(
+                size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS
+            ),
+            tokenizer=tok,
+            num_image_tokens=16,
+            vision_feature_select_strategy="full",
+        )
+    return model.eval(), proc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is as fast, and immune to a busy machine's contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return _tokenizer()
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """A synthetic benchmark video (coloured shapes on a drifting background), N_FRAMES frames read back from mp4."""
+    out = tmp_path_factory.mktemp("synth")
+    json_path = generate_benchmark(out, n_videos=1, frames_per_video=16, size=32, seed=3)
+    item = json.loads(json_path.read_text())[0]
+    frames = load_frames(out / "videos" / item["video_path"], num_frames=N_FRAMES)
+    assert frames.shape == (N_FRAMES, 32, 32, 3) and frames.dtype == np.uint8
+    return frames, item["question"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def host(request, tok, video):
+    model, proc = _tiny(request.param, tok)
+    frames, question = video
+    inputs = build_inputs(model, proc, frames, question)
+    return request.param, model, proc, inputs
+
+
+# ----- inputs are the model's own --------------------------------------------------------------------------
+def test_build_inputs_equal_model_forward(host):
+    family, model, proc, inputs = host
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs["processor_outputs"])
+    finally:
+        handle.remove()
+    assert torch.equal(inputs["inputs_embeds"], captured["embeds"])
+
+    ids, kind, frame = inputs["input_ids"][0], inputs["token_kind"], inputs["frame_of_token"]
+    tpf = TOKENS_PER_FRAME[family]
+    assert inputs["tokens_per_frame"] == tpf and inputs["n_frames"] == N_FRAMES
+    video_pos = torch.nonzero(kind).flatten()
+    extra = 1 if family == "llava-onevision" else 0  # OneVision's trailing image_newline
+    assert len(video_pos) == N_FRAMES * tpf + extra
+    assert torch.equal(video_pos, torch.arange(video_pos[0], video_pos[0] + len(video_pos)))  # contiguous
+    assert bool((ids[video_pos] == model.config.video_token_id).all())
+    assert torch.equal(torch.bincount(frame[frame >= 0]), torch.full((N_FRAMES,), tpf))
+    assert bool((frame[kind == 0] == -1).all()) and bool((frame[video_pos[: N_FRAMES * tpf]].diff() >= 0).all())
+    assert int(kind[: video_pos[0]].sum()) == 0 and video_pos[0] > 0  # video first, after the role prefix
+    assert video_pos[-1] < len(kind) - 5  # the question follows
+
+
+def test_question_first_prompt(host, video):
+    family, model, proc, inputs = host
+    frames, question = video
+    q_first = build_inputs(model, proc, frames, question, video_first=False)
+    first_video = int(torch.nonzero(q_first["token_kind"])[0])
+    assert first_video > len(question)  # the question's bytes come before the video
+    assert int(q_first["token_kind"].sum()) == int(inputs["token_kind"].sum())
+    assert format_prompt(model, proc, "Why?", video_first=False).index("Why?") < q_first["prompt"].index("<video>")
+    if family == "llava-next-video":  # a processor with a chat template (the official one's shape) uses it
+        builtin = format_prompt(model, proc, "Why?")
+        proc.chat_template = NEXT_VIDEO_TEMPLATE
+        try:
+            assert format_prompt(model, proc, "Why?") == builtin == "USER: <video>\nWhy? ASSISTANT:"
+        finally:
+            proc.chat_template = None
+
+
+# ----- keep everything == unmodified model --------------------------------------------------------------------
+def test_keep_everything_reproduces_generate(host):
+    family, model, proc, inputs = host
+    po = inputs["processor_outputs"]
+    t = po["input_ids"].shape[1]
+    with torch.no_grad():
+        ref_logits = model(**po).logits
+        ref = model.generate(**po, do_sample=False, max_new_tokens=8)
+    res = answer(model, proc, None, "", "full", max_new_tokens=8, update_interval=16, chunk_size=16, inputs=inputs)
+    assert res.token_ids == ref[0, t:].tolist()
+    assert res.text == proc.tokenizer.decode(ref[0, t:], skip_special_tokens=True)
+    assert res.prompt_len == t and len(res.record.update_clock) >= t // 16
+    assert retained_video(res) == 1.0 and retained_text(res) == 1.0 and res.retained_cache() == 1.0
+
+    with attach(model, "full", update_interval=16, chunk_size=16) as mem:
+        assert isinstance(mem.engine.adapter, VideoLLMAdapter)  # found through the registry
+        logits = mem.prefill(inputs_embeds=inputs["inputs_embeds"], logits_to_keep=t)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    # detached: the model is unmodified
+    assert model.config.text_config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(**po).logits, ref_logits)
+
+
+# ----- evictions by modality and frame ---------------------------------------------------------------------------
+def test_evictions_recorded_by_modality_and_frame(host, video):
+    family, model, proc, inputs = host
+    frames, question = video
+    sess = VideoQASession(model, proc, "h2o", budget=0.5, update_interval=16, chunk_size=8)
+    res = sess.answer(frames, question, max_new_tokens=6, inputs=inputs)
+    rec, stats = res.record, res.stats
+    kind = inputs["token_kind"].numpy()
+    first_v, last_v = np.nonzero(kind)[0][[0, -1]]
+    assert rec.layers == stats.managed_layers == (0, 1)
+    assert any(first_v < s <= last_v for s in rec.update_seen), "no update while the video was being fed"
+
+    # kept tokens split into video + text, exactly as many as the engine kept, per update, layer and head
+    for u in range(rec.n_updates):
+        for li, layer in enumerate(rec.layers):
+            assert (rec.kept_video[u, li] + rec.kept_text[u, li]).tolist() == stats.kept_counts[u][layer][0]
+            assert (rec.kept_video[u, li] <= rec.seen_video[u]).all() and (
+                rec.kept_text[u, li] <= rec.seen_text[u]
+            ).all()
+    per_frame = rec.kept_per_frame.sum(-1)
+    newline = rec.kept_video - per_frame
+    assert newline.min() >= 0 and newline.max() <= (1 if family == "llava-onevision" else 0)
+    assert (rec.seen_video + rec.seen_text == np.array(rec.update_seen)).all()
+    assert (rec.seen_per_frame.sum(-1) <= rec.seen_video).all()
+
+    # live cache after every forward call: video + text == the engine's cache_tokens
+    live = rec.live_video + rec.live_text
+    np.testing.assert_allclose(live, np.stack(stats.cache_tokens)[:, :, 0], atol=1e-9)
+    seen = rec.call_seen_video + rec.call_seen_text
+    np.testing.assert_allclose((live / seen[:, None]).mean(), stats.retained_cache(), atol=1e-9)
+
+    rv, rt = retained_video(res), retained_text(res)
+    assert 0.0 < rv < 1.0 and 0.0 < rt <= 1.0
+    assert (rec.kept_video < rec.seen_video[:, None, None]).any()  # video tokens were evicted
+
+    frac = frame_kept_fraction(res)
+    assert frac.shape == (rec.n_updates, N_FRAMES)
+    ok = ~np.isnan(frac)
+    assert ok.any() and (frac[ok] >= 0).all() and (frac[ok] <= 1).all()
+    end = res.frame_kept_fraction(at="end")
+    assert end.shape == (N_FRAMES,) and (end >= 0).all() and (end <= 1).all() and end.min() < 1
+    one_layer = res.frame_kept_fraction(layer=1)
+    assert one_layer.shape == frac.shape
+    json.dumps(rec.to_dict())  # JSON-ready
+    assert len(res.token_ids) >= 1 and isinstance(res.text, str)
+
+
+# ----- refusals ---------------------------------------------------------------------------------------------------
+def test_models_without_video_path_are_refused(tok):
+    import transformers as tf
+    from tiny_models import tiny_decoder
+
+    vision = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    llava = tf.LlavaForConditionalGeneration(
+        tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text), image_token_index=4
+        )
+    ).eval()
+    with pytest.raises(TypeError, match="no video path") as err:
+        VideoLLMAdapter(llava)
+    for name in SUPPORTED_VIDEO_LLMS:
+        assert name in str(err.value)
+    with pytest.raises(TypeError, match="no adapter supports LlavaForConditionalGeneration"):
+        attach(llava, "full")
+    frames = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(TypeError, match="no video path"):
+        build_inputs(llava, None, frames, "What happens?")
+
+    lm = tiny_decoder("llama")
+    with pytest.raises(TypeError, match="text-only language model"):
+        VideoLLMAdapter(lm)
+    assert type(find_adapter(lm)).__name__ == "DecoderLMAdapter"  # still attachable as a plain LM
+
+    fake_qwen2vl = type("Qwen2VLForConditionalGeneration", (torch.nn.Module,), {})()
+    with pytest.raises(TypeError, match="M-RoPE"):
+        VideoLLMAdapter(fake_qwen2vl)
+    with pytest.raises(TypeError, match="not a supported video LLM"):
+        VideoLLMAdapter(torch.nn.Linear(2, 2))
+    assert "video-llm" in list_adapters()
