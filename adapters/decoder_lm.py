@@ -40,13 +40,11 @@ class DecoderLMAdapter:
     def __init__(self, model: nn.Module) -> None:
         cls = type(model).__name__
         if cls not in SUPPORTED_DECODER_LMS:
-            raise TypeError(
-                f"{cls} is not a supported decoder LM; supported: {', '.join(SUPPORTED_DECODER_LMS)}"
-            )
+            raise TypeError(f"{cls} is not a supported decoder LM; supported: {', '.join(SUPPORTED_DECODER_LMS)}")
         self.model = model
         self.family = SUPPORTED_DECODER_LMS[cls]
-        self.config = model.config
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.config: Any = model.config
+        decoder: Any = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # type: ignore[operator]
         self.attn_modules: list[nn.Module] = [layer.self_attn for layer in decoder.layers]
         for i, m in enumerate(self.attn_modules):
             if getattr(m, "layer_idx", i) != i:

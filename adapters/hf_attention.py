@@ -75,7 +75,7 @@ def route_attention(engine: Any, modules: list[nn.Module]) -> list[tuple[Any, st
     seen: set[int] = set()
     for m in modules:
         setattr(m, _ENGINE_ATTR, engine)
-        cfg = m.config
+        cfg: Any = m.config
         if id(cfg) not in seen:
             seen.add(id(cfg))
             saved.append((cfg, cfg._attn_implementation))

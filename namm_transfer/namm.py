@@ -120,6 +120,10 @@ class NAMM(nn.Module):
     weights; ``mean = 0, std = 1`` means "not estimated yet" (see :attr:`normalization_ready`).
     """
 
+    feature_mean: Tensor
+    feature_std: Tensor
+    normalization_ready: Tensor
+
     def __init__(self, config: NAMMConfig | None = None) -> None:
         super().__init__()
         self.config = config or NAMMConfig()

@@ -114,6 +114,4 @@ def find_adapter(model: Any, name: str | None = None) -> Any:
             return factory(model)
         except TypeError as err:
             errors.append(f"{adapter_name}: {err}")
-    raise TypeError(
-        f"no adapter supports {type(model).__name__}. Tried:\n  " + "\n  ".join(errors)
-    )
+    raise TypeError(f"no adapter supports {type(model).__name__}. Tried:\n  " + "\n  ".join(errors))

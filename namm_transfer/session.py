@@ -49,6 +49,7 @@ def attach(
         raise TypeError(f"policy keyword arguments {sorted(policy_kwargs)} need a policy name, not an instance")
     host = find_adapter(model, adapter)
     cfg = EngineConfig(update_interval, chunk_size, final_update, record_kept)
+    assert isinstance(policy, MemoryPolicy), f"not a MemoryPolicy: {policy!r}"
     engine = EvictionEngine(host, policy, cfg)
     engine.install()
     return AttachedMemory(engine)

@@ -55,7 +55,7 @@ __all__ = ["CanonicalDT", "CachedDT", "canonical_actions", "run_episodes", "chec
 logger = logging.getLogger(__name__)
 
 
-def _dims(model: nn.Module) -> tuple[int, int, int]:
+def _dims(model: Any) -> tuple[int, int, int]:
     c = model.config
     return int(c.state_dim), int(c.act_dim), int(c.max_ep_len)
 
@@ -181,6 +181,8 @@ class CanonicalDT:
         self.actions = torch.cat([self.actions, torch.zeros(b, 1, self.act_dim, dtype=ref.dtype, device=ref.device)], 1)
         self.t += 1
         live = torch.ones(b, dtype=torch.bool) if alive is None else torch.as_tensor(alive, dtype=torch.bool).cpu()
+        if live.shape != (b,):
+            raise ValueError(f"alive must have shape ({b},), got {tuple(live.shape)}")
         idx = torch.nonzero(live).flatten().to(ref.device)
         out = torch.zeros(b, self.act_dim, dtype=ref.dtype, device=ref.device)
         if idx.numel():
@@ -312,6 +314,8 @@ class CachedDT:
             raise ValueError(f"batch of {st.shape[0]} does not match reset({b})")
         if alive is not None:
             live = torch.as_tensor(alive, dtype=torch.bool, device=ref.device)
+            if live.shape != (b,):
+                raise ValueError(f"alive must have shape ({b},), got {tuple(live.shape)}")
             if bool((live & ~self._alive).any()):
                 raise ValueError("an episode marked finished cannot come back alive; call reset() for new episodes")
             self._alive = live
@@ -544,10 +548,10 @@ def _run(
                 context_fracs.append(float(cache[0] / full[0]))
             trace_cache.append([float(cache[i]) if alive[i] else None for i in range(n)])
             trace_full.append([float(full[i]) if alive[i] else None for i in range(n)])
-            for i in np.flatnonzero(alive):
+            for i in (int(j) for j in np.flatnonzero(alive)):
                 o, r, terminated, truncated, _ = envs[i].step(actions[i])
                 o = np.asarray(o, dtype=np.float64)
-                _check_obs(o, env_name, int(i), t + 1)
+                _check_obs(o, env_name, i, t + 1)
                 returns[i] += float(r)
                 lengths[i] += 1
                 rtg[i] -= float(r) / return_scale

@@ -91,8 +91,9 @@ class FitnessEvaluator:
         if prompt.id not in self._full_cache:
             ids = torch.tensor([prompt.ids], device=self.device)
             a = prompt.answer_len
-            with attach(self.model, "full", update_interval=self.config.update_interval,
-                        chunk_size=self.config.chunk_size) as mem:
+            with attach(
+                self.model, "full", update_interval=self.config.update_interval, chunk_size=self.config.chunk_size
+            ) as mem:
                 logits = mem.prefill(ids, logits_to_keep=a + 1)[:, :a]
             self._full_cache[prompt.id] = float(answer_score(logits, ids[:, -a:])[0])
         return self._full_cache[prompt.id]

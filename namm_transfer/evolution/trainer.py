@@ -306,13 +306,20 @@ class Evolution:
 
     def run(self, generations: int | None = None, callback: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Run up to ``generations`` more generations (default: until the last stage ends)."""
-        end = self.total_generations if generations is None else min(self.total_generations,
-                                                                       self.generation + generations)
+        end = (
+            self.total_generations
+            if generations is None
+            else min(self.total_generations, self.generation + generations)
+        )
         while self.generation < end:
             row = self.step()
             logger.info(
                 "gen %d stage %d fitness mean %.4f best %.4f retained %.3f (%.1fs)",
-                row["generation"], row["stage"], row["fitness_mean"], row["fitness_best"], row["retained_mean"],
+                row["generation"],
+                row["stage"],
+                row["fitness_mean"],
+                row["fitness_best"],
+                row["retained_mean"],
                 row["seconds"],
             )
             if callback is not None:

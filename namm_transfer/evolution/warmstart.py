@@ -65,6 +65,7 @@ class _Recorder(NAMMPolicy):
 
     def select(self, state: LayerState) -> Tensor:
         b, h, s = state.shape
+        assert state.newest_position is not None
         age = (state.newest_position.view(b, 1, 1) - state.position).clamp_min(0)
         x = self.namm.features(state.tokens["namm_ema"], age)
         self.snapshots.append(
@@ -116,7 +117,9 @@ def collect_warmstart_data(
     return rows
 
 
-def fit_scorer(namm: NAMM, rows: list[tuple[Tensor, Tensor]], config: WarmStartConfig | None = None) -> dict[str, float]:
+def fit_scorer(
+    namm: NAMM, rows: list[tuple[Tensor, Tensor]], config: WarmStartConfig | None = None
+) -> dict[str, float]:
     """Fit ``namm``'s flat vector to the labels with a logistic loss (in place). Returns train metrics."""
     cfg = config or WarmStartConfig()
     if not rows:

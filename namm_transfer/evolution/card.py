@@ -1,0 +1,95 @@
+"""Model card and curves of an evolution run, generated from its log (no number is typed by hand)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+__all__ = ["read_log", "write_curve", "write_card"]
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "log.jsonl"
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def write_curve(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Fitness (mean, best) and retained cache per generation as a PNG; None without matplotlib or log."""
+    rows = read_log(run_dir)
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    gens = [r["generation"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(gens, [r["fitness_mean"] for r in rows], label="population mean")
+    ax[0].plot(gens, [r["fitness_best"] for r in rows], label="best member")
+    ax[0].set_xlabel("generation")
+    ax[0].set_ylabel("fitness (score / full-cache score)")
+    ax[0].legend()
+    ax[1].plot(gens, [r["retained_mean"] for r in rows], color="tab:green")
+    ax[1].set_xlabel("generation")
+    ax[1].set_ylabel("retained cache (population mean)")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "fitness.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: str | Path | None = None) -> Path:
+    """Write ``dest/README.md`` (and ``dest/fitness.png``) from the run's log and settings."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    rows = read_log(run_dir)
+    cfg = json.loads((run_dir / "run.json").read_text())["config"]
+    curve = write_curve(run_dir, dest / "fitness.png")
+    seconds = sum(r["seconds"] for r in rows)
+    warm = "yes (supervised future-attention scorer)" if (run_dir / "init.safetensors").exists() else "no"
+    lines = [
+        f"# NAMM `{name}`",
+        "",
+        "A Neural Attention Memory Model (BAM scorer, 4,172 parameters) evolved by this project's own trainer",
+        "(`namm-transfer evolve`, pycma CMA-ES; the deployed weights are the CMA-ES mean). Everything below is",
+        "generated from the run's log by `namm_transfer.evolution.card`.",
+        "",
+        f"- host model during evolution: `{cfg['model']}`",
+        "- stages (tasks: generations): "
+        + "; ".join(f"{', '.join(s['tasks'])}: {s['generations']}" for s in cfg["stages"]),
+        f"- population {cfg['population']}, elite ratio {cfg['elite_ratio']}, sigma0 {cfg['sigma0']}, "
+        f"{'separable (diagonal)' if cfg['separable'] else 'full'} covariance, seed {cfg['seed']}",
+        f"- fitness: answer probability ratio vs the full cache; cache weight {cfg['fitness']['cache_weight']} "
+        f"above {cfg['fitness']['cache_target']}; update interval {cfg['fitness']['update_interval']}",
+        f"- generations run: {len(rows)}; evaluation wall time {seconds / 3600:.2f} h",
+        f"- hardware of the last run: {platform.machine()}, {platform.system()} (see the log for timings)",
+        f"- warm start: {warm}",
+        "",
+        "| generation | stage | fitness mean | fitness best | retained cache (mean) | sigma |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['generation']} | {r['stage']} | {r['fitness_mean']:.4f} | {r['fitness_best']:.4f} | "
+            f"{r['retained_mean']:.3f} | {r['sigma']:.4f} |"
+        )
+    if curve:
+        lines += ["", "![fitness](fitness.png)"]
+    if eval_summary and Path(eval_summary).exists():
+        from namm_transfer.report import render_summary
+
+        lines += ["", "## Held-out evaluation", "", render_summary(json.loads(Path(eval_summary).read_text()))]
+    path = dest / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,209 @@
+"""``namm-transfer evolve``: evolve a NAMM with CMA-ES on generated long-context language tasks.
+
+Imports nothing heavy at import time (the CLI's ``--help`` stays torch-free).
+
+Example (the run that produced the shipped checkpoint is recorded in its model card)::
+
+    namm-transfer evolve --model smollm2-135m --run-dir runs/evolve-smollm2 \\
+        --stages passkey,kv_retrieval:8 --stages passkey,kv_retrieval,multikey_needle:8 \\
+        --warm-start --ship bam.smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _stage(text: str) -> tuple[list[str], int]:
+    try:
+        tasks, gens = text.rsplit(":", 1)
+        return [t for t in tasks.split(",") if t], int(gens)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"stage {text!r}: use TASK[,TASK...]:GENERATIONS") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registered model name, folder or hub id")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--run-dir", default="runs/evolve", help="run folder (an existing run resumes)")
+    p.add_argument(
+        "--stages",
+        type=_stage,
+        action="append",
+        help="TASKS:GENERATIONS, repeatable (incremental curriculum); default passkey,kv_retrieval:10",
+    )
+    p.add_argument("--population", type=int, default=32)
+    p.add_argument("--sigma0", type=float, default=0.065)
+    p.add_argument("--elite-ratio", type=float, default=0.5)
+    p.add_argument("--full-covariance", action="store_true", help="full CMA-ES instead of the separable variant")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--prompts-per-task", type=int, default=2)
+    p.add_argument("--pool-size", type=int, default=12, help="training prompts generated per task")
+    p.add_argument("--lengths", default="1024,1536,2048", help="training prompt lengths (tokens)")
+    p.add_argument("--update-interval", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--member-batch", type=int, default=32)
+    p.add_argument("--cache-weight", type=float, default=0.0, help="weight of the cache-size term of the fitness")
+    p.add_argument("--cache-target", type=float, default=0.5)
+    p.add_argument("--generations", type=int, default=None, help="stop after this many more generations")
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="initialize the CMA-ES mean with the supervised future-attention scorer",
+    )
+    p.add_argument("--warm-start-steps", type=int, default=300)
+    p.add_argument(
+        "--warm-start-prompts",
+        type=int,
+        default=4,
+        help="stage-1 prompts per task used for the normalization estimate and the warm start",
+    )
+    p.add_argument("--init", default=None, help="NAMM checkpoint to start from (mean and normalization)")
+    p.add_argument(
+        "--ship",
+        default=None,
+        metavar="NAME",
+        help="also write the final mean into the package's weights/NAME (with a model card)",
+    )
+
+
+def encode_sample(tokenizer: Any, sample: Any) -> tuple[list[int], tuple[int, int]]:
+    """``prompt + answer`` ids and the answer span. Chat models get the answer cue ("The pass key is")
+    at the start of the assistant turn, so the answer tokens are what the model would say next."""
+    from namm_transfer.evals.language import prompt_answer_ids
+
+    if sample.chat_prompt is not None:
+        return prompt_answer_ids(
+            tokenizer,
+            sample.chat_prompt + sample.answer_cue,
+            sample.answer,
+            answer_prefix=" ",
+            add_special_tokens=False,
+        )
+    return prompt_answer_ids(tokenizer, sample.prompt, sample.answer, answer_prefix=" ")
+
+
+def build_pools(
+    tokenizer: Any, tasks: list[str], n: int, lengths: list[int], split: str = "train", seed_base: int = 0
+) -> dict[str, list[Any]]:
+    """Tokenized prompt + answer pools per task (chat prompts when the tokenizer has a template)."""
+    from namm_transfer.evals.language import make_split
+
+    from .fitness import EncodedPrompt
+
+    pools: dict[str, list[Any]] = {}
+    for task in tasks:
+        samples = make_split(task, split, n=n, lengths=lengths, tokenizer=tokenizer, seed_base=seed_base)
+        items = []
+        for s in samples:
+            ids, (a0, a1) = encode_sample(tokenizer, s)
+            items.append(EncodedPrompt(s.id, task, tuple(ids), a1 - a0))
+        pools[task] = items
+    return pools
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from namm_transfer.checkpoint import load_namm
+    from namm_transfer.models import load_model
+
+    from .fitness import FitnessConfig
+    from .trainer import Evolution, EvolutionConfig, StageConfig
+
+    torch.manual_seed(args.seed)
+    stages = args.stages or [(["passkey", "kv_retrieval"], 10)]
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    tasks = sorted({t for ts, _ in stages for t in ts})
+    lengths = [int(x) for x in args.lengths.split(",")]
+    pools = build_pools(tokenizer, tasks, args.pool_size, lengths)
+    fit = FitnessConfig(
+        update_interval=args.update_interval,
+        chunk_size=args.chunk_size,
+        cache_weight=args.cache_weight,
+        cache_target=args.cache_target,
+        member_batch=args.member_batch,
+    )
+    cfg = EvolutionConfig(
+        stages=[StageConfig(ts, g) for ts, g in stages],
+        population=args.population,
+        elite_ratio=args.elite_ratio,
+        sigma0=args.sigma0,
+        separable=not args.full_covariance,
+        seed=args.seed,
+        prompts_per_task=args.prompts_per_task,
+        fitness=fit,
+        model=args.model,
+    )
+    init = load_namm(args.init) if args.init else None
+    if args.warm_start and init is None:
+        init = _warm_start(args, model, pools, stages, fit)
+    evo = Evolution(args.run_dir, cfg, model, pools, init=init)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=evo.total_generations, initial=evo.generation, desc="generations")
+
+    def show(row: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix(
+            fit=f"{row['fitness_mean']:.3f}", best=f"{row['fitness_best']:.3f}", cache=f"{row['retained_mean']:.2f}"
+        )
+
+    evo.run(args.generations, callback=show)
+    bar.close()
+    path = evo.save_mean()
+    print(f"mean after {evo.generation} generations saved to {path}")
+    from .card import write_card, write_curve
+
+    write_curve(evo.run_dir)
+    if args.ship:
+        from namm_transfer.checkpoint import WEIGHTS_DIR
+
+        dest = WEIGHTS_DIR / args.ship
+        evo.save_mean(dest, name=args.ship)
+        write_card(evo.run_dir, dest, args.ship)
+        print(f"shipped as {args.ship} in {dest}")
+    return 0
+
+
+def _warm_start(
+    args: argparse.Namespace, model: Any, pools: dict[str, list[Any]], stages: list[tuple[list[str], int]], fit: Any
+) -> Any:
+    """Normalization on stage-1 prompts (full cache), then the supervised scorer fit."""
+    from pathlib import Path
+
+    from namm_transfer.checkpoint import load_namm, save_namm
+    from namm_transfer.namm import NAMM
+
+    from .trainer import estimate_normalization
+    from .warmstart import WarmStartConfig, collect_warmstart_data, fit_scorer
+
+    out = Path(args.run_dir) / "warmstart"
+    if (out / "config.json").exists():
+        return load_namm(out)
+    namm = NAMM()
+    stage1 = [p for t in stages[0][0] for p in pools[t][: args.warm_start_prompts]]
+    estimate_normalization(model, namm, stage1, fit.update_interval, fit.chunk_size)
+    ws = WarmStartConfig(
+        update_interval=fit.update_interval, chunk_size=fit.chunk_size, steps=args.warm_start_steps, seed=args.seed
+    )
+    rows = collect_warmstart_data(model, namm, stage1, ws)
+    metrics = fit_scorer(namm, rows, ws)
+    logger.info("warm start: %s", metrics)
+    save_namm(
+        namm,
+        out,
+        provenance={
+            "trainer": "supervised warm start (future attention)",
+            **metrics,
+            "model": args.model,
+            "rows": len(rows),
+        },
+    )
+    return namm
