@@ -24,6 +24,8 @@ from namm_transfer.adapters.video_llm import (  # noqa: E402
     retained_video,
 )
 from namm_transfer.evals.video_qa.synthetic import generate_benchmark  # noqa: E402
+from tiny_vlms import tiny_tokenizer as _tokenizer  # noqa: E402
+from tiny_vlms import tiny_vlm as _tiny  # noqa: E402
 
 from namm_transfer.registry import find_adapter, list_adapters  # noqa: E402
 from namm_transfer.session import attach  # noqa: E402
@@ -31,8 +33,6 @@ from namm_transfer.session import attach  # noqa: E402
 FAMILIES = ["llava-next-video", "video-llava", "llava-onevision"]
 TOKENS_PER_FRAME = {"llava-next-video": 4, "video-llava": 17, "llava-onevision": 4}  # 32 px, patch 8
 N_FRAMES = 8
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<video>", "<|im_start|>", "<|im_end|>"]
-PINPOINTS = [[32, 32], [32, 64], [64, 32]]
 NEXT_VIDEO_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
@@ -40,98 +40,6 @@ NEXT_VIDEO_TEMPLATE = (
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
     "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-
-
-def _tokenizer():
-    """A byte-level tokenizer (one token per byte, no merges) with the special tokens the processors need."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-    )
-
-
-def _tiny(family: str, tok):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    ids = dict(
-        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>")
-    )
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        initializer_range=0.05,
-    )
-    vision = dict(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    square = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    if family == "llava-next-video":
-        cfg = tf.LlavaNextVideoConfig(
-            vision_config=tf.CLIPVisionConfig(**vision),
-            text_config=tf.LlamaConfig(**text),
-            image_grid_pinpoints=PINPOINTS,
-            **ids,
-        )
-        model = tf.LlavaNextVideoForConditionalGeneration(cfg)
-        proc = tf.LlavaNextVideoProcessor(
-            video_processor=tf.LlavaNextVideoVideoProcessor(**square),
-            image_processor=tf.LlavaNextImageProcessor(**square, image_grid_pinpoints=PINPOINTS),
-            tokenizer=tok,
-            patch_size=8,
-            vision_feature_select_strategy="default",
-        )
-    elif family == "video-llava":
-        cfg = tf.VideoLlavaConfig(
-            vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text), **ids
-        )
-        model = tf.VideoLlavaForConditionalGeneration(cfg)
-        proc = tf.VideoLlavaProcessor(
-            video_processor=tf.VideoLlavaVideoProcessor(**square),
-            image_processor=tf.VideoLlavaImageProcessor(**square),
-            tokenizer=tok,
-            patch_size=8,
-        )
-    else:
-        cfg = tf.LlavaOnevisionConfig(
-            vision_config=tf.SiglipVisionConfig(**vision),
-            text_config=tf.Qwen2Config(**text),
-            image_grid_pinpoints=PINPOINTS,
-            **ids,
-        )
-        model = tf.LlavaOnevisionForConditionalGeneration(cfg)
-        proc = tf.LlavaOnevisionProcessor(
-            video_processor=tf.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}),
-            image_processor=tf.LlavaOnevisionImageProcessor(
-                size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS
-            ),
-            tokenizer=tok,
-            num_image_tokens=16,
-            vision_feature_select_strategy="full",
-        )
-    return model.eval(), proc
 
 
 @pytest.fixture(scope="module", autouse=True)

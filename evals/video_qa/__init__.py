@@ -7,7 +7,11 @@ module on first use.
 - :mod:`.benchmarks`: ``QASample``, ``load_longvideobench``, ``load_mlvu``, ``load_videomme``,
   ``build_prompt``, ``parse_answer``, ``score_response``, ``accuracy``, ``mlvu_m_avg``;
 - :mod:`.synthetic`: ``generate_benchmark``, a procedurally generated long-video QA set in the
-  LongVideoBench layout.
+  LongVideoBench layout;
+- :mod:`.run`: ``namm-transfer eval --target video-llava`` (``add_arguments``, ``main``) and its
+  helpers: ``load_video_llm``, ``find_annotations``, ``load_samples``, ``synthetic_benchmark``,
+  ``peak_cache_mb``, ``token_kept_fractions``, ``plot_kept_frames``, and the tiny random models of
+  mechanics-only runs (``tiny_video_llm``, ``make_tiny_model``, ``is_mechanics_only``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ _LAZY = {
     "parse_answer": "benchmarks",
     "score_response": "benchmarks",
     "generate_benchmark": "synthetic",
+    "find_annotations": "run",
+    "is_mechanics_only": "run",
+    "load_samples": "run",
+    "load_video_llm": "run",
+    "make_tiny_model": "run",
+    "peak_cache_mb": "run",
+    "plot_kept_frames": "run",
+    "synthetic_benchmark": "run",
+    "tiny_video_llm": "run",
+    "token_kept_fractions": "run",
 }
 
 __all__ = list(_LAZY)

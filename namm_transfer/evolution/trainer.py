@@ -34,7 +34,7 @@ from ..checkpoint import save_namm
 from ..namm import NAMM, NAMMConfig
 from ..policies.namm_policy import NAMMPolicy
 from ..session import attach
-from .fitness import EncodedPrompt, FitnessConfig, FitnessEvaluator
+from .fitness import EncodedPrompt, FitnessConfig, FitnessEvaluator, GenerationResult
 
 __all__ = ["StageConfig", "EvolutionConfig", "Evolution", "estimate_normalization"]
 
@@ -145,29 +145,43 @@ class Evolution:
                     "use another --run-dir, or the same settings to resume"
                 )
             return stored
-        _atomic_write_text(path, json.dumps({"config": config.to_dict()}, indent=2))
+        if self.is_writer:
+            _atomic_write_text(path, json.dumps({"config": config.to_dict()}, indent=2))
         return config
 
     def _init_normalization_and_mean(self, init: NAMM | None) -> None:
+        """Frozen normalization (from ``init``, the run folder, or a full-cache estimate) and the initial mean.
+
+        Every rank computes the same values; only the writer (rank 0) stores them.
+        """
         from safetensors.torch import load_file, save_file
 
         norm_path = self.run_dir / "normalization.safetensors"
         init_path = self.run_dir / "init.safetensors"
-        if init is not None and not init_path.exists():
-            save_file({"flat": init.get_flat()}, str(init_path))
-        if init is not None and bool(init.normalization_ready) and not norm_path.exists():
-            save_file({"mean": init.feature_mean.clone(), "std": init.feature_std.clone()}, str(norm_path))
-        if not norm_path.exists():
+        if init_path.exists():
+            x0 = load_file(str(init_path))["flat"]
+        elif init is not None:
+            x0 = init.get_flat()
+            if self.is_writer:
+                save_file({"flat": x0}, str(init_path))
+        else:
+            x0 = None
+        if norm_path.exists():
+            stats = load_file(str(norm_path))
+            mean, std = stats["mean"], stats["std"]
+        elif init is not None and bool(init.normalization_ready):
+            mean, std = init.feature_mean.clone(), init.feature_std.clone()
+        else:
             stage1 = self.config.stages[0].tasks
             prompts = [p for t in stage1 for p in self.pools[t]]
             logger.info("estimating normalization statistics on %d stage-1 prompts (full cache)", len(prompts))
             mean, std = estimate_normalization(
                 self.model, self.namm, prompts, self.config.fitness.update_interval, self.config.fitness.chunk_size
             )
-            save_file({"mean": mean, "std": std}, str(norm_path))
-        stats = load_file(str(norm_path))
-        self.namm.set_normalization(stats["mean"], stats["std"])
-        self.x0 = load_file(str(init_path))["flat"].double().numpy() if init_path.exists() else None
+        if self.is_writer and not norm_path.exists():
+            save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(norm_path))
+        self.namm.set_normalization(mean, std)
+        self.x0 = x0.double().numpy() if x0 is not None else None
 
     def _new_es(self) -> Any:
         import cma
@@ -258,7 +272,7 @@ class Evolution:
         t0 = time.time()
         xs = self.es.ask()
         thetas = torch.tensor(np.stack(xs), dtype=torch.float32)
-        result = self.evaluator.evaluate(thetas, self.prompts_for(g))
+        result = self._evaluate_distributed(thetas, self.prompts_for(g))
         self.es.tell(xs, [-float(f) for f in result.fitness])
         row = {
             "generation": g,
@@ -274,13 +288,53 @@ class Evolution:
             "seconds": round(time.time() - t0, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        with open(self.log_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         self.history.append(row)
-        self.save_mean()
+        if self.is_writer:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.save_mean()
         return row
+
+    # ----- distribution -------------------------------------------------------------------------------
+    @property
+    def is_writer(self) -> bool:
+        """Only rank 0 writes the log and checkpoints when torch.distributed is initialized."""
+        dist = torch.distributed
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+    def _evaluate_distributed(self, thetas: torch.Tensor, prompts: list[EncodedPrompt]) -> GenerationResult:
+        """Evaluate the population, split over torch.distributed ranks when a process group exists.
+
+        Every rank runs the same CMA-ES (same seed, same fitness values after the gather), evaluates
+        its contiguous slice of members, and all-gathers the results, so all ranks stay identical
+        and only rank 0 writes. Launch with ``torchrun --nproc-per-node N -m namm_transfer.cli evolve``
+        (gloo on CPU, nccl on GPUs).
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.evaluator.evaluate(thetas, prompts)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        bounds = np.linspace(0, thetas.shape[0], world + 1).astype(int)
+        mine = self.evaluator.evaluate(thetas[bounds[rank] : bounds[rank + 1]], prompts)
+        tasks = sorted(mine.task_ratio)
+        n_max = int(np.max(np.diff(bounds)))
+        local = np.zeros((n_max, 2 + len(tasks)))
+        n = len(mine.fitness)
+        local[:n, 0], local[:n, 1] = mine.fitness, mine.retained
+        for j, t in enumerate(tasks):
+            local[:n, 2 + j] = mine.task_ratio[t]
+        send = torch.tensor(local, dtype=torch.float64)
+        gathered = [torch.zeros_like(send) for _ in range(world)]
+        dist.all_gather(gathered, send)  # tensors only: nothing is pickled between processes
+        rows = np.concatenate([g.numpy()[: bounds[r + 1] - bounds[r]] for r, g in enumerate(gathered)])
+        return GenerationResult(
+            fitness=rows[:, 0],
+            task_ratio={t: rows[:, 2 + j] for j, t in enumerate(tasks)},
+            retained=rows[:, 1],
+            full_scores=mine.full_scores,
+        )
 
     def mean_namm(self) -> NAMM:
         net = NAMM(self.namm.config)

@@ -1,0 +1,262 @@
+"""``namm-transfer eval --target video-llava`` end to end, on a tiny random Video-LLaVA and generated videos."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")  # the transformers video processors need it
+pytest.importorskip("av")
+
+from namm_transfer.evals.video_qa import run as vqa  # noqa: E402
+from namm_transfer.evals.video_qa.synthetic import generate_benchmark  # noqa: E402
+from tiny_vlms import tiny_vlm_folder  # noqa: E402
+
+from namm_transfer.checkpoint import save_namm  # noqa: E402
+from namm_transfer.cli import main  # noqa: E402
+from namm_transfer.namm import NAMM  # noqa: E402
+from namm_transfer.report import MECHANICS_NOTE  # noqa: E402
+from namm_transfer.results import read_results  # noqa: E402
+
+POLICIES = ["namm", "full", "h2o", "l2", "streaming", "random"]
+FRAMES = 8
+NEW_TOKENS = 4
+GOOD = 3  # generated videos; the benchmark also lists a corrupt, an empty and a missing one
+BAD = {"corrupt-0": "corrupt", "empty-0": "empty", "missing-0": "not found"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Video-LLaVA folder, a random NAMM checkpoint, and a LongVideoBench-layout benchmark."""
+    root = tmp_path_factory.mktemp("video_eval")
+    model = tiny_vlm_folder(root / "model", "video-llava")
+    namm = NAMM()
+    gen = torch.Generator().manual_seed(0)
+    namm.set_flat(torch.randn(namm.n_params, generator=gen) * 0.5)  # evicts most of the video
+    namm.set_normalization(torch.zeros(namm.config.n_bins), torch.ones(namm.config.n_bins))
+    save_namm(namm, root / "namm")
+    bench = root / "bench"
+    json_path = generate_benchmark(bench, n_videos=GOOD, frames_per_video=16, size=32, split="test", seed=0)
+    items = json.loads(json_path.read_text())
+    good_mp4 = (bench / "videos" / items[0]["video_path"]).read_bytes()
+    (bench / "videos" / "corrupt.mp4").write_bytes(good_mp4[:48] + b"\x00garbage" * 64)
+    (bench / "videos" / "empty.mp4").write_bytes(b"")
+    items.append({**items[0], "id": "corrupt-0", "video_path": "corrupt.mp4"})
+    items.append({**items[1], "id": "empty-0", "video_path": "empty.mp4"})
+    items.append({**items[2], "id": "missing-0", "video_path": "missing.mp4"})
+    json_path.write_text(json.dumps(items))
+    return {"root": root, "model": str(model), "namm": str(root / "namm"), "bench": str(bench), "ids": items}
+
+
+def _argv(setup, output, *extra):
+    return [
+        "eval",
+        "--target",
+        "video-llava",
+        "--model",
+        setup["model"],
+        "--bench",
+        "longvideobench",
+        "--data-dir",
+        setup["bench"],
+        "--namm",
+        setup["namm"],
+        "--frames",
+        str(FRAMES),
+        "--update-interval",
+        "64",
+        "--chunk-size",
+        "64",
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--output",
+        str(output),
+        *extra,
+    ]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[1:]]
+
+
+def test_eval_end_to_end_resume_and_failures(setup, capsys):
+    out = setup["root"] / "results" / "video.json"
+    jsonl = out.with_suffix(".jsonl")
+    policies = ["--policies", ",".join(POLICIES)]
+
+    # a run stopped after 2 samples, then killed in the middle of the second sample's baselines
+    assert main(_argv(setup, out, *policies, "--limit", "2")) == 0
+    first = _lines(jsonl)
+    assert [r["key"] for r in first] == [f"{p}/{s['id']}" for s in setup["ids"][:2] for p in POLICIES]
+    kept_lines = jsonl.read_text().splitlines()[:-3]  # drop l2, streaming, random of the second sample
+    jsonl.write_text("\n".join(kept_lines) + '\n{"key": "l2/synth-te')  # and leave a half-written line
+    capsys.readouterr()
+
+    assert main(_argv(setup, out, *policies)) == 0
+    printed = capsys.readouterr().out
+    assert MECHANICS_NOTE in printed and "| namm |" in printed
+    _, records, truncated = read_results(jsonl)
+    assert not truncated
+    keys = [r["key"] for r in records]
+    expected = {f"{p}/{s['id']}" for s in setup["ids"] for p in POLICIES}
+    assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected  # every unit exactly once
+    assert records[:9] == first[:9]  # finished units are not recomputed
+    by_key = {r["key"]: r for r in records}
+
+    # failures are recorded per sample and policy; the run went on
+    for sid, cause in BAD.items():
+        for p in POLICIES:
+            rec = by_key[f"{p}/{sid}"]
+            assert rec["score"] is None and rec["correct"] is None and cause in rec["error"], rec["error"]
+
+    # baselines replay NAMM's cache lengths exactly, also for the units resumed from NAMM's record
+    kv = 2 * 2 * 16 * 4  # K and V x 2 KV heads x head_dim 16 x float32, per layer and token
+    for item in setup["ids"][:GOOD]:
+        sid = item["id"]
+        namm = by_key[f"namm/{sid}"]
+        full = by_key[f"full/{sid}"]
+        assert 0 < namm["retained_cache"] < 1 and 0 <= namm["retained_video"] < 1
+        assert full["retained_cache"] == full["retained_video"] == full["retained_text"] == 1.0
+        assert full["peak_cache_mb"] == pytest.approx((full["prompt_tokens"] + NEW_TOKENS - 1) * 2 * kv / 2**20)
+        assert namm["peak_cache_mb"] < full["peak_cache_mb"]
+        for p in POLICIES[2:]:
+            rec = by_key[f"{p}/{sid}"]
+            assert rec["budget"] == "replay:namm"
+            assert rec["retained_cache"] == pytest.approx(namm["retained_cache"], abs=1e-12), (p, sid)
+            assert rec["peak_cache_mb"] == pytest.approx(namm["peak_cache_mb"], abs=1e-12)
+            assert 0 <= rec["retained_video"] <= 1 and 0 <= rec["retained_text"] <= 1
+        for rec in (by_key[f"{p}/{sid}"] for p in POLICIES):
+            assert rec["frames"] == FRAMES and len(rec["frame_indices"]) == FRAMES and rec["n_generated"] <= NEW_TOKENS
+            assert rec["score"] in (0.0, 100.0) and rec["correct"] == (rec["score"] == 100.0)
+            assert rec["prediction"] in (None, "A", "B", "C", "D") and isinstance(rec["response"], str)
+            assert rec["throughput"] > 0 and rec["tokens_per_frame"] == 17 and len(rec["frame_kept_end"]) == FRAMES
+        assert len(namm["frame_kept_updates"]) == namm["n_updates"] == len(namm["update_clock"]) > 0
+        assert set(namm["frames_with_events"]) <= set(range(FRAMES))
+        assert full["peak_memory_mb"] == full["peak_cache_mb"] and full["peak_memory_source"] == "kv_cache"
+    plotted = by_key[f"namm/{setup['ids'][0]['id']}"]  # token-level fractions for the picture's samples
+    assert len(plotted["token_kept_first"]) == len(plotted["token_kept_end"]) == FRAMES * 17
+    assert all(0 <= v <= 1 for v in plotted["token_kept_first"] + plotted["token_kept_end"])
+
+    # the summary
+    summary = json.loads(out.read_text())
+    assert summary["target"] == "video-llava" and summary["note"] == MECHANICS_NOTE
+    settings = summary["settings"]
+    assert settings["mechanics_only"] is True and settings["frames"] == FRAMES and settings["update_interval"] == 64
+    assert settings["bench"] == "longvideobench" and settings["seed"] == 0 and "{prompt}" in settings["prompt_template"]
+    assert summary["namm_checkpoint"]["sha256"] and summary["managed_layers"] == [0, 1]
+    rows = {r["policy"]: r for r in summary["rows"]}
+    assert list(rows) == POLICIES
+    for p, row in rows.items():
+        assert row["n"] == GOOD and row["n_missing"] == row["n_errors"] == len(BAD) and row["mechanics_only"]
+        assert 0 <= row["score"] <= 100 and row["score_std"] >= 0 and 0 <= row["retained_video"] <= 1
+        if p not in ("namm", "full"):
+            assert row["retained_cache"] == pytest.approx(rows["namm"]["retained_cache"], abs=1e-12)
+    assert rows["full"]["retained_cache"] == 1.0 and rows["namm"]["retained_video"] < 1
+    assert set(summary["breakdown"]) == {"category", "duration_group"}
+    assert set(summary["breakdown"]["category"]) == {item["question_category"] for item in setup["ids"][:GOOD]}
+    png = out.with_name("video.kept-frames.png")
+    assert summary["kept_frames_png"] == png.name and png.stat().st_size > 10_000
+
+
+def test_sharded_run_merges(setup, monkeypatch):
+    out = setup["root"] / "shards" / "video.json"
+    args = _argv(setup, out, "--policies", "namm,full,h2o", "--limit", "2", "--plot-samples", "0")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(args) == 0
+        shard = _lines(out.with_name(f"video.rank{rank}-of2.jsonl"))
+        assert {r["id"] for r in shard} == {setup["ids"][rank]["id"]}
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["report", "--merge", str(out.with_name("video.rank*-of2.jsonl")), "--output", str(out)]) == 0
+
+    def no_work(*a, **k):
+        raise AssertionError("every unit is in the merged file; nothing should run")
+
+    monkeypatch.setattr(vqa._Evaluator, "sample", no_work)
+    assert main(args) == 0
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["namm", "full", "h2o"] and all(r["n"] == 2 for r in rows.values())
+    assert rows["h2o"]["retained_cache"] == pytest.approx(rows["namm"]["retained_cache"], abs=1e-12)
+
+
+def test_question_without_options_is_a_clear_error(setup, tmp_path, capsys):
+    items = json.loads(Path(setup["bench"], "synthetic_test.json").read_text())[:2]
+    for i in range(5):
+        items[1][f"option{i}"] = "N/A"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(items))
+    argv = _argv(setup, tmp_path / "bad_results.json", "--annotations", str(bad))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has no options" in err and items[1]["id"] in err and "bad.json" in err
+    assert not (tmp_path / "bad_results.jsonl").exists()  # nothing was run
+
+
+def test_helpers(setup, tmp_path, monkeypatch):
+    assert vqa._grid(17) == (1, 4) and vqa._grid(144) == (0, 12) and vqa._grid(257) == (1, 16) and vqa._grid(6) is None
+    assert vqa.find_annotations("longvideobench", setup["bench"]).name == "synthetic_test.json"
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text("[]")
+    with pytest.raises(vqa._UsageError, match="--annotations"):
+        vqa.find_annotations("longvideobench", tmp_path)
+    model, _ = vqa.load_video_llm(setup["model"])
+    assert vqa.is_mechanics_only(model, setup["model"]) and vqa.kv_bytes_per_token(model) == 256
+    copy = tmp_path / "copy"
+    shutil.copytree(setup["model"], copy)
+    os.remove(copy / vqa.TINY_MARKER)
+    assert vqa.is_mechanics_only(model, str(copy))  # hidden size 64: still a tiny model
+    assert vqa._order(["h2o", "full", "namm"]) == ["namm", "full", "h2o"]
+    monkeypatch.setenv("NAMM_TRANSFER_CACHE", str(tmp_path / "cache"))
+    tiny = Path(vqa._resolve_model("tiny:llava-onevision"))
+    assert (tiny / vqa.TINY_MARKER).is_file() and tiny.name == "tiny-llava-onevision"
+    assert vqa._resolve_model("some/hub-id") == "some/hub-id"
+    assert main(_argv(setup, tmp_path / "x.json", "--policies", "h2o,full")) == 2  # nothing to replay
+
+    # MLVU's headline is M-Avg, the mean over task types
+    recs = [
+        {"policy": "full", "category": c, "correct": ok, "score": 100.0 * ok}
+        for c, ok in (("NQA", True), ("NQA", False), ("AO", True))
+    ]
+    row = vqa._rows(recs, ["full"], "mlvu", mechanics_only=False)[0]
+    assert row["score"] == pytest.approx(75.0) and row["accuracy"] == pytest.approx(200 / 3)
+    assert row["score_std"] == pytest.approx(25.0) and "mechanics_only" not in row
+
+
+def test_notebook_executes(setup, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("matplotlib")
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "video_llava.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    injected = f"WORK_DIR = {str(tmp_path)!r}\nNAMM_CHECKPOINT = {setup['namm']!r}\n"
+    nb.cells.insert(params[0] + 1, nbformat.v4.new_code_cell(injected))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch: one thread, like the tests
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": tmp_path}})
+    client.execute()
+    texts = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not any("Traceback" in t for t in texts)
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    summary = json.loads((tmp_path / "results" / "video-llava-synthetic.json").read_text())
+    assert summary["settings"]["mechanics_only"] and summary["settings"]["bench"] == "synthetic"
+    assert not math.isnan(summary["rows"][0]["retained_cache"])
+    assert (tmp_path / "results" / "video-llava-synthetic.kept-frames.png").is_file()
