@@ -5,7 +5,9 @@ stable-baselines3 load only when a function that needs them runs.
 
 Modules: :mod:`.envs` (task constants, ``make_env``, ``normalized_score``), :mod:`.datasets` (D4RL HDF5 layout),
 :mod:`.minari_io` (local Minari datasets), :mod:`.behaviour` (resumable PPO behaviour policies),
-:mod:`.collect` (dataset collection), :mod:`.cli_collect` (``namm-transfer rl collect``).
+:mod:`.collect` (dataset collection), :mod:`.cli_collect` (``namm-transfer rl collect``), :mod:`.rollout` (online
+evaluation, canonical or cached), :mod:`.train` (Decision Transformer training, resumable checkpoints, ``load_dt``),
+:mod:`.cli_train` (``namm-transfer rl train``), :mod:`.run` (``namm-transfer eval --target decision-transformer``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ _LAZY = {
     "PPO_CONFIGS": "behaviour",
     "BehaviourPolicy": "behaviour",
     "BehaviourRun": "behaviour",
+    "CanonicalDT": "rollout",
+    "CachedDT": "rollout",
+    "run_episodes": "rollout",
+    "TrainConfig": "train",
+    "TrainResult": "train",
+    "TrajectorySampler": "train",
+    "build_dt": "train",
+    "train_dt": "train",
+    "load_dt": "train",
+    "resolve_dt": "train",
+    "ship_dt": "train",
+    "shipped_dt_dir": "train",
+    "write_card": "train",
+    "latest_checkpoint": "train",
+    "EvalSettings": "run",
+    "evaluate": "run",
+    "summarize_results": "run",
+    "plot_results": "run",
 }
 
 _ALIASES = {"collect_dataset": "collect"}

@@ -139,7 +139,7 @@ def fit_scorer(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        loss_val = float(loss)
+        loss_val = loss.item()
         if step % 50 == 0:
             logger.info("warm start step %d loss %.4f", step, loss_val)
     namm.set_flat(theta.detach())
