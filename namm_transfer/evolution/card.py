@@ -12,7 +12,9 @@ __all__ = ["read_log", "write_curve", "write_card"]
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "log.jsonl"
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
     for line in path.read_text().splitlines():
         try:
             rows.append(json.loads(line))
@@ -84,6 +86,25 @@ def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: s
             f"| {r['generation']} | {r['stage']} | {r['fitness_mean']:.4f} | {r['fitness_best']:.4f} | "
             f"{r['retained_mean']:.3f} | {r['sigma']:.4f} |"
         )
+    if not rows:
+        lines += [
+            "",
+            "No CMA-ES generation has run yet: these weights are the CMA-ES initial mean, i.e. the"
+            " supervised warm start. Resume the run to evolve them (the run folder replays exactly).",
+        ]
+
+    def nan(v: Any) -> float:
+        return float("nan") if v is None else float(v)
+
+    ws = run_dir / "warmstart" / "config.json"
+    if ws.exists():
+        prov = json.loads(ws.read_text()).get("provenance", {})
+        lines += [
+            "",
+            "Warm start (supervised, future attention in full-cache runs of the stage-1 training prompts): "
+            f"{prov.get('rows')} (layer, head, update) rows, train accuracy {nan(prov.get('accuracy')):.3f}, "
+            f"kept fraction per update {nan(prov.get('kept_fraction')):.3f}, loss {nan(prov.get('loss')):.4f}.",
+        ]
     if curve:
         lines += ["", "![fitness](fitness.png)"]
     if eval_summary and Path(eval_summary).exists():
