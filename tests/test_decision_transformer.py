@@ -22,6 +22,24 @@ from namm_transfer.session import attach
 STATE, ACT = 11, 3
 
 
+def _dt_attention() -> str:
+    """sdpa where this transformers version supports it for DecisionTransformerModel (5.2x), else eager (5.17)."""
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+    try:
+        DecisionTransformerModel(
+            DecisionTransformerConfig(
+                state_dim=2, act_dim=1, hidden_size=8, n_layer=1, n_head=1, n_inner=8, attn_implementation="sdpa"
+            )
+        )
+        return "sdpa"
+    except ValueError:
+        return "eager"
+
+
+DT_ATTN = _dt_attention()
+
+
 def tiny_dt(state_dim: int = STATE, act_dim: int = ACT, seed: int = 0, max_ep_len: int = 100):
     from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
@@ -37,7 +55,7 @@ def tiny_dt(state_dim: int = STATE, act_dim: int = ACT, seed: int = 0, max_ep_le
         initializer_range=0.2,  # larger than the default so that small context changes show in the actions
         bos_token_id=0,
         eos_token_id=0,
-        attn_implementation="sdpa",
+        attn_implementation=DT_ATTN,
     )
     return DecisionTransformerModel(cfg).eval()
 
@@ -115,7 +133,7 @@ def test_embed_steps_and_whole_history_feed_match_forward(dt):
             got = feed_tokens(mem.engine, emb)
             assert mem.engine.stats.update_clock == [6, 12, 18, 24]  # the clock hits every multiple
     torch.testing.assert_close(got, ref.action_preds, atol=1e-5, rtol=0)
-    assert dt.config._attn_implementation == "sdpa"  # detached: the model is restored
+    assert dt.config._attn_implementation == DT_ATTN  # detached: the model is restored
 
 
 def test_token_type_helpers():
@@ -305,7 +323,7 @@ def test_non_finite_observation_is_a_clear_error(dt):
 
     with pytest.raises(ValueError, match="non-finite observation .* step 1"):
         run_episodes(dt, "hopper", 1, max_ep_len=10, env_fn=env_fn)
-    assert dt.config._attn_implementation == "sdpa"  # the canonical mode never attached anything
+    assert dt.config._attn_implementation == DT_ATTN  # the canonical mode never attached anything
 
 
 def test_bad_settings(dt):
@@ -321,7 +339,7 @@ def test_bad_settings(dt):
             actor.act(torch.zeros(2), torch.zeros(2, 5))
         with pytest.raises(ValueError, match="NaN"):
             actor.act(torch.zeros(2), torch.full((2, STATE), float("nan")))
-    assert dt.config._attn_implementation == "sdpa"
+    assert dt.config._attn_implementation == DT_ATTN
 
 
 # ----- token types follow the clock: evicting every action token == masking them out ---------------------------
