@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from namm_transfer.policies.base import HostInfo
 
-from .hf_attention import route_attention, unroute_attention
+from .hf_attention import HFCacheRouting
 
 __all__ = [
     "ADAPTER",
@@ -76,7 +76,7 @@ def token_timestep(index: Any) -> Any:
     return index // 3
 
 
-class DecisionTransformerAdapter:
+class DecisionTransformerAdapter(HFCacheRouting):
     """Host questions answered for a ``DecisionTransformerModel``: layers, cache access, chunk feeding.
 
     Args:
@@ -131,29 +131,6 @@ class DecisionTransformerAdapter:
             head_dim=int(c.hidden_size) // n_heads,
             family="decision-transformer",
         )
-
-    # ----- cache ------------------------------------------------------------------------------------
-    def make_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
-
-    def get_kv(self, cache: Any, layer: int) -> tuple[Tensor, Tensor]:
-        lyr = cache.layers[layer]
-        return lyr.keys, lyr.values
-
-    def set_kv(self, cache: Any, layer: int, keys: Tensor, values: Tensor) -> None:
-        lyr = cache.layers[layer]
-        lyr.keys = keys
-        lyr.values = values
-
-    # ----- routing ----------------------------------------------------------------------------------
-    def install(self, engine: Any) -> None:
-        self._saved = route_attention(engine, self.attn_modules)
-
-    def uninstall(self, engine: Any) -> None:
-        unroute_attention(self.attn_modules, self._saved or [])
-        self._saved = None
 
     # ----- embeddings -------------------------------------------------------------------------------
     def _timestep_embedding(self, timesteps: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from namm_transfer.policies.base import HostInfo
 
-from .hf_attention import route_attention, unroute_attention
+from .hf_attention import HFCacheRouting
 
 __all__ = ["DecoderLMAdapter", "SUPPORTED_DECODER_LMS"]
 
@@ -32,7 +32,7 @@ SUPPORTED_DECODER_LMS = {
 }
 
 
-class DecoderLMAdapter:
+class DecoderLMAdapter(HFCacheRouting):
     """Host questions answered for a decoder LM: layers, cache access, chunk feeding."""
 
     name = "decoder-lm"
@@ -82,29 +82,6 @@ class DecoderLMAdapter:
             head_dim=head_dim,
             family=self.family,
         )
-
-    # ----- cache ------------------------------------------------------------------------------------
-    def make_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
-
-    def get_kv(self, cache: Any, layer: int) -> tuple[Tensor, Tensor]:
-        lyr = cache.layers[layer]
-        return lyr.keys, lyr.values
-
-    def set_kv(self, cache: Any, layer: int, keys: Tensor, values: Tensor) -> None:
-        lyr = cache.layers[layer]
-        lyr.keys = keys
-        lyr.values = values
-
-    # ----- routing ----------------------------------------------------------------------------------
-    def install(self, engine: Any) -> None:
-        self._saved = route_attention(engine, self.attn_modules)
-
-    def uninstall(self, engine: Any) -> None:
-        unroute_attention(self.attn_modules, self._saved or [])
-        self._saved = None
 
     # ----- feeding ----------------------------------------------------------------------------------
     def forward(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["KERNEL_NAME", "route_attention", "unroute_attention"]
+__all__ = ["KERNEL_NAME", "route_attention", "unroute_attention", "HFCacheRouting"]
 
 KERNEL_NAME = "namm_transfer"
 _ENGINE_ATTR = "_namm_engine"
@@ -89,3 +89,36 @@ def unroute_attention(modules: list[nn.Module], saved: list[tuple[Any, str | Non
             delattr(m, _ENGINE_ATTR)
     for cfg, impl in saved:
         cfg._attn_implementation = impl
+
+
+class HFCacheRouting:
+    """Cache access and attention routing shared by the Hugging Face adapters.
+
+    Needs ``self.config`` (the config whose ``DynamicCache`` layout to build) and
+    ``self.attn_modules`` (the attention modules to route, in layer order).
+    """
+
+    config: Any
+    attn_modules: list[nn.Module]
+    _saved: Any = None
+
+    def make_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def get_kv(self, cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lyr = cache.layers[layer]
+        return lyr.keys, lyr.values
+
+    def set_kv(self, cache: Any, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        lyr = cache.layers[layer]
+        lyr.keys = keys
+        lyr.values = values
+
+    def install(self, engine: Any) -> None:
+        self._saved = route_attention(engine, self.attn_modules)
+
+    def uninstall(self, engine: Any) -> None:
+        unroute_attention(self.attn_modules, self._saved or [])
+        self._saved = None

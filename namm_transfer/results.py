@@ -174,7 +174,7 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, allow_nan=False, ensure_ascii=False)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -365,7 +365,7 @@ class ResultsWriter:
 
     def _write_all(self) -> None:
         lines = [_dumps({"_header": self._header})] + [_dumps(r) for r in self._records]
-        _atomic_write(self.jsonl_path, "\n".join(lines) + "\n")
+        atomic_write_text(self.jsonl_path, "\n".join(lines) + "\n")
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -448,7 +448,7 @@ class ResultsWriter:
             if k in summary:
                 raise ValueError(f"extra key {k!r} would replace a standard summary field")
             summary[k] = _jsonable(v, k)
-        _atomic_write(self.summary_path, json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+        atomic_write_text(self.summary_path, json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
         logger.info("wrote %s (%d records)", self.summary_path, len(self._records))
         return self.summary_path
 
@@ -575,7 +575,7 @@ def merge_shards(
             origin[key] = src
     assert header is not None
     lines = [_dumps({"_header": header})] + [_dumps(r) for r in merged.values()]
-    _atomic_write(out_path, "\n".join(lines) + "\n")
+    atomic_write_text(out_path, "\n".join(lines) + "\n")
     logger.info("merged %d shard files into %s (%d records)", len(shards), out_path, len(merged))
     return out_path
 

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from namm_transfer.results import atomic_write_text
+
 from .envs import ENVS, get_env_info
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -380,21 +382,6 @@ def _clean_json(obj: Any) -> Any:
     return json.loads(text, parse_constant=lambda _: None)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -514,7 +501,7 @@ def _save_checkpoint(
             "created": _now(),
             **extra,
         }
-        _atomic_write_text(tmp / "trainer_state.json", json.dumps(_clean_json(state), indent=1) + "\n")
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(_clean_json(state), indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -578,7 +565,7 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log entries after ``step`` (written after the checkpoint a resumed run starts from)."""
     entries = [e for e in _read_log(path) if int(e.get("step", 0)) <= step]
-    _atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in entries))
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in entries))
 
 
 def _append_log(path: Path, entry: Mapping[str, Any]) -> None:
@@ -836,7 +823,7 @@ def train_dt(
         "created": _now(),
         "versions": _versions(),
     }
-    _atomic_write_text(out / SIDECAR, json.dumps(_clean_json(sidecar), indent=2) + "\n")
+    atomic_write_text(out / SIDECAR, json.dumps(_clean_json(sidecar), indent=2) + "\n")
     write_card(out)
     logger.info("%s: trained %d steps -> %s", cfg.env, step, out)
     return TrainResult(out, step, True, losses, final_loss, last_eval, sps, resumed_from)
@@ -946,7 +933,7 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
         "",
     ]
     path = folder / CARD_FILE
-    _atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
