@@ -45,6 +45,11 @@ class DecoderLMAdapter(HFCacheRouting):
         self.family = SUPPORTED_DECODER_LMS[cls]
         self.config: Any = model.config
         decoder: Any = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # type: ignore[operator]
+        self._bind_layers(model, decoder, f"this {cls}")
+        self._saved: Any = None
+
+    def _bind_layers(self, lm: nn.Module, decoder: Any, what: str) -> None:
+        """Attention modules, managed (full-attention) layers and the forward's cache keyword of ``lm``."""
         self.attn_modules: list[nn.Module] = [layer.self_attn for layer in decoder.layers]
         for i, m in enumerate(self.attn_modules):
             if getattr(m, "layer_idx", i) != i:
@@ -56,14 +61,13 @@ class DecoderLMAdapter(HFCacheRouting):
         self.managed = tuple(i for i, s in enumerate(sliding) if not s)
         if not self.managed:
             raise ValueError(
-                f"every layer of this {cls} uses a sliding window (config.sliding_window="
+                f"every layer of {what} uses a sliding window (config.sliding_window="
                 f"{getattr(self.config, 'sliding_window', None)}), so there is no full-attention cache to manage; "
                 "load it with sliding_window=None (as Mistral v0.2+ and most Qwen2 checkpoints do)"
             )
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(lm.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._accepts_cache_position = "cache_position" in params
-        self._saved: Any = None
 
     # ----- host description ---------------------------------------------------------------------
     @property

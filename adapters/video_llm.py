@@ -32,7 +32,6 @@ back to modalities and frames. Generated tokens count as text.
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,23 +163,7 @@ class VideoLLMAdapter(DecoderLMAdapter):
         if not self._own_head and self.lm_head is None:
             raise TypeError(f"{type(model).__name__} has no lm_head (get_output_embeddings() is None)")
         decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
-        self.attn_modules = [layer.self_attn for layer in decoder.layers]
-        for i, m in enumerate(self.attn_modules):
-            if getattr(m, "layer_idx", i) != i:
-                raise RuntimeError(f"attention module {i} reports layer_idx {m.layer_idx}")
-        probe = self.make_cache()
-        sliding = [bool(getattr(layer, "is_sliding", False)) for layer in probe.layers]
-        if len(sliding) != len(self.attn_modules):
-            sliding = [False] * len(self.attn_modules)
-        self.managed = tuple(i for i, s in enumerate(sliding) if not s)
-        if not self.managed:
-            raise ValueError(
-                f"every layer of the {lm_cls} inside {type(model).__name__} uses a sliding window, so there is no "
-                "full-attention cache to manage; load it with sliding_window=None"
-            )
-        params = inspect.signature(lm.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._accepts_cache_position = "cache_position" in params
+        self._bind_layers(lm, decoder, f"the {lm_cls} inside {type(model).__name__}")
         self._saved = None
 
     def forward(
