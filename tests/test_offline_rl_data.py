@@ -380,3 +380,45 @@ def test_collect_smoke_and_resume(tmp_path, monkeypatch):
     cont = ~done[:-1]
     np.testing.assert_array_equal(replay["next_observations"][:-1][cont], replay["observations"][1:][cont])
     assert done[1023]
+
+
+@pytest.mark.slow
+def test_collect_multi_env_records_every_env_and_resumes_its_settings(tmp_path, monkeypatch):
+    """A 2-env run records the transitions of both envs; a resumed run without settings keeps the saved ones."""
+    from namm_transfer.evals.offline_rl.behaviour import FAST_PPO_CONFIGS, BehaviourRun, PPOConfig
+    from namm_transfer.evals.offline_rl.collect import collect
+
+    assert FAST_PPO_CONFIGS["hopper"].n_envs == 8
+    monkeypatch.setenv("NAMM_TRANSFER_CACHE", str(tmp_path))
+    two = PPOConfig(n_envs=2, n_steps=256, batch_size=256, n_epochs=1, net_arch=(32, 32))
+    common = dict(target_band=None, eval_episodes=2, round_steps=512, torch_threads=1)
+    path = collect("hopper", "medium-replay", max_steps=512, out=tmp_path / "r.hdf5", ppo_config=two, **common)
+    replay = ds.read_d4rl_hdf5(path)
+    assert len(replay["rewards"]) == 512  # 256 steps of each env
+    done = replay["terminals"] | replay["timeouts"]
+    assert done[255]  # the seam between env 0's and env 1's streams is an episode boundary
+    cont = ~done[:-1]
+    np.testing.assert_array_equal(replay["next_observations"][:-1][cont], replay["observations"][1:][cont])
+
+    run = BehaviourRun("hopper", seed=0)  # no config: the saved run's settings, not the default preset
+    assert run.config == two
+    run.train_round(512, eval_episodes=1)
+    assert run.timesteps == 1024 and run.model.n_envs == 2
+
+
+def test_cli_keeps_an_existing_dataset_unless_overwrite(tmp_path, monkeypatch, capsys):
+    """A finished collection is not redone by a rerun of the same command (resumable pipelines)."""
+    from namm_transfer.evals.offline_rl import cli_collect, collect
+
+    monkeypatch.setenv("NAMM_TRANSFER_CACHE", str(tmp_path))
+    existing = ds.dataset_path("hopper", "medium")
+    existing.parent.mkdir(parents=True)
+    existing.write_bytes(b"placeholder")
+    calls = []
+    monkeypatch.setattr(collect, "collect", lambda *a, **k: calls.append(k) or existing)
+    parser = argparse.ArgumentParser()
+    cli_collect.add_arguments(parser)
+    assert cli_collect.main(parser.parse_args(["--env", "hopper"])) == 0
+    assert calls == [] and "exists; kept" in capsys.readouterr().out
+    assert cli_collect.main(parser.parse_args(["--env", "hopper", "--overwrite"])) == 0
+    assert len(calls) == 1

@@ -56,11 +56,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per round (default 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="collect again even if the output dataset already exists"
+    )
+    parser.add_argument(
+        "--ppo",
+        default="fast",
+        choices=["fast", "zoo"],
+        help="PPO settings of a new behaviour run: fast (SB3 defaults on 8 envs, ~1,500 steps/s on one core) or "
+        "zoo (rl-baselines3-zoo's tuned one-env settings, 5-20x slower here); a resumed run keeps its own "
+        "(default fast)",
+    )
+
+
+def _preset_config(preset: str, env_name: str, presets: dict) -> object | None:
+    """The preset's config for a new run, or None (the run's saved settings / the default) for ``fast``."""
+    return None if preset == "fast" else presets[preset][env_name]
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the collection described by ``args`` (from :func:`add_arguments`); returns the exit code."""
+    from .behaviour import PPO_PRESETS
     from .collect import collect
+    from .datasets import dataset_path
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,6 +91,10 @@ def main(args: argparse.Namespace) -> int:
         out = output
         if output is not None and len(names) > 1:
             out = Path(output) / f"{name}-{args.level}.hdf5"
+        target = out if out is not None else dataset_path(name, args.level, args.version)
+        if Path(target).is_file() and not getattr(args, "overwrite", False):
+            print(f"{name}-{args.level}: {target} exists; kept (pass --overwrite to collect again)")
+            continue
         try:
             path = collect(
                 name,
@@ -86,6 +108,7 @@ def main(args: argparse.Namespace) -> int:
                 round_steps=getattr(args, "round_steps", 20_480),
                 eval_episodes=getattr(args, "eval_episodes", 10),
                 torch_threads=getattr(args, "threads", 1),
+                ppo_config=_preset_config(getattr(args, "ppo", "fast"), name, PPO_PRESETS),
             )
         except (ValueError, FileNotFoundError) as exc:
             logger.error("%s: %s", name, exc)
