@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-__all__ = ["main", "build_parser", "Plugin", "EVAL_TARGETS", "COMMANDS", "DEFAULT_POLICIES"]
+__all__ = ["main", "build_parser", "positive_int", "Plugin", "EVAL_TARGETS", "COMMANDS", "DEFAULT_POLICIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def _device(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type for a positive integer (``--limit``, and the targets' own counts)."""
     try:
         value = int(text)
     except ValueError as err:
@@ -212,7 +213,7 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
         help="results summary results/NAME.json; NAME.jsonl is written next to it (default: results/<target>.json)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--limit", type=_positive_int, help="evaluate at most N samples / episodes / prompts")
+    parser.add_argument("--limit", type=positive_int, help="evaluate at most N samples / episodes / prompts")
 
 
 def build_parser(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, ModuleType | None, str | None]:

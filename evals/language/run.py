@@ -87,6 +87,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from namm_transfer.cli import positive_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -154,20 +156,10 @@ def _lengths(text: str) -> list[int]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _max_new_tokens(text: str) -> str:
     if text.strip() == "task":
         return "task"
-    return str(_positive(text))
+    return str(positive_int(text))
 
 
 def parse_budget_mode(text: str) -> tuple[str, float | int | None]:
@@ -221,7 +213,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(DEFAULT_TASKS),
         help=f"comma-separated held-out tasks (default: {','.join(DEFAULT_TASKS)})",
     )
-    g.add_argument("--n", type=_positive, default=DEFAULT_N, help=f"samples per task (default: {DEFAULT_N})")
+    g.add_argument("--n", type=positive_int, default=DEFAULT_N, help=f"samples per task (default: {DEFAULT_N})")
     g.add_argument(
         "--lengths",
         type=_lengths,
@@ -231,13 +223,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--update-interval",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_UPDATE_INTERVAL,
         help=f"run the memory policy every N tokens (default: {DEFAULT_UPDATE_INTERVAL}, as in evolution)",
     )
     g.add_argument(
         "--chunk-size",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_CHUNK_SIZE,
         help=f"prefill chunk length (default: {DEFAULT_CHUNK_SIZE})",
     )
@@ -551,7 +543,7 @@ def write_plot(
             if tr["policy"] == row["policy"] and tr.get("retained_cache") is not None and tr.get("score") is not None
         ]
         if pts:
-            ax.scatter(*zip(*pts, strict=True), s=14, alpha=0.35, color=color)
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], s=14, alpha=0.35, color=color)
         ax.scatter([row["retained_cache"]], [row["score"]], s=70, color=color, label=row["policy"], edgecolor="black")
     ax.set_xlabel("retained cache (fraction of a full cache, managed layers)")
     ax.set_ylabel("score (%)")
@@ -585,7 +577,7 @@ def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
 
 def _interleave(per_task: Sequence[Sequence[Any]]) -> list[Any]:
     """Round-robin over tasks, so that ``--limit`` and shards cover every task."""
-    out = []
+    out: list[Any] = []
     for i in range(max((len(s) for s in per_task), default=0)):
         out.extend(s[i] for s in per_task if i < len(s))
     return out
@@ -685,6 +677,8 @@ def main(args: argparse.Namespace) -> int:
 
     def make_policy(name: str, replay: dict[int, dict[int, Any]] | None, sample_id: str) -> Any:
         if name == "namm":
+            if namm_net is None:  # cannot happen: need_namm is true whenever namm is a policy
+                raise RuntimeError("policy namm requested but no NAMM was loaded")
             return NAMMPolicy(namm_net)
         if name == "full":
             return create_policy("full")

@@ -305,6 +305,56 @@ _KEY_NOUN = (
 )  # fmt: skip
 
 
+def _distinct(draw: Callable[[], str], n: int, first: Sequence[str] = ()) -> list[str]:
+    """``first`` followed by fresh draws until ``n`` distinct items (a repeated draw is dropped)."""
+    items = list(first)
+    while len(items) < n:
+        item = draw()
+        if item not in items:
+            items.append(item)
+    return items
+
+
+def _prose_retrieval(
+    rng: random.Random,
+    seed: int,
+    count: TokenCounter,
+    target: int,
+    depth: float,
+    facts: Sequence[tuple[str, str]],
+    sentence: Callable[[str, str], str],
+    text: tuple[str, str, str],
+    fields: tuple[str, str],
+) -> _Built:
+    """Facts ``(subject, value)`` planted as needles in procedural prose; the first one is asked.
+
+    The asked fact sits at ``depth``, the distractors at depths drawn from ``rng`` (in this order,
+    before ``sentence`` renders each fact, which may draw from ``rng`` too). ``text`` is
+    ``(instruction, question, cue)``; ``fields`` names the subject and the value in the metadata.
+    """
+    instruction, question, cue = text
+    subject_field, value_field = fields
+    depths = [depth] + [rng.uniform(0.05, 0.95) for _ in facts[1:]]
+    needles = [(dd, sentence(subject, value)) for dd, (subject, value) in zip(depths, facts, strict=True)]
+    units = _Units(ProseGenerator(derive_seed(seed, "prose")).sentences())
+    prompt, user_text, context, n, k = _needle_task(
+        instruction, question, cue, units, needles, _join_prose, count, target
+    )
+    meta = {
+        "depth": depth,
+        subject_field: facts[0][0],
+        "distractors": [
+            {subject_field: subject, value_field: value, "depth": dd}
+            for (subject, value), dd in zip(facts[1:], depths[1:], strict=True)
+        ],
+        "filler_units": k,
+    }
+    return _Built(prompt, user_text, context, question, cue, [facts[0][1]], n, metadata=meta)
+
+
+_KEY_SENTENCE = "One of the special numbers for {0} is {1}."
+
+
 def _multikey_needle(
     target: int, seed: int, count: TokenCounter, depth: float | None, n_distractors: int = 3
 ) -> _Built:
@@ -312,43 +362,19 @@ def _multikey_needle(
     d = _depth(rng, depth)
     adj, noun = rng.choice(_KEY_ADJ), rng.choice(_KEY_NOUN)
     key = f"{adj}-{noun}"
-    keys = [key]
     # First distractor: a near miss sharing the noun or the adjective.
     near = f"{rng.choice([a for a in _KEY_ADJ if a != adj])}-{noun}" if rng.random() < 0.5 else None
     near = near or f"{adj}-{rng.choice([x for x in _KEY_NOUN if x != noun])}"
-    keys.append(near)
-    while len(keys) < 1 + n_distractors:
-        candidate = f"{rng.choice(_KEY_ADJ)}-{rng.choice(_KEY_NOUN)}"
-        if candidate not in keys:
-            keys.append(candidate)
-    values: list[str] = []
-    while len(values) < len(keys):
-        v = str(rng.randint(1_000_000, 9_999_999))
-        if v not in values:
-            values.append(v)
-    depths = [d] + [rng.uniform(0.05, 0.95) for _ in keys[1:]]
-    needles = [
-        (dd, f"One of the special numbers for {k} is {v}.") for dd, k, v in zip(depths, keys, values, strict=True)
-    ]
-    instruction = (
+    keys = _distinct(lambda: f"{rng.choice(_KEY_ADJ)}-{rng.choice(_KEY_NOUN)}", 1 + n_distractors, [key, near])
+    values = _distinct(lambda: str(rng.randint(1_000_000, 9_999_999)), len(keys))
+    text = (
         "Several special numbers, each tied to a key phrase, are hidden in the text below. "
-        "Remember them: afterwards you will be asked for the number tied to one key."
+        "Remember them: afterwards you will be asked for the number tied to one key.",
+        f"What is the special number for {key}? Answer with the number only.",
+        f"The special number for {key} is",
     )
-    question = f"What is the special number for {key}? Answer with the number only."
-    cue = f"The special number for {key} is"
-    units = _Units(ProseGenerator(derive_seed(seed, "prose")).sentences())
-    prompt, user_text, context, n, k = _needle_task(
-        instruction, question, cue, units, needles, _join_prose, count, target
-    )
-    meta = {
-        "depth": d,
-        "key": key,
-        "distractors": [
-            {"key": kk, "value": vv, "depth": dd} for kk, vv, dd in zip(keys[1:], values[1:], depths[1:], strict=True)
-        ],
-        "filler_units": k,
-    }
-    return _Built(prompt, user_text, context, question, cue, [values[0]], n, metadata=meta)
+    facts = list(zip(keys, values, strict=True))
+    return _prose_retrieval(rng, seed, count, target, d, facts, _KEY_SENTENCE.format, text, ("key", "value"))
 
 
 def _uuidish(rng: random.Random) -> str:
@@ -436,42 +462,31 @@ def _variable_tracking(
     return _Built(prompt, user_text, context, question, cue, list(names), n, metric="contains_all", metadata=meta)
 
 
+_BIRTHPLACE_TEMPLATES = (
+    "{0} was born in the village of {1}, far up the coast, and still spoke of it fondly.",
+    "Few people knew that {0} had been born in the village of {1}.",
+    "{0}, who was born in the village of {1}, had come to the town as a child.",
+)
+
+
 def _prose_fact(target: int, seed: int, count: TokenCounter, depth: float | None, n_distractors: int = 3) -> _Built:
     rng = random.Random(seed)
     d = _depth(rng, depth)
     people = rng.sample(RESIDENTS, 1 + n_distractors)
-    towns: list[str] = []
-    while len(towns) < len(people):
-        t = invented_name(rng)
-        if t not in towns:
-            towns.append(t)
-    depths = [d] + [rng.uniform(0.05, 0.95) for _ in people[1:]]
-    templates = (
-        "{p} was born in the village of {t}, far up the coast, and still spoke of it fondly.",
-        "Few people knew that {p} had been born in the village of {t}.",
-        "{p}, who was born in the village of {t}, had come to the town as a child.",
-    )
-    needles = [(dd, rng.choice(templates).format(p=p, t=t)) for dd, p, t in zip(depths, people, towns, strict=True)]
+    towns = _distinct(lambda: invented_name(rng), len(people))
     name = people[0]
-    instruction = (
+    text = (
         "Read the following chronicle of a small coastal town. Afterwards you will be asked a question "
-        "about one of the people in it."
+        "about one of the people in it.",
+        f"In which village was {name} born? Answer with the name of the village only.",
+        f"{name} was born in the village of",
     )
-    question = f"In which village was {name} born? Answer with the name of the village only."
-    cue = f"{name} was born in the village of"
-    units = _Units(ProseGenerator(derive_seed(seed, "prose")).sentences())
-    prompt, user_text, context, n, k = _needle_task(
-        instruction, question, cue, units, needles, _join_prose, count, target
-    )
-    meta = {
-        "depth": d,
-        "person": name,
-        "distractors": [
-            {"person": p, "village": t, "depth": dd} for p, t, dd in zip(people[1:], towns[1:], depths[1:], strict=True)
-        ],
-        "filler_units": k,
-    }
-    return _Built(prompt, user_text, context, question, cue, [towns[0]], n, metadata=meta)
+    facts = list(zip(people, towns, strict=True))
+
+    def sentence(person: str, village: str) -> str:
+        return rng.choice(_BIRTHPLACE_TEMPLATES).format(person, village)
+
+    return _prose_retrieval(rng, seed, count, target, d, facts, sentence, text, ("person", "village"))
 
 
 MAX_NEW_TOKENS: dict[str, int] = {

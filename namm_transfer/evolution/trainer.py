@@ -33,6 +33,7 @@ import torch
 from ..checkpoint import save_namm
 from ..namm import NAMM, NAMMConfig
 from ..policies.namm_policy import NAMMPolicy
+from ..results import atomic_write_text
 from ..session import attach
 from .fitness import EncodedPrompt, FitnessConfig, FitnessEvaluator, GenerationResult
 
@@ -74,12 +75,6 @@ class EvolutionConfig:
 
 def _mean_hash(mean: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(mean, dtype=np.float64).tobytes()).hexdigest()[:16]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -146,7 +141,7 @@ class Evolution:
                 )
             return stored
         if self.is_writer:
-            _atomic_write_text(path, json.dumps({"config": config.to_dict()}, indent=2))
+            atomic_write_text(path, json.dumps({"config": config.to_dict()}, indent=2))
         return config
 
     def _init_normalization_and_mean(self, init: NAMM | None) -> None:
@@ -219,7 +214,7 @@ class Evolution:
             except json.JSONDecodeError:
                 if i == len(lines) - 1:  # killed while writing the last line: that generation is redone
                     logger.warning("ignoring a truncated last line in %s", self.log_path)
-                    _atomic_write_text(self.log_path, "".join(ln + "\n" for ln in lines[:-1]))
+                    atomic_write_text(self.log_path, "".join(ln + "\n" for ln in lines[:-1]))
                     break
                 raise ValueError(f"{self.log_path} line {i + 1} is corrupt; cannot resume") from None
         return rows
