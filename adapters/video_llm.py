@@ -25,6 +25,13 @@ How a video question runs:
 >>> res = sess.answer(frames, "What colour was the shape?", max_new_tokens=16)        # doctest: +SKIP
 >>> res.text, res.record.retained_video(), res.record.frame_kept_fraction()           # doctest: +SKIP
 
+Other video LLMs in the same mould (a ``model.model`` with ``get_video_features``,
+``get_placeholder_mask`` and ``language_model``, plus ``lm_head``) join by declaring, as class
+attributes, ``video_llm_family`` (a family name), ``video_prompt_formats`` ((video first, question
+first) formats with ``{video}`` and ``{question}``) and optionally ``trailing_video_tokens`` (video
+placeholders after the last frame, default 0); the project's own model
+(:mod:`namm_transfer.evals.video_qa.model`) does.
+
 Token positions: for one unpadded sequence the engine's position of a token is its index in the
 prompt (generated tokens follow at ``prompt_len + i``), which is how kept positions are mapped
 back to modalities and frames. Generated tokens count as text.
@@ -91,7 +98,16 @@ _IMAGE_ONLY_HOSTS = (
 _INNER_LMS = {"LlamaModel": "llama", "Qwen2Model": "qwen2", "MistralModel": "mistral", **SUPPORTED_DECODER_LMS}
 """Language models a supported video LLM may wrap: base models (transformers 5) or causal LMs (4.x)."""
 
-_SUPPORTED_LIST = ", ".join(SUPPORTED_VIDEO_LLMS)
+_SUPPORTED_LIST = ", ".join(SUPPORTED_VIDEO_LLMS) + " and NammVideoLlavaForConditionalGeneration (the project's own)"
+
+
+def _declared_family(model: Any) -> str | None:
+    """The family a host class declares (``video_llm_family`` with ``video_prompt_formats``), else None."""
+    fam = getattr(type(model), "video_llm_family", None)
+    formats = getattr(type(model), "video_prompt_formats", None)
+    if isinstance(fam, str) and isinstance(formats, tuple) and len(formats) == 2:
+        return fam
+    return None
 
 
 def video_family(model: Any) -> str:
@@ -99,6 +115,9 @@ def video_family(model: Any) -> str:
     cls = type(model).__name__
     if cls in SUPPORTED_VIDEO_LLMS:
         return SUPPORTED_VIDEO_LLMS[cls]
+    declared = _declared_family(model)
+    if declared is not None:
+        return declared
     if cls in _MROPE_HOSTS:
         raise TypeError(
             f"{cls} is not supported: it positions tokens with 3-D multimodal rotary embeddings (M-RoPE: time, "
@@ -237,7 +256,7 @@ def format_prompt(
             content.reverse()
         conv = [{"role": "user", "content": content}]
         return processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-    fmt = _FORMATS[fam][0 if video_first else 1]
+    fmt = (_FORMATS.get(fam) or type(model).video_prompt_formats)[0 if video_first else 1]
     return fmt.format(video=_video_token(processor), question=question)
 
 
@@ -255,12 +274,20 @@ def merged_video_embeddings(model: Any, input_ids: Tensor, pixel_values_videos: 
     fam = video_family(model)
     core = _multimodal_core(model)
     embeds = model.get_input_embeddings()(input_ids)
-    out = core.get_video_features(pixel_values_videos=pixel_values_videos, return_dict=True)
+    # positional: the argument is `pixel_values_videos` in transformers 5.2x but `pixel_values` in 5.17 for
+    # LLaVA-NeXT-Video and LLaVA-OneVision
+    out = core.get_video_features(pixel_values_videos, return_dict=True)
     feats = out.pooler_output if hasattr(out, "pooler_output") else out
     if isinstance(feats, (list, tuple)):
         feats = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in feats])
     hidden = embeds.shape[-1]
     b = pixel_values_videos.shape[0]
+    if fam == "llava-onevision" and feats.dim() == 3:
+        # OneVision's trailing image_newline: transformers 5.2x appends it in get_video_features, 5.17 in forward
+        n_placeholders = int((input_ids == model.config.video_token_id).sum())
+        if n_placeholders == feats.shape[0] * (feats.shape[1] + 1):
+            newline = core.image_newline[None, None, :].expand(feats.shape[0], 1, -1).to(feats)
+            feats = torch.cat((feats, newline), dim=1)
     feats = feats.to(embeds.device, embeds.dtype)
     flat = feats.reshape(-1, hidden)
     if hasattr(core, "get_placeholder_mask"):
@@ -341,7 +368,7 @@ def build_inputs(
         raise ValueError(f"the processor made {n_frames} frames out of {arr.shape[0]}; disable its frame sampling")
     embeds, feats = merged_video_embeddings(model, input_ids, pixel)
     per_video = feats.shape[1]
-    extra = _TRAILING_VIDEO_TOKENS[fam]
+    extra = _TRAILING_VIDEO_TOKENS.get(fam, int(getattr(type(model), "trailing_video_tokens", 0)))
     tpf, rem = divmod(per_video - extra, n_frames)
     if rem or tpf < 1:
         raise ValueError(f"{per_video} video features do not split into {n_frames} frames (+{extra})")

@@ -11,7 +11,11 @@ module on first use.
 - :mod:`.run`: ``namm-transfer eval --target video-llava`` (``add_arguments``, ``main``) and its
   helpers: ``load_video_llm``, ``find_annotations``, ``load_samples``, ``synthetic_benchmark``,
   ``peak_cache_mb``, ``token_kept_fractions``, ``plot_kept_frames``, and the tiny random models of
-  mechanics-only runs (``tiny_video_llm``, ``make_tiny_model``, ``is_mechanics_only``).
+  mechanics-only runs (``tiny_video_llm``, ``make_tiny_model``, ``is_mechanics_only``);
+- :mod:`.model` / :mod:`.processor`: the project's own small video model (timm ViT + projector +
+  frozen SmolLM2; ``NammVideoLlavaForConditionalGeneration``, ``NammVideoLlavaProcessor``,
+  ``load_video_model``); :mod:`.train` (``train_video_model``, ``ship_video_model``; with
+  :mod:`.train_data` and :mod:`.train_card`) and :mod:`.cli_train` (``namm-transfer video train``).
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ _LAZY = {
     "synthetic_benchmark": "run",
     "tiny_video_llm": "run",
     "token_kept_fractions": "run",
+    "NammVideoLlavaConfig": "model",
+    "NammVideoLlavaForConditionalGeneration": "model",
+    "load_video_model": "model",
+    "NammVideoLlavaProcessor": "processor",
+    "VideoTrainConfig": "train",
+    "ship_video_model": "train",
+    "train_video_model": "train",
 }
 
 __all__ = list(_LAZY)

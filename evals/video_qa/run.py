@@ -6,12 +6,17 @@
         --bench longvideobench|mlvu|videomme|synthetic --data-dir DIR [--frames N] \\
         [--policies full,namm,h2o,l2,streaming,random] [--update-interval 256] [--max-new-tokens 32]
 
+Without ``--model`` the model is the project's own small video LLM (:data:`DEFAULT_MODEL`, shipped in
+``namm_transfer/weights/video/``; a SmolLM2-135M behind a small ViT, made by ``namm-transfer video train``)
+on the synthetic benchmark's held-out split, so the default runs offline.
+
 What one sample does:
 
 1. ``--frames N`` frames are read, uniformly sampled (:func:`~.video_io.read_frames`, ``--frame-sampling``
    ``center``: the centre frame of each of N equal segments; ``linspace``: first to last frame). N is
    recorded in the settings and in every record (default: 8 for Video-LLaVA, its training setting;
-   32 for LLaVA-NeXT-Video and LLaVA-OneVision, their reference video evaluations).
+   32 for LLaVA-NeXT-Video and LLaVA-OneVision, their reference video evaluations, and for the project's
+   own model, its training setting).
 2. The prompt is the benchmark's reference text (:func:`~.benchmarks.build_prompt`: LongVideoBench and
    Video-MME list "A. ..." options and end "Answer with the option's letter from the given choices
    directly."; MLVU ends "Best option: ("), wrapped in the model's own chat format with the video
@@ -108,7 +113,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 __all__ = [
     "BENCHES",
@@ -137,9 +142,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BENCHES = ("synthetic", "longvideobench", "mlvu", "videomme")
-DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
-"""The target's model when ``--model`` is not given (Video-LLaVA 7B, transformers' port)."""
-DEFAULT_FRAMES = {"video-llava": 8, "llava-next-video": 32, "llava-onevision": 32}
+DEFAULT_MODEL = "smollm2-135m-video"
+"""The target's model when ``--model`` is not given: the project's own small video model (a ViT and a
+projector trained by ``namm-transfer video train`` around the frozen SmolLM2-135M), shipped in
+``namm_transfer/weights/video/<name>/`` (:mod:`.model`). A hub id such as ``LanguageBind/Video-LLaVA-7B-hf``
+selects a released model instead."""
+DEFAULT_FRAMES = {"video-llava": 8, "llava-next-video": 32, "llava-onevision": 32, "namm-video-llava": 32}
 """Frames per video by family when ``--frames`` is not given (always recorded in the settings)."""
 MODEL_CLASSES = {
     "video_llava": "VideoLlavaForConditionalGeneration",
@@ -151,7 +159,26 @@ TINY_MARKER = "namm_transfer_tiny.json"
 """A file in a model folder that marks it as a tiny random model (runs are then ``mechanics_only``)."""
 TINY_HIDDEN = 256
 """Language models narrower than this are taken for tiny random models."""
-SYNTHETIC_DEFAULTS = {"n_videos": 50, "frames_per_video": 64, "size": 64, "fps": 4, "seed": 0, "split": "test"}
+
+
+class _SyntheticDefaults(TypedDict):
+    n_videos: int
+    frames_per_video: int
+    size: int
+    fps: int
+    seed: int
+    split: str
+
+
+SYNTHETIC_DEFAULTS: _SyntheticDefaults = {
+    "n_videos": 50,
+    "frames_per_video": 64,
+    "size": 64,
+    "fps": 4,
+    "seed": 0,
+    "split": "test",
+}
+"""The synthetic benchmark the target generates when ``--bench synthetic`` is given no annotations."""
 
 _PROMPT_BENCH = {
     "synthetic": "longvideobench",
@@ -187,8 +214,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The target's options (the common ones, --model, --policies, --namm, ..., come from the CLI)."""
     g = parser.add_argument_group(
         "video-llava",
-        f"default model: {DEFAULT_MODEL}; --model tiny (or tiny:llava-next-video, tiny:llava-onevision) builds a "
-        "tiny random model for a mechanics-only smoke run without the hub",
+        f"default model: {DEFAULT_MODEL}, the project's own video model shipped with the package (made by "
+        "`namm-transfer video train --ship NAME`; --model NAME picks another shipped one); a hub id such as "
+        "LanguageBind/Video-LLaVA-7B-hf or a save_pretrained folder selects another model; --model tiny (or "
+        "tiny:llava-next-video, tiny:llava-onevision) builds a tiny random model for a mechanics-only smoke run",
     )
     g.add_argument(
         "--bench",
@@ -420,10 +449,11 @@ def tiny_video_llm(family: str = "video-llava", tokenizer: Any = None, seed: int
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(TINY_FAMILIES)}")
     tok = tokenizer if tokenizer is not None else byte_level_tokenizer()
     torch.manual_seed(seed)
-    ids = dict(
+    # keyword bags shared by the families' config and processor classes (heterogeneous values)
+    ids: dict[str, Any] = dict(
         image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>")
     )
-    text = dict(
+    text: dict[str, Any] = dict(
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=96,
@@ -436,18 +466,21 @@ def tiny_video_llm(family: str = "video-llava", tokenizer: Any = None, seed: int
         pad_token_id=0,
         initializer_range=0.05,
     )
-    vision = dict(
+    vision: dict[str, Any] = dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )
-    square = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    square: dict[str, Any] = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model: tf.PreTrainedModel
+    proc: tf.ProcessorMixin
     if family == "llava-next-video":
-        cfg = tf.LlavaNextVideoConfig(
-            vision_config=tf.CLIPVisionConfig(**vision),
-            text_config=tf.LlamaConfig(**text),
-            image_grid_pinpoints=_TINY_PINPOINTS,
-            **ids,
+        model = tf.LlavaNextVideoForConditionalGeneration(
+            tf.LlavaNextVideoConfig(
+                vision_config=tf.CLIPVisionConfig(**vision),
+                text_config=tf.LlamaConfig(**text),
+                image_grid_pinpoints=_TINY_PINPOINTS,
+                **ids,
+            )
         )
-        model = tf.LlavaNextVideoForConditionalGeneration(cfg)
         proc = tf.LlavaNextVideoProcessor(
             video_processor=tf.LlavaNextVideoVideoProcessor(**square),
             image_processor=tf.LlavaNextImageProcessor(**square, image_grid_pinpoints=_TINY_PINPOINTS),
@@ -456,10 +489,9 @@ def tiny_video_llm(family: str = "video-llava", tokenizer: Any = None, seed: int
             vision_feature_select_strategy="default",
         )
     elif family == "video-llava":
-        cfg = tf.VideoLlavaConfig(
-            vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text), **ids
+        model = tf.VideoLlavaForConditionalGeneration(
+            tf.VideoLlavaConfig(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text), **ids)
         )
-        model = tf.VideoLlavaForConditionalGeneration(cfg)
         proc = tf.VideoLlavaProcessor(
             video_processor=tf.VideoLlavaVideoProcessor(**square),
             image_processor=tf.VideoLlavaImageProcessor(**square),
@@ -467,13 +499,14 @@ def tiny_video_llm(family: str = "video-llava", tokenizer: Any = None, seed: int
             patch_size=8,
         )
     else:
-        cfg = tf.LlavaOnevisionConfig(
-            vision_config=tf.SiglipVisionConfig(**vision),
-            text_config=tf.Qwen2Config(**text),
-            image_grid_pinpoints=_TINY_PINPOINTS,
-            **ids,
+        model = tf.LlavaOnevisionForConditionalGeneration(
+            tf.LlavaOnevisionConfig(
+                vision_config=tf.SiglipVisionConfig(**vision),
+                text_config=tf.Qwen2Config(**text),
+                image_grid_pinpoints=_TINY_PINPOINTS,
+                **ids,
+            )
         )
-        model = tf.LlavaOnevisionForConditionalGeneration(cfg)
         proc = tf.LlavaOnevisionProcessor(
             video_processor=tf.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}),
             image_processor=tf.LlavaOnevisionImageProcessor(
@@ -499,9 +532,22 @@ def make_tiny_model(folder: str | os.PathLike[str], family: str = "video-llava",
 
 
 def _resolve_model(name: str) -> str:
-    """``tiny`` / ``tiny:<family>`` -> a tiny model folder in the cache (made on first use); else unchanged."""
+    """The folder or hub id behind ``--model``.
+
+    ``tiny`` / ``tiny:<family>``: a tiny model folder in the cache (made on first use). An existing
+    folder or a hub id (``owner/name``): unchanged. Otherwise (``NAME`` or ``shipped:NAME``) a video
+    model shipped in ``namm_transfer/weights/video/NAME/``; when it is not there the error names the
+    command that creates it.
+    """
     if name != "tiny" and not name.startswith("tiny:"):
-        return name
+        if Path(name).expanduser().is_dir() or ("/" in name and not name.startswith("shipped:")):
+            return name
+        from .model import resolve_shipped
+
+        try:
+            return str(resolve_shipped(name))
+        except FileNotFoundError as err:
+            raise _UsageError(str(err)) from err
     family = name.split(":", 1)[1] if ":" in name else "video-llava"
     if family not in TINY_FAMILIES:
         raise _UsageError(f"--model {name}: unknown family {family!r}; expected one of {', '.join(TINY_FAMILIES)}")
@@ -526,10 +572,18 @@ def load_video_llm(name_or_path: str, device: str = "cpu", dtype: str | None = N
     """``(model, processor)`` of a supported video LLM from a hub id or a ``save_pretrained`` folder.
 
     The class follows ``config.model_type`` (:data:`MODEL_CLASSES`); the processor is ``AutoProcessor``.
+    A folder of the project's own video model (:func:`.model.is_video_model_folder`) loads with
+    :func:`.model.load_video_model` (its language model through the offline route).
     ``dtype`` defaults to bfloat16 on CUDA and float32 on the CPU. Attention is ``sdpa`` (the engine
     computes the attention rows a policy needs itself). Raises ``ValueError`` for a config that
     cannot be read or a model type other than those of :data:`MODEL_CLASSES`.
     """
+    if Path(name_or_path).expanduser().is_dir():
+        from .model import is_video_model_folder, load_video_model
+
+        if is_video_model_folder(name_or_path):
+            return load_video_model(name_or_path, device=device, dtype=dtype)
+
     import torch
     import transformers
     from transformers import AutoConfig, AutoProcessor
@@ -650,7 +704,7 @@ def _eos_ids(model: Any, processor: Any) -> set[int]:
 
 
 def _finite_list(values: Any, digits: int = 4) -> list[Any]:
-    out = []
+    out: list[Any] = []
     for v in values:
         if isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) > 0:
             out.append(_finite_list(v, digits))
@@ -824,9 +878,9 @@ class _Evaluator:
         if replays and "namm" not in todo:  # resumed: NAMM ran on this sample before
             done = _find_record(writer, f"namm/{sample.id}")
             if done is None or "kept_counts" not in done:
-                err = RuntimeError(f"NAMM's record for {sample.id} has no kept counts to replay")
+                missing = RuntimeError(f"NAMM's record for {sample.id} has no kept counts to replay")
                 for name in todo:
-                    writer.add(_failure_record(name, sample, args.frames, err))
+                    writer.add(_failure_record(name, sample, args.frames, missing))
                 return
             replay = _replay_record(done["kept_counts"])
         for name in todo:
@@ -907,7 +961,9 @@ def _run(args: argparse.Namespace) -> int:
             "the baselines replay NAMM's cache lengths (--budget namm), so --policies must include namm; "
             "or give a fixed budget such as --budget 0.25"
         )
-    # data first: a bad annotation file fails before any model is loaded
+    model_name = args.model or DEFAULT_MODEL
+    model_path = _resolve_model(model_name)  # a missing shipped model fails before any data is made
+    # data next: a bad annotation file fails before any model is loaded
     if args.bench == "synthetic":
         annotations = (
             Path(args.annotations)
@@ -946,8 +1002,6 @@ def _run(args: argparse.Namespace) -> int:
         raise _UsageError(f"unknown policies {', '.join(unknown)}; registered: {', '.join(list_policies())}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
-    model_name = args.model or DEFAULT_MODEL
-    model_path = _resolve_model(model_name)
     model, processor = load_video_llm(model_path, device=device, dtype=args.dtype)
     family = video_family(model)
     if args.frames is None:
@@ -1115,7 +1169,7 @@ def plot_kept_frames(
     """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure, SubFigure
 
     recs = [r for r in records if r.get("policy") == policy and r.get("frame_kept_updates") is not None]
     recs = sorted((r for r in recs if not r.get("error")), key=lambda r: not r.get("token_kept_end"))[:max_samples]
@@ -1145,7 +1199,9 @@ def plot_kept_frames(
     ratios = [1.4] + ([0.7] if frames is not None else []) + ([1.1] if patch is not None else [])
     fig = Figure(figsize=(max(10.0, 3.2 * len(recs)), sum(ratios) * 3.0), layout="constrained")
     FigureCanvasAgg(fig)
-    subs = list(fig.subfigures(len(ratios), 1, height_ratios=ratios)) if len(ratios) > 1 else [fig]
+    subs: list[Figure | SubFigure] = [fig]
+    if len(ratios) > 1:  # one column of sub-figures (squeeze=False: always a 2-D array)
+        subs = list(fig.subfigures(len(ratios), 1, squeeze=False, height_ratios=ratios)[:, 0])
     axes = subs[0].subplots(1, len(recs), squeeze=False)[0]
     image = None
     for ax, rec in zip(axes, recs, strict=True):

@@ -362,6 +362,14 @@ def make_video_item(
     return record, frames
 
 
+def _write_item(job: tuple[int, str, int, dict[str, Any], str]) -> dict[str, Any]:
+    """Make one item and write its mp4 (a process-pool job of :func:`generate_benchmark`); returns the record."""
+    index, category, answer_pos, common, video_dir = job
+    record, frames = make_video_item(index, category, answer_pos, **common)
+    write_mp4(Path(video_dir) / record["video_path"], frames, fps=int(common["fps"]))
+    return record
+
+
 def generate_benchmark(
     out_dir: str | os.PathLike[str],
     n_videos: int,
@@ -374,6 +382,7 @@ def generate_benchmark(
     event_span: int = 2,
     noise_std: float = 2.0,
     categories: tuple[str, ...] = CATEGORIES,
+    workers: int = 1,
 ) -> Path:
     """Write ``n_videos`` videos and their LongVideoBench-style json; return the json's path.
 
@@ -389,6 +398,7 @@ def generate_benchmark(
         event_span: consecutive frames each event is shown for.
         noise_std: std of the per-pixel Gaussian noise.
         categories: question categories to cycle through (a subset of :data:`CATEGORIES`).
+        workers: processes that render and encode videos (the output does not depend on it).
     """
     import time
 
@@ -416,23 +426,25 @@ def generate_benchmark(
     video_dir.mkdir(parents=True, exist_ok=True)
     perm = [int(v) for v in _rng(seed, SPLITS[split], 2**31).permutation(N_OPTIONS)]
     t0 = time.perf_counter()
-    records = []
-    for i in range(n_videos):
-        category = categories[i % len(categories)]
-        record, frames = make_video_item(
-            i,
-            category,
-            perm[i % N_OPTIONS],
-            seed=seed,
-            split=split,
-            frames_per_video=frames_per_video,
-            size=size,
-            fps=fps,
-            event_span=event_span,
-            noise_std=noise_std,
-        )
-        write_mp4(video_dir / record["video_path"], frames, fps=fps)
-        records.append(record)
+    common = dict(
+        seed=seed,
+        split=split,
+        frames_per_video=frames_per_video,
+        size=size,
+        fps=fps,
+        event_span=event_span,
+        noise_std=noise_std,
+    )
+    jobs = [(i, categories[i % len(categories)], perm[i % N_OPTIONS], common, str(video_dir)) for i in range(n_videos)]
+    if workers > 1 and n_videos > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, n_videos), mp_context=ctx) as pool:
+            records = list(pool.map(_write_item, jobs, chunksize=max(1, n_videos // (8 * workers))))
+    else:
+        records = [_write_item(job) for job in jobs]
     json_path = out / f"synthetic_{split}.json"
     json_path.write_text(json.dumps(records, indent=1) + "\n")
     logger.info(

@@ -1,0 +1,706 @@
+"""Training of the project's video model (:mod:`.model`): the vision tower and projector learn, SmolLM2 stays frozen.
+
+Data: the synthetic benchmark (:mod:`.synthetic`), its ``train`` split for training and its ``val``
+split for monitoring (the ``test`` split stays held out for ``namm-transfer eval``), generated on
+first use into ``<cache>/video_qa/synthetic-<split>-n<N>-f<frames>-s<size>-seed<seed>/`` (the same
+folders the eval uses), then decoded once, ``frames`` uniformly sampled frames per video (the
+eval's ``center`` rule), into ``frames-<F>-center.npy`` next to the annotations.
+
+One step: ``batch_size`` questions drawn with replacement; each question's options are shuffled (a
+new correct letter; ``shuffle_options``); the prompt is exactly the eval's (LongVideoBench text in
+the model's chat format, video first) followed by the answer letter and the end-of-turn token; the
+loss is the cross-entropy of those two tokens only (one forward, the head applied at those
+positions). ``acc`` is how often the letter is the argmax over the whole vocabulary (what greedy
+decoding would answer), ``acc4`` the argmax over the option letters. AdamW on the vision tower and
+projector, linear warmup then cosine decay to 10%, gradient clipping.
+
+Output folder (``--output``, default ``runs/video/<preset>``)::
+
+    train_log.jsonl          one JSON object per line: start (config, data), steps, evals, end
+    training_curve.png       loss and accuracy over steps (matplotlib; skipped without it)
+    checkpoints/step-NNNNNNN/  model.safetensors (vision + projector), optimizer.pt (AdamW state,
+                             read back with torch.load(weights_only=True)), trainer_state.json
+                             (step, config, scheduler, numpy and torch RNG states)
+    model/                   the final model: config.json, model.safetensors, processor_config.json,
+                             README.md (card generated from the log)
+
+A run resumes from its newest checkpoint when started again with the same settings (a checkpoint of
+other settings is an error); ``time_budget_s`` ends a run early with a checkpoint and a final
+model. :func:`ship_video_model` copies ``model/``, the log and the curve to
+``namm_transfer/weights/video/<name>/``, where ``namm-transfer eval --target video-llava`` finds it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .train_data import QuestionBatcher, batch_metrics, evaluate, load_split, shuffle_options
+
+__all__ = [
+    "IDENTITY_FIELDS",
+    "PRESETS",
+    "VideoTrainConfig",
+    "VideoTrainResult",
+    "latest_checkpoint",
+    "load_split",
+    "ship_video_model",
+    "train_video_model",
+]
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "train_log.jsonl"
+CURVE_FILE = "training_curve.png"
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+CARD_FILE = "README.md"
+_CKPT_RE = re.compile(r"^step-(\d{7})$")
+
+
+@dataclass
+class VideoTrainConfig:
+    """Settings of one training run (the defaults are the ``device`` preset's model; see :data:`PRESETS`)."""
+
+    preset: str = "custom"
+    # data
+    train_videos: int = 6000
+    """Questions (one per video) of the synthetic train split."""
+    val_videos: int = 100
+    """Questions of the synthetic val split, evaluated every ``eval_every`` steps and at the end."""
+    video_frames: int = 64
+    """Frames per generated video (the eval's synthetic default is 64)."""
+    video_size: int = 64
+    """Generated frame size in pixels (the eval's synthetic default is 64)."""
+    frames: int = 32
+    """Frames sampled per video for the model (uniform, segment centres, as the eval)."""
+    data_seed: int = 0
+    shuffle_options: bool = True
+    # model
+    vision_model: str = "vit_tiny_patch16_224"
+    image_size: int = 64
+    patch_size: int = 8
+    vision_embed_dim: int = 192
+    vision_depth: int = 6
+    vision_heads: int = 3
+    tokens_per_frame: int = 16
+    text_model: str = "smollm2-135m"
+    video_token_id: int = 16
+    # optimization
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    # machine (not part of a run's identity)
+    device: str = "cpu"
+    dtype: str = "float32"
+    """The frozen language model's dtype; with bfloat16 the vision part runs under autocast."""
+    gradient_checkpointing: bool = False
+    threads: int | None = None
+    workers: int = 1
+    """Processes that generate and decode the data."""
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    """Steps between val evaluations (0: at the end only)."""
+    time_budget_s: float | None = None
+    """Stop after the step that passes this many seconds of training (then checkpoint and finish)."""
+
+    def __post_init__(self) -> None:
+        for name in ("train_videos", "val_videos", "video_frames", "frames", "steps", "batch_size", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.warmup < 0 or self.eval_every < 0:
+            raise ValueError("checkpoint_every and keep_checkpoints must be >= 1, warmup and eval_every >= 0")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ValueError("lr and grad_clip must be > 0")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.frames > self.video_frames:
+            raise ValueError(f"frames {self.frames} exceeds the video's {self.video_frames} frames")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VideoTrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def model_config(self, text_config: Any) -> Any:
+        from .model import NammVideoLlavaConfig
+
+        return NammVideoLlavaConfig(
+            vision_model=self.vision_model,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            vision_embed_dim=self.vision_embed_dim,
+            vision_depth=self.vision_depth,
+            vision_heads=self.vision_heads,
+            tokens_per_frame=self.tokens_per_frame,
+            text_config=text_config.to_dict(),
+            text_model=self.text_model,
+            video_token_id=self.video_token_id,
+        )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-small": dict(
+        train_videos=200,
+        val_videos=20,
+        video_frames=16,
+        video_size=32,
+        frames=8,
+        image_size=32,
+        patch_size=8,
+        vision_embed_dim=96,
+        vision_depth=2,
+        vision_heads=3,
+        tokens_per_frame=16,
+        steps=60,
+        batch_size=2,
+        lr=1e-3,
+        warmup=10,
+        log_every=5,
+        checkpoint_every=20,
+        eval_every=0,
+        device="cpu",
+        dtype="float32",
+        threads=1,
+    ),
+    "device": dict(
+        train_videos=6000,
+        val_videos=100,
+        video_frames=64,
+        video_size=64,
+        frames=32,
+        image_size=64,
+        patch_size=8,
+        vision_embed_dim=192,
+        vision_depth=6,
+        vision_heads=3,
+        tokens_per_frame=16,
+        steps=1500,
+        batch_size=16,
+        lr=1e-3,
+        warmup=100,
+        log_every=10,
+        checkpoint_every=250,
+        eval_every=250,
+        device="cuda",
+        dtype="bfloat16",
+        workers=16,
+    ),
+}
+"""``cpu-small``: 8 frames of 32 pixels, a 2-layer ViT, 60 steps of 2 questions (minutes on one core);
+``device``: the shipped model (32 frames of 64 pixels, a 6-layer ViT of width 192, 1,500 steps of 16
+questions, bfloat16 on a GPU)."""
+
+IDENTITY_FIELDS = (
+    "train_videos",
+    "video_frames",
+    "video_size",
+    "frames",
+    "data_seed",
+    "shuffle_options",
+    "vision_model",
+    "image_size",
+    "patch_size",
+    "vision_embed_dim",
+    "vision_depth",
+    "vision_heads",
+    "tokens_per_frame",
+    "text_model",
+    "video_token_id",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "grad_clip",
+    "seed",
+    "dtype",
+)
+"""A checkpoint is resumed only by a run that agrees on these (``steps`` may grow)."""
+
+
+@dataclass
+class VideoTrainResult:
+    """What :func:`train_video_model` did."""
+
+    output: Path
+    step: int
+    finished: bool
+    """False when stopped by ``stop_at`` (the folder then holds a checkpoint to resume from)."""
+    losses: list[float]
+    """Loss of every step run in this call."""
+    val: dict[str, Any] | None = None
+    model_dir: Path | None = None
+    seconds_per_step: float | None = None
+    resumed_from: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one step
+def _autocast_factory(cfg: VideoTrainConfig, device: Any) -> Callable[[], Any]:
+    import contextlib
+
+    import torch
+
+    if cfg.dtype == "float32":
+        return contextlib.nullcontext
+    dt = getattr(torch, cfg.dtype)
+    return lambda: torch.autocast(device_type=device.type, dtype=dt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+def _checkpoint_dirs(output: Path) -> list[tuple[int, Path]]:
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint folder under ``output/checkpoints`` (None if there is none)."""
+    dirs = _checkpoint_dirs(Path(output))
+    return dirs[-1][1] if dirs else None
+
+
+def _b64(t: Any) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> Any:
+    import torch
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def _save_checkpoint(
+    output: Path,
+    step: int,
+    model: Any,
+    opt: Any,
+    sched: Any,
+    rng: np.random.Generator,
+    cfg: VideoTrainConfig,
+    extra: dict[str, Any],
+) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from namm_transfer.results import atomic_write_text
+
+    root = output / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
+    try:
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.trainable_state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        state = {
+            "format": "namm-transfer-video-checkpoint/1",
+            "step": step,
+            "config": cfg.to_dict(),
+            "scheduler": sched.state_dict(),
+            "numpy_rng": _jsonable(rng.bit_generator.state),
+            "torch_rng": _b64(torch.get_rng_state()),
+            "cuda_rng": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            **extra,
+        }
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in _checkpoint_dirs(output)[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(
+    path: Path, model: Any, opt: Any, sched: Any, rng: np.random.Generator, cfg: VideoTrainConfig
+) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    saved = VideoTrainConfig.from_dict(state.get("config") or {})
+    diffs = [
+        f"{k}: {getattr(saved, k)!r} != {getattr(cfg, k)!r}"
+        for k in IDENTITY_FIELDS
+        if getattr(saved, k) != getattr(cfg, k)
+    ]
+    if diffs:
+        raise ValueError(
+            f"checkpoint {path} belongs to another training run ({'; '.join(diffs)}); use another --output or "
+            "--restart to start afresh"
+        )
+    dev = next(model.model.multi_modal_projector.parameters()).device
+    weights = load_file(str(path / "model.safetensors"), device=str(dev))
+    missing = set(model.trainable_state_dict()) ^ set(weights)
+    if missing:
+        raise ValueError(f"checkpoint {path} does not fit the model: {sorted(missing)[:5]}")
+    model.load_state_dict(weights, strict=False)
+    opt.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
+    sched.load_state_dict(state["scheduler"])
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(_unb64(state["torch_rng"]))
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda_rng"]])
+    return dict(state)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# log
+def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Entries of a ``train_log.jsonl`` (a truncated last line is skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("ignoring a truncated line in %s", p)
+    return out
+
+
+def _append_log(path: Path, entry: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(_jsonable(dict(entry))) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    from namm_transfer.results import atomic_write_text
+
+    keep = [
+        e
+        for e in read_log(path)
+        if int(e.get("step", 0)) <= step and e.get("event") not in ("end", "time_budget") and not e.get("final")
+    ]
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in keep))
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+def _lr_lambda(cfg: VideoTrainConfig) -> Callable[[int], float]:
+    def f(s: int) -> float:
+        if s < cfg.warmup:
+            return (s + 1) / max(1, cfg.warmup)
+        frac = min(1.0, (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def _text_model_source(name: str) -> dict[str, Any] | None:
+    try:
+        from namm_transfer.models import SOURCE_RECORD, model_dir
+
+        rec = model_dir(name) / SOURCE_RECORD
+        return dict(json.loads(rec.read_text(encoding="utf-8"))) if rec.is_file() else None
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def train_video_model(
+    config: VideoTrainConfig,
+    output: str | os.PathLike[str],
+    *,
+    resume: bool = True,
+    stop_at: int | None = None,
+    language_model: Any = None,
+    tokenizer: Any = None,
+    data_folders: Mapping[str, str | os.PathLike[str]] | None = None,
+    progress: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+) -> VideoTrainResult:
+    """Train the vision tower and projector of a video model around a frozen language model.
+
+    Args:
+        config: the run's settings.
+        output: the run folder (see the module docstring); resumed when it holds a checkpoint of the
+            same run and ``resume`` is true (else its checkpoints and log are removed).
+        stop_at: stop once this step is reached, leaving a checkpoint and no final model.
+        language_model, tokenizer: the frozen causal LM and its tokenizer (default: ``config.text_model``
+            through :func:`namm_transfer.models.load_model` on ``config.device`` in ``config.dtype``).
+        data_folders: ``{"train": folder, "val": folder}`` instead of the cache folders.
+        on_step: called as ``on_step(step, loss)`` after every step.
+
+    Returns:
+        A :class:`VideoTrainResult`; when finished, ``output/model`` holds the model and its card.
+    """
+    import torch
+
+    from .model import NammVideoLlavaForConditionalGeneration
+    from .processor import NammVideoLlavaProcessor
+
+    cfg = config
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG_FILE
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = torch.device(cfg.device)
+    folders = dict(data_folders or {})
+    train_s, train_f = load_split(
+        "train",
+        cfg.train_videos,
+        cfg.video_frames,
+        cfg.video_size,
+        cfg.frames,
+        cfg.data_seed,
+        folder=folders.get("train"),
+        workers=cfg.workers,
+    )
+    val_s, val_f = load_split(
+        "val",
+        cfg.val_videos,
+        cfg.video_frames,
+        cfg.video_size,
+        cfg.frames,
+        cfg.data_seed,
+        folder=folders.get("val"),
+        workers=cfg.workers,
+    )
+
+    if language_model is None or tokenizer is None:
+        from namm_transfer.models import load_model
+
+        lm, tok = load_model(cfg.text_model, device=device, dtype=cfg.dtype)
+        language_model = language_model if language_model is not None else lm
+        tokenizer = tokenizer if tokenizer is not None else tok
+    language_model.requires_grad_(False)
+    language_model.eval()
+    torch.manual_seed(cfg.seed)
+    mcfg = cfg.model_config(language_model.config)
+    model = NammVideoLlavaForConditionalGeneration(mcfg, language_model)
+    model.model.vision_tower.to(device=device, dtype=torch.float32)
+    model.model.multi_modal_projector.to(device=device, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        language_model.gradient_checkpointing_enable()
+    processor = NammVideoLlavaProcessor.from_config(mcfg, tokenizer)
+    batcher = QuestionBatcher(model, processor)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    rng = np.random.default_rng(cfg.seed)
+    autocast = _autocast_factory(cfg, device)
+
+    step, elapsed, resumed_from = 0, 0.0, None
+    ckpt = latest_checkpoint(out) if resume else None
+    if not resume:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
+    if ckpt is not None:
+        state = _load_checkpoint(ckpt, model, opt, sched, rng, cfg)
+        step = resumed_from = int(state["step"])
+        elapsed = float(state.get("train_seconds", 0.0))
+        _truncate_log(log_path, step)
+        logger.info("resuming from %s (step %d)", ckpt, step)
+    elif log_path.exists():
+        log_path.unlink()
+    if step == 0:
+        _append_log(
+            log_path,
+            {
+                "step": 0,
+                "event": "start",
+                "time": _now(),
+                "config": cfg.to_dict(),
+                "model_config": {k: v for k, v in mcfg.to_dict().items() if k != "text_config"},
+                "trainable_parameters": sum(p.numel() for p in params),
+                "text_model_source": _text_model_source(cfg.text_model),
+                "data": {
+                    "train": {
+                        "n": len(train_s),
+                        "first": train_s[0].id,
+                        "annotations": str(train_s[0].video_path.parent.parent),
+                    },
+                    "val": {"n": len(val_s), "first": val_s[0].id},
+                },
+                "prompt_template": batcher.template,
+                "versions": _versions(),
+            },
+        )
+
+    target = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
+    losses: list[float] = []
+    window: dict[str, list[float]] = {"loss": [], "acc": [], "acc4": [], "tokens": []}
+    val: dict[str, Any] | None = None
+    budget_hit = False
+    bar = None
+    if progress and step < target:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="video train", unit="step", dynamic_ncols=True)
+    model.train()
+    language_model.eval()
+    t_last = time.perf_counter()
+    t_window = elapsed
+    try:
+        while step < target:
+            idx = rng.integers(0, len(train_s), size=cfg.batch_size)
+            batch_samples = [shuffle_options(train_s[i], rng) if cfg.shuffle_options else train_s[i] for i in idx]
+            batch = batcher.batch(batch_samples, [train_f[i] for i in idx])
+            lr = float(opt.param_groups[0]["lr"])
+            m = batch_metrics(model, batch, batcher.letter_ids, autocast)
+            opt.zero_grad(set_to_none=True)
+            m["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            value = float(m["loss"].detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the training loss became {value} at step {step}; lower the learning rate")
+            losses.append(value)
+            for k in window:
+                window[k].append(value if k == "loss" else float(m[k]))
+            if on_step is not None:
+                on_step(step, value)
+            if bar is not None:
+                bar.update(1)
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            budget_hit = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s and step < target
+            if step % cfg.log_every == 0 or step == target or budget_hit:
+                span = max(elapsed - t_window, 1e-9)
+                entry = {
+                    "step": step,
+                    "loss": float(np.mean(window["loss"])),
+                    "acc": float(np.mean(window["acc"])),
+                    "acc4": float(np.mean(window["acc4"])),
+                    "lr": lr,
+                    "seconds": round(elapsed, 2),
+                    "seconds_per_step": round(span / len(window["loss"]), 4),
+                    "tokens_per_s": round(sum(window["tokens"]) / span, 1),
+                }
+                _append_log(log_path, entry)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['acc']:.2f}")
+                window = {k: [] for k in window}
+                t_window = elapsed
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not budget_hit:
+                val = evaluate(model, batcher, val_s, val_f, cfg.batch_size, autocast)
+                _append_log(log_path, {"step": step, "event": "eval", **val})
+                logger.info("step %d: val accuracy %.3f", step, val["val_acc"])
+                t_last = time.perf_counter()
+            if step % cfg.checkpoint_every == 0 or step == target or budget_hit:
+                _save_checkpoint(out, step, model, opt, sched, rng, cfg, {"train_seconds": elapsed})
+                t_last = time.perf_counter()
+            if budget_hit:
+                _append_log(log_path, {"step": step, "event": "time_budget", "seconds": round(elapsed, 1)})
+                logger.warning("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+
+    sps = elapsed / step if step else None
+    if step < cfg.steps and not budget_hit:
+        return VideoTrainResult(out, step, False, losses, val, None, sps, resumed_from)
+
+    model.eval()
+    val = evaluate(model, batcher, val_s, val_f, cfg.batch_size, autocast)
+    _append_log(log_path, {"step": step, "event": "eval", "final": True, **val})
+    model_dir = model.save_pretrained(out / MODEL_DIR, processor=processor)
+    _append_log(log_path, {"step": step, "event": "end", "time": _now(), "seconds": round(elapsed, 1)})
+    from .train_card import write_card, write_curve
+
+    write_curve(log_path, out / CURVE_FILE)
+    write_card(model_dir, log_path)
+    logger.info("trained %d steps -> %s (val accuracy %.3f)", step, model_dir, val["val_acc"])
+    return VideoTrainResult(out, step, True, losses, val, model_dir, sps, resumed_from)
+
+
+def _versions() -> dict[str, Any]:
+    from namm_transfer.results import collect_versions
+
+    out = dict(collect_versions())
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shipping
+SHIP_FILES = ("config.json", "model.safetensors", "processor_config.json")
+
+
+def ship_video_model(run_dir: str | os.PathLike[str], name: str) -> Path:
+    """Copy a finished run's model, log and curve to ``namm_transfer/weights/video/<name>/``; write its card there."""
+    from .model import shipped_video_dir
+    from .train_card import write_card
+
+    run = Path(run_dir)
+    src = run / MODEL_DIR
+    missing = [f for f in SHIP_FILES if not (src / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{src} lacks {', '.join(missing)}: the run has not finished (train it to the end first)"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"--ship name {name!r}: use letters, digits, '.', '_' and '-'")
+    dest = shipped_video_dir() / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in SHIP_FILES:
+        shutil.copy2(src / f, dest / f)
+    shutil.copy2(run / LOG_FILE, dest / LOG_FILE)
+    if (run / CURVE_FILE).is_file():
+        shutil.copy2(run / CURVE_FILE, dest / CURVE_FILE)
+    write_card(dest, dest / LOG_FILE, name=name)
+    logger.info("shipped %s -> %s", src, dest)
+    return dest

@@ -1,0 +1,166 @@
+"""Card and curve of a video-model training run, generated from its ``train_log.jsonl`` (no number typed by hand)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_card", "write_curve"]
+
+_TEXT_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct, loaded through the offline route; "}
+
+
+def _read(log_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    from .train import read_log
+
+    return read_log(log_path)
+
+
+def write_curve(log_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path | None:
+    """Training loss, training and val accuracy over steps as a PNG; None without matplotlib or log entries."""
+    rows = _read(log_path)
+    steps = [r for r in rows if "loss" in r and "event" not in r]
+    if not steps:
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    evals = [r for r in rows if r.get("event") == "eval"]
+    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 2)
+    x = [r["step"] for r in steps]
+    ax[0].plot(x, [r["loss"] for r in steps], label="train (mean since last log)")
+    if evals:
+        ax[0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("answer cross-entropy")
+    ax[0].legend()
+    ax[1].plot(x, [100 * r["acc"] for r in steps], label="train (greedy letter)")
+    if evals:
+        ax[1].plot([r["step"] for r in evals], [100 * r["val_acc"] for r in evals], "o-", label="val (greedy letter)")
+    ax[1].axhline(25, color="grey", lw=0.8, ls="--", label="chance (4 options)")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("accuracy %")
+    ax[1].set_ylim(0, 100)
+    ax[1].legend()
+    path = Path(out)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str], name: str | None = None) -> Path:
+    """Write ``README.md`` into a model folder from its config.json and the run's log."""
+    folder = Path(folder)
+    rows = _read(log_path)
+    start = next((r for r in rows if r.get("event") == "start"), {})
+    end: dict[str, Any] = next((r for r in reversed(rows) if r.get("event") == "end"), {})
+    steps = [r for r in rows if "loss" in r and "event" not in r]
+    evals = [r for r in rows if r.get("event") == "eval"]
+    final = next((r for r in reversed(evals) if r.get("final")), evals[-1] if evals else {})
+    cfg = start.get("config") or {}
+    mcfg = (
+        json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    )
+    src = start.get("text_model_source") or {}
+    budget = next((r for r in rows if r.get("event") == "time_budget"), None)
+    size_mb = (
+        (folder / "model.safetensors").stat().st_size / 2**20 if (folder / "model.safetensors").is_file() else None
+    )
+    title = name or folder.name
+    lines = [
+        f"# Video model: {title}",
+        "",
+        f"A small video-LLaVA-style model trained by `namm-transfer video train --preset {cfg.get('preset', '?')}`: "
+        f"a timm `{mcfg.get('vision_model', '?')}` Vision Transformer made small (frames of "
+        f"{mcfg.get('image_size')} px in {mcfg.get('patch_size')}-px patches, width {mcfg.get('vision_embed_dim')}, "
+        f"{mcfg.get('vision_depth')} layers, {mcfg.get('vision_heads')} heads, trained from scratch) and a two-layer "
+        f"GELU projector turn every frame into {mcfg.get('tokens_per_frame')} tokens, spliced into the prompt of the "
+        f"frozen `{mcfg.get('text_model')}` ({_TEXT_MODELS.get(str(mcfg.get('text_model')), '')}not stored here), "
+        "video first and question after it.",
+        "",
+        f"This folder holds only the vision tower and projector ({start.get('trainable_parameters', '?')} parameters, "
+        f"{_fmt(size_mb, 1)} MB): `config.json`, `model.safetensors`, `processor_config.json`.",
+        "",
+        "## Data",
+        f"- synthetic benchmark (`namm_transfer.evals.video_qa.synthetic`), train split: {cfg.get('train_videos')} "
+        f"videos of {cfg.get('video_frames')} frames at {cfg.get('video_size')} px (seed {cfg.get('data_seed')}); "
+        f"{cfg.get('frames')} frames sampled per video (segment centres, as the eval)",
+        f"- options shuffled per draw: {cfg.get('shuffle_options')}; val split: {cfg.get('val_videos')} videos; the "
+        "test split stays held out for `namm-transfer eval --target video-llava`",
+        f"- prompt: `{json.dumps(start.get('prompt_template', '?'))}` with the LongVideoBench question text, "
+        "followed by the answer letter and the end-of-turn token (the only labelled tokens)",
+    ]
+    if src:
+        pkgs = ", ".join(f"{p.get('package')}=={p.get('version')}" for p in src.get("packages") or [])
+        lines.append(
+            f"- language model source: `{src.get('gguf_file', '?')}` from {pkgs or '?'} "
+            f"(sha256 `{str(src.get('gguf_sha256', '?'))[:16]}...`), {src.get('upstream', '')}"
+        )
+    lines += [
+        "",
+        "## Training",
+        f"- {steps[-1]['step'] if steps else 0} steps of {cfg.get('batch_size')} questions, AdamW lr {cfg.get('lr')} "
+        f"(warmup {cfg.get('warmup')}, cosine to 10%), weight decay {cfg.get('weight_decay')}, grad clip "
+        f"{cfg.get('grad_clip')}, seed {cfg.get('seed')}, language model in {cfg.get('dtype')} on {cfg.get('device')}",
+        f"- {_fmt(end.get('seconds'), 0)} s of training; {_fmt(steps[-1].get('seconds_per_step') if steps else None)} "
+        f"s per step, {_fmt(steps[-1].get('tokens_per_s') if steps else None, 0)} tokens/s at the end",
+    ]
+    if budget:
+        lines.append(f"- stopped by the time budget at step {budget['step']} (of {cfg.get('steps')} planned)")
+    lines += [
+        "",
+        "## Results (teacher-forced answer letter)",
+        "",
+        f"Final val accuracy: **{_fmt(100 * float(final['val_acc']) if final else None, 1)}%** greedy letter over "
+        f"the whole vocabulary ({_fmt(100 * float(final['val_acc4']) if final else None, 1)}% among the option "
+        f"letters), {final.get('val_n', '?')} questions, chance 25%.",
+    ]
+    if evals:
+        lines += ["", "| step | val loss | val acc % | val acc (letters) % |", "|---:|---:|---:|---:|"]
+        for r in evals:
+            lines.append(
+                f"| {r['step']} | {_fmt(r.get('val_loss'))} | {_fmt(100 * r['val_acc'], 1)} | "
+                f"{_fmt(100 * r['val_acc4'], 1)} |"
+            )
+    if steps:
+        marks = sorted({steps[round(i * (len(steps) - 1) / 8)]["step"] for i in range(9)})
+        by = {r["step"]: r for r in steps}
+        lines += ["", "| step | train loss | train acc % | lr |", "|---:|---:|---:|---:|"]
+        for s in marks:
+            r = by[s]
+            lines.append(f"| {s} | {_fmt(r['loss'])} | {_fmt(100 * r['acc'], 1)} | {float(r['lr']):.2e} |")
+    versions = start.get("versions") or {}
+    lines += [
+        "",
+        "Held-out accuracy with memory policies: `namm-transfer eval --target video-llava` (results in "
+        "`results/video-llava-synthetic.json`).",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from namm_transfer.evals.video_qa.model import load_video_model",
+        f'model, processor = load_video_model("{title}")  # SmolLM2 comes through the offline route',
+        "```",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items() if v)}.",
+        "",
+    ]
+    from namm_transfer.results import atomic_write_text
+
+    path = folder / "README.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

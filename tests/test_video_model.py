@@ -1,0 +1,416 @@
+"""The project's own video model (timm ViT + projector + frozen LM), its processor, training and shipping.
+
+A tiny random Llama with a byte-level tokenizer stands in for SmolLM2; frames come from the synthetic benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("av")
+
+from namm_transfer.adapters.video_llm import (  # noqa: E402
+    VideoLLMAdapter,
+    VideoQASession,
+    answer,
+    build_inputs,
+    format_prompt,
+    video_family,
+)
+from namm_transfer.evals.video_qa import model as vm  # noqa: E402
+from namm_transfer.evals.video_qa import run as vqa  # noqa: E402
+from namm_transfer.evals.video_qa.processor import NammVideoLlavaProcessor  # noqa: E402
+from namm_transfer.evals.video_qa.synthetic import generate_benchmark  # noqa: E402
+from namm_transfer.evals.video_qa.train import (  # noqa: E402
+    VideoTrainConfig,
+    latest_checkpoint,
+    read_log,
+    ship_video_model,
+    train_video_model,
+)
+
+from namm_transfer.session import attach  # noqa: E402
+
+N_FRAMES = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return vqa.byte_level_tokenizer()
+
+
+def tiny_lm(tok, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,  # as SmolLM2
+        initializer_range=0.05,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_model(tok, tokens_per_frame: int = 4, seed: int = 0):
+    """(model, processor): 32-px frames in 8-px patches (a 4x4 grid) pooled to ``tokens_per_frame``."""
+    lm = tiny_lm(tok, seed)
+    cfg = vm.NammVideoLlavaConfig(
+        image_size=32,
+        patch_size=8,
+        vision_embed_dim=32,
+        vision_depth=1,
+        vision_heads=2,
+        tokens_per_frame=tokens_per_frame,
+        text_config=lm.config.to_dict(),
+        text_model="tiny",
+        video_token_id=tok.convert_tokens_to_ids("<video>"),
+    )
+    torch.manual_seed(seed)
+    model = vm.NammVideoLlavaForConditionalGeneration(cfg, lm).eval()
+    return model, NammVideoLlavaProcessor.from_config(cfg, tok)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    json_path = generate_benchmark(out, n_videos=1, frames_per_video=16, size=64, seed=5)
+    item = json.loads(json_path.read_text())[0]
+    from namm_transfer.adapters.video_llm import load_frames
+
+    frames = load_frames(out / "videos" / item["video_path"], num_frames=N_FRAMES)
+    return frames, item["question"]
+
+
+@pytest.fixture(scope="module")
+def host(tok, video):
+    model, proc = tiny_model(tok)
+    inputs = build_inputs(model, proc, video[0], video[1])
+    return model, proc, inputs
+
+
+# ----- the model in the adapter's mould -----------------------------------------------------------------------
+@pytest.mark.parametrize("tpf", [4, 16])  # pooled 4x4 -> 2x2, and the full 4x4 grid
+def test_build_inputs_equal_model_forward(tok, video, tpf):
+    model, proc = tiny_model(tok, tokens_per_frame=tpf)
+    frames, question = video
+    inputs = build_inputs(model, proc, frames, question)
+    assert video_family(model) == vm.FAMILY
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs["processor_outputs"])
+    finally:
+        handle.remove()
+    assert torch.equal(inputs["inputs_embeds"], captured["embeds"])
+
+    kind, frame = inputs["token_kind"], inputs["frame_of_token"]
+    assert inputs["tokens_per_frame"] == tpf and inputs["n_frames"] == N_FRAMES
+    video_pos = torch.nonzero(kind).flatten()
+    assert len(video_pos) == N_FRAMES * tpf
+    assert torch.equal(video_pos, torch.arange(video_pos[0], video_pos[0] + len(video_pos)))
+    assert torch.equal(torch.bincount(frame[frame >= 0]), torch.full((N_FRAMES,), tpf))
+    assert bool((frame[kind == 0] == -1).all())
+    assert inputs["prompt"].startswith("<|im_start|>user\n<video>\n") and inputs["prompt"].endswith("assistant\n")
+    q_first = format_prompt(model, proc, "Why?", video_first=False)
+    assert q_first.index("Why?") < q_first.index("<video>")
+    with torch.no_grad():  # frame f's tokens are its own: changing one frame changes only its tokens
+        feats = model.get_video_features(inputs["processor_outputs"]["pixel_values_videos"]).pooler_output
+    assert feats.shape == (N_FRAMES, tpf, 64)
+
+
+def test_save_load_round_trip_exact(host, tok, video, tmp_path):
+    model, proc, inputs = host
+    po = inputs["processor_outputs"]
+    folder = model.save_pretrained(tmp_path / "m", processor=proc)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "processor_config.json"]
+    from safetensors.torch import load_file
+
+    stored = load_file(str(folder / "model.safetensors"))
+    assert stored and all(k.startswith(vm.TRAINED_PREFIXES) for k in stored)  # no language-model weights
+    assert vm.is_video_model_folder(folder) and not vm.is_video_model_folder(tmp_path)
+    loaded, proc2 = vm.load_video_model(folder, language_model=tiny_lm(tok), tokenizer=tok)  # same seed, same LM
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, loaded.trainable_state_dict()[k]), k
+    po2 = proc2(text=[inputs["prompt"]], videos=[video[0]], return_tensors="pt")
+    assert torch.equal(po2["input_ids"], po["input_ids"])
+    assert torch.equal(po2["pixel_values_videos"], po["pixel_values_videos"])
+    with torch.no_grad():
+        assert torch.equal(loaded(**po).logits, model(**po).logits)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == vm.MODEL_TYPE
+
+
+def test_forward_labels_loss(host):
+    model, _, inputs = host
+    po = inputs["processor_outputs"]
+    ids = po["input_ids"]
+    labels = torch.full_like(ids, -100)
+    labels[0, -2:] = ids[0, -2:]
+    with torch.no_grad():
+        out = model(**po, labels=labels)
+        full = model(**po).logits
+    ref = torch.nn.functional.cross_entropy(full[0, -3:-1], ids[0, -2:])
+    torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=1e-6)
+
+
+# ----- the memory: keep everything == unmodified model, evictions per frame -----------------------------------
+def test_keep_everything_reproduces_generate(host):
+    model, proc, inputs = host
+    po = inputs["processor_outputs"]
+    t = po["input_ids"].shape[1]
+    with torch.no_grad():
+        ref_logits = model(**po).logits
+        ref = model.generate(**po, do_sample=False, max_new_tokens=8)
+    res = answer(model, proc, None, "", "full", max_new_tokens=8, update_interval=16, chunk_size=16, inputs=inputs)
+    assert res.token_ids == ref[0, t:].tolist()
+    assert res.retained_video() == 1.0 and res.retained_text() == 1.0 and res.retained_cache() == 1.0
+    with attach(model, "full", update_interval=16, chunk_size=16) as mem:
+        assert isinstance(mem.engine.adapter, VideoLLMAdapter)  # found through the registry, no name given
+        logits = mem.prefill(inputs_embeds=inputs["inputs_embeds"], logits_to_keep=t)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert torch.equal(model(**po).logits, ref_logits)  # detached: unmodified
+
+
+def test_evictions_recorded_per_frame(host, video):
+    model, proc, inputs = host
+    sess = VideoQASession(model, proc, "h2o", budget=0.5, update_interval=16, chunk_size=8)
+    res = sess.answer(video[0], video[1], max_new_tokens=4, inputs=inputs)
+    rec, stats = res.record, res.stats
+    assert rec.layers == stats.managed_layers == (0, 1) and rec.n_updates > 0
+    for u in range(rec.n_updates):
+        for li, layer in enumerate(rec.layers):
+            assert (rec.kept_video[u, li] + rec.kept_text[u, li]).tolist() == stats.kept_counts[u][layer][0]
+    assert (rec.kept_per_frame.sum(-1) == rec.kept_video).all()  # every video token belongs to a frame
+    assert 0.0 < res.retained_video() < 1.0
+    frac = res.frame_kept_fraction()
+    assert frac.shape == (rec.n_updates, N_FRAMES)
+    end = res.frame_kept_fraction(at="end")
+    assert end.shape == (N_FRAMES,) and end.min() < 1.0 and ((end >= 0) & (end <= 1)).all()
+    json.dumps(rec.to_dict())
+
+
+# ----- bad input ----------------------------------------------------------------------------------------------
+def test_bad_input_is_a_clear_error(host, tok, tmp_path, monkeypatch, capsys):
+    model, proc, inputs = host
+    with pytest.raises(ValueError, match=r"pixel_values_videos must be \(batch, frames, 3, 32, 32\)"):
+        model.get_video_features(torch.zeros(1, 2, 3, 16, 16))
+    with pytest.raises(ValueError, match="pixel_values_videos must be"):
+        model.get_video_features(torch.zeros(2, 3, 32, 32))
+    po = inputs["processor_outputs"]
+    ids = po["input_ids"]
+    first = int(torch.nonzero(inputs["token_kind"])[0])
+    one_less = torch.cat([ids[:, :first], ids[:, first + 1 :]], dim=1)
+    with pytest.raises(ValueError, match=r"holds \d+ video placeholder tokens but the video gives"):
+        model(input_ids=one_less, pixel_values_videos=po["pixel_values_videos"])
+    with pytest.raises(ValueError, match="no video placeholder"):
+        model(input_ids=po["input_ids"][:, -5:], pixel_values_videos=po["pixel_values_videos"])
+    frames = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="uint8"):
+        proc(text=["<video> x"], videos=[frames.astype(np.float32)])
+    with pytest.raises(ValueError, match=r"\(frames, H, W, 3\)"):
+        proc(text=["<video> x"], videos=[frames[..., 0]])
+    with pytest.raises(ValueError, match="exactly one"):
+        proc(text=["<video> <video>"], videos=[frames])
+    with pytest.raises(ValueError, match="square"):
+        vm.NammVideoLlavaConfig(image_size=32, patch_size=8, tokens_per_frame=8, text_config={"vocab_size": 300})
+    other = tiny_lm(tok)
+    other.config.num_hidden_layers = 3
+    with pytest.raises(ValueError, match="does not match"):
+        vm.NammVideoLlavaForConditionalGeneration(model.config, other)
+
+    # a shipped model that is not there: the error names the command that makes it
+    monkeypatch.setattr(vm, "shipped_video_dir", lambda: tmp_path / "shipped")
+    with pytest.raises(FileNotFoundError, match="namm-transfer video train --preset device --ship nope"):
+        vm.resolve_shipped("nope")
+    with pytest.raises(vqa._UsageError, match="namm-transfer video train"):
+        vqa._resolve_model(vqa.DEFAULT_MODEL)
+    assert vqa._resolve_model("owner/hub-model") == "owner/hub-model"
+    from namm_transfer.cli import main
+
+    monkeypatch.setenv("NAMM_TRANSFER_CACHE", str(tmp_path / "cache"))
+    assert main(["eval", "--target", "video-llava", "--output", str(tmp_path / "r.json")]) == 2  # the default model
+    err = capsys.readouterr().err
+    assert f"no shipped video model {vqa.DEFAULT_MODEL!r}" in err and "namm-transfer video train" in err
+    assert not (tmp_path / "cache").exists()  # refused before any data was generated
+
+
+def test_cli_video_train_help_without_torch():
+    code = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from namm_transfer.cli import main
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(["video", "train", "--help"])
+        assert rc == 0, rc
+        out = buf.getvalue()
+        for word in ("--preset", "cpu-small", "device", "--ship", "--device", "--dtype", "--steps", "--restart"):
+            assert word in out, word
+        heavy = [m for m in ("torch", "transformers", "timm") if m in sys.modules]
+        assert not heavy, heavy
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+# ----- training -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video_train_data")
+    folders = {}
+    for split, n in (("train", 6), ("val", 2)):
+        folders[split] = str(root / split)
+        generate_benchmark(folders[split], n_videos=n, frames_per_video=16, size=32, split=split, seed=0)
+    return folders
+
+
+def _train_config(tok, **kw):
+    base = dict(
+        preset="test",
+        train_videos=6,
+        val_videos=2,
+        video_frames=16,
+        video_size=32,
+        frames=4,
+        image_size=32,
+        patch_size=8,
+        vision_embed_dim=32,
+        vision_depth=1,
+        vision_heads=2,
+        tokens_per_frame=4,
+        text_model="tiny",
+        video_token_id=tok.convert_tokens_to_ids("<video>"),
+        steps=3,
+        batch_size=2,
+        warmup=1,
+        log_every=1,
+        checkpoint_every=1,
+        threads=1,
+    )
+    base.update(kw)
+    return VideoTrainConfig(**base)
+
+
+def test_training_resumes_to_the_same_weights(tok, train_data, tmp_path, monkeypatch):
+    cfg = _train_config(tok)
+    straight = train_video_model(
+        cfg, tmp_path / "a", language_model=tiny_lm(tok), tokenizer=tok, data_folders=train_data
+    )
+    assert straight.finished and straight.step == 3 and len(straight.losses) == 3
+    assert all(np.isfinite(straight.losses))
+
+    def crash(step, loss):
+        if step == 2:  # killed during step 2, after step 1's checkpoint
+            raise KeyboardInterrupt
+
+    run = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train_video_model(cfg, run, language_model=tiny_lm(tok), tokenizer=tok, data_folders=train_data, on_step=crash)
+    assert latest_checkpoint(run).name == "step-0000001"
+    resumed = train_video_model(cfg, run, language_model=tiny_lm(tok), tokenizer=tok, data_folders=train_data)
+    assert resumed.resumed_from == 1 and resumed.finished and resumed.losses == straight.losses[1:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    b = load_file(str(run / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    log = read_log(run / "train_log.jsonl")
+    assert [e["step"] for e in log if "loss" in e and "event" not in e] == [1, 2, 3]  # no step logged twice
+    assert [e.get("event") for e in log if e.get("event")] == ["start", "eval", "end"]
+    card = (run / "model" / "README.md").read_text()
+    assert "3 steps of 2 questions" in card and "Final val accuracy" in card
+
+    # another run's settings are refused; --ship copies model, card, log
+    with pytest.raises(ValueError, match="another training run"):
+        train_video_model(
+            _train_config(tok, lr=5e-4), run, language_model=tiny_lm(tok), tokenizer=tok, data_folders=train_data
+        )
+    monkeypatch.setattr(vm, "shipped_video_dir", lambda: tmp_path / "shipped")
+    dest = ship_video_model(run, "tiny-video")
+    assert {"config.json", "model.safetensors", "processor_config.json", "README.md", "train_log.jsonl"} <= {
+        p.name for p in dest.iterdir()
+    }
+    assert vm.resolve_shipped("tiny-video") == dest and "# Video model: tiny-video" in (dest / "README.md").read_text()
+    model, proc = vm.load_video_model("tiny-video", language_model=tiny_lm(tok), tokenizer=tok)
+    assert torch.equal(
+        model.trainable_state_dict()["model.multi_modal_projector.linear_1.weight"],
+        b["model.multi_modal_projector.linear_1.weight"],
+    )
+
+
+def test_synthetic_workers_give_identical_output(tmp_path):
+    one = generate_benchmark(tmp_path / "one", n_videos=3, frames_per_video=16, size=32, split="val", seed=2)
+    two = generate_benchmark(tmp_path / "two", n_videos=3, frames_per_video=16, size=32, split="val", seed=2, workers=2)
+    assert one.read_bytes() == two.read_bytes()
+    for mp4 in sorted((tmp_path / "one" / "videos").iterdir()):
+        assert mp4.read_bytes() == (tmp_path / "two" / "videos" / mp4.name).read_bytes()
+
+
+def test_cli_train_ship_and_eval_the_shipped_model(tok, tmp_path, monkeypatch, capsys):
+    """`video train --ship NAME` on a tiny stand-in language model, then `eval --target video-llava --model NAME`."""
+    from namm_transfer.cli import main
+
+    lm_dir = tmp_path / "tiny-lm"
+    tiny_lm(tok).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    monkeypatch.setenv("NAMM_TRANSFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(vm, "shipped_video_dir", lambda: tmp_path / "shipped")
+    argv = ["video", "train", "--preset", "cpu-small", "--text-model", str(lm_dir), "--steps", "2"]
+    argv += ["--train-videos", "4", "--val-videos", "2", "--vision-depth", "1", "--vision-embed-dim", "48"]
+    argv += ["--output", str(tmp_path / "run"), "--ship", "tiny-video", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "video model: 2 steps" in out and "shipped:" in out
+    shipped = tmp_path / "shipped" / "tiny-video"
+    assert (shipped / "README.md").is_file() and (shipped / "model.safetensors").is_file()
+    assert (tmp_path / "cache" / "video_qa" / "synthetic-train-n4-f16-s32-seed0" / "frames-8-center.npy").is_file()
+
+    bench = tmp_path / "bench"
+    generate_benchmark(bench, n_videos=2, frames_per_video=16, size=32, split="test", seed=0)
+    results = tmp_path / "results" / "v.json"
+    argv = ["eval", "--target", "video-llava", "--model", "tiny-video", "--bench", "longvideobench"]
+    argv += ["--data-dir", str(bench), "--policies", "full,namm,h2o", "--frames", "8", "--max-new-tokens", "2"]
+    argv += ["--update-interval", "64", "--chunk-size", "64", "--plot-samples", "0", "--output", str(results)]
+    assert main(argv) == 0
+    summary = json.loads(results.read_text())
+    assert summary["settings"]["model_family"] == vm.FAMILY and summary["settings"]["frames"] == 8
+    assert summary["settings"]["mechanics_only"]  # hidden size 64: a stand-in, not the real model
+    rows = {r["policy"]: r for r in summary["rows"]}
+    assert rows["full"]["retained_video"] == 1.0 and rows["full"]["n"] == 2
+    assert rows["h2o"]["retained_cache"] == pytest.approx(rows["namm"]["retained_cache"], abs=1e-6)  # replayed
+    assert 0.0 < rows["namm"]["retained_video"] <= 1.0 and "retained_text" in rows["namm"]
