@@ -107,8 +107,12 @@ class DecisionTransformerAdapter(HFCacheRouting):
         self.state_dim = int(cfg.state_dim)
         self.act_dim = int(cfg.act_dim)
         self.max_ep_len = int(cfg.max_ep_len)
+        # transformers 5.2x names the encoder's cache argument ``cache``, 5.17 ``past_key_values``. A wrong name
+        # would not fail: the encoder's ``**kwargs`` would swallow it and every chunk would run on a fresh cache.
         params = inspect.signature(self.encoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        if self._cache_kw not in params:
+            raise RuntimeError(f"{type(self.encoder).__name__}.forward takes neither `cache` nor `past_key_values`")
         self._saved: Any = None
 
     # ----- host description ---------------------------------------------------------------------

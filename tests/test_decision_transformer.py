@@ -177,6 +177,17 @@ def test_canonical_window_equals_cached_only_inside_window(dt):
 
 
 # ----- keep everything == plain cached path; batched == single ----------------------------------------------
+def _encoder_cache_kwarg(model) -> str:
+    """The encoder's cache argument: ``cache`` (5.2x) or ``past_key_values`` (5.17). Passing the wrong one is
+    silently swallowed by the encoder's ``**kwargs`` and every call then runs uncached on a fresh cache."""
+    import inspect
+
+    params = inspect.signature(model.encoder.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    assert name in params, list(params)
+    return name
+
+
 def _plain_hf_cached(model, states, rtg):
     """Plain transformers cached rollout (DynamicCache, no engine): same chunking as CachedDT."""
     from transformers import DynamicCache
@@ -184,6 +195,7 @@ def _plain_hf_cached(model, states, rtg):
     ad = DecisionTransformerAdapter(model)
     b, t = states.shape[:2]
     cache = DynamicCache(config=model.config)
+    cache_kw = _encoder_cache_kwarg(model)
     out, prev = [], None
     with torch.no_grad():
         for i in range(t):
@@ -194,8 +206,8 @@ def _plain_hf_cached(model, states, rtg):
             h = model.encoder(
                 inputs_embeds=emb,
                 position_ids=torch.zeros(b, emb.shape[1], dtype=torch.long),
-                cache=cache,
                 use_cache=True,
+                **{cache_kw: cache},
             ).last_hidden_state
             prev = model.predict_action(h[:, -1])
             out.append(prev)
@@ -373,10 +385,13 @@ def test_evicting_action_tokens_equals_masked_reference(dt):
     k = torch.arange(n)[None, :]
     hidden_from = torch.where(k % 3 == 2, ((k + 1) // u + 1) * u, n + 1)
     allowed = (k <= q) & (q < hidden_from)
+    # a 4D mask reaches the attention kernel as-is: additive float works for every kernel, a bool one only for
+    # sdpa (eager, the only choice for this model on transformers 5.17, would add it: +1 / +0, no masking)
+    additive = torch.zeros(n, n, dtype=emb.dtype).masked_fill(~allowed, torch.finfo(emb.dtype).min)
     with torch.no_grad():
         h = dt.encoder(
             inputs_embeds=emb,
-            attention_mask=allowed.expand(b, 1, n, n),
+            attention_mask=additive.expand(b, 1, n, n),
             position_ids=torch.zeros(b, n, dtype=torch.long),
         ).last_hidden_state
         ref = dt.predict_action(h[:, 1::3])
