@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .namm import NAMM, NAMMConfig
+from .run_folder import sha256_file
 
 __all__ = [
     "FORMAT",
@@ -78,11 +79,7 @@ _TRAIN_HINT = "train one with `namm-transfer evolve`"
 # ----- hashing --------------------------------------------------------------------------------------
 def content_hash(path: str | os.PathLike[str]) -> str:
     """SHA-256 (hex) of the bytes of ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 # ----- registry -------------------------------------------------------------------------------------

@@ -34,13 +34,7 @@ TINY = dict(hidden_size=32, n_layer=2, n_head=2, max_ep_len=100)
 POLICIES = ["canonical", "full", "namm", "h2o", "l2", "streaming", "random"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine two threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

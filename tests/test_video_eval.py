@@ -31,12 +31,7 @@ GOOD = 3  # generated videos; the benchmark also lists a corrupt, an empty and a
 BAD = {"corrupt-0": "corrupt", "empty-0": "empty", "missing-0": "not found"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

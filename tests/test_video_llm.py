@@ -15,15 +15,13 @@ from namm_transfer.adapters.video_llm import (  # noqa: E402
     SUPPORTED_VIDEO_LLMS,
     VideoLLMAdapter,
     VideoQASession,
-    answer,
     build_inputs,
     format_prompt,
     frame_kept_fraction,
-    load_frames,
     retained_text,
     retained_video,
 )
-from namm_transfer.evals.video_qa.synthetic import generate_benchmark  # noqa: E402
+from tiny_vlms import check_full_policy_is_the_model, check_inputs_match_forward, synthetic_video  # noqa: E402
 from tiny_vlms import tiny_tokenizer as _tokenizer  # noqa: E402
 from tiny_vlms import tiny_vlm as _tiny  # noqa: E402
 
@@ -42,13 +40,7 @@ NEXT_VIDEO_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is as fast, and immune to a busy machine's contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +50,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
-    """A synthetic benchmark video (coloured shapes on a drifting background), N_FRAMES frames read back from mp4."""
-    out = tmp_path_factory.mktemp("synth")
-    json_path = generate_benchmark(out, n_videos=1, frames_per_video=16, size=32, seed=3)
-    item = json.loads(json_path.read_text())[0]
-    frames = load_frames(out / "videos" / item["video_path"], num_frames=N_FRAMES)
-    assert frames.shape == (N_FRAMES, 32, 32, 3) and frames.dtype == np.uint8
-    return frames, item["question"]
+    return synthetic_video(tmp_path_factory.mktemp("synth"), N_FRAMES, size=32, seed=3)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -78,29 +64,10 @@ def host(request, tok, video):
 # ----- inputs are the model's own --------------------------------------------------------------------------
 def test_build_inputs_equal_model_forward(host):
     family, model, proc, inputs = host
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs["processor_outputs"])
-    finally:
-        handle.remove()
-    assert torch.equal(inputs["inputs_embeds"], captured["embeds"])
-
-    ids, kind, frame = inputs["input_ids"][0], inputs["token_kind"], inputs["frame_of_token"]
-    tpf = TOKENS_PER_FRAME[family]
-    assert inputs["tokens_per_frame"] == tpf and inputs["n_frames"] == N_FRAMES
-    video_pos = torch.nonzero(kind).flatten()
     extra = 1 if family == "llava-onevision" else 0  # OneVision's trailing image_newline
-    assert len(video_pos) == N_FRAMES * tpf + extra
-    assert torch.equal(video_pos, torch.arange(video_pos[0], video_pos[0] + len(video_pos)))  # contiguous
+    video_pos = check_inputs_match_forward(model, inputs, N_FRAMES, TOKENS_PER_FRAME[family], extra)
+    ids, kind = inputs["input_ids"][0], inputs["token_kind"]
     assert bool((ids[video_pos] == model.config.video_token_id).all())
-    assert torch.equal(torch.bincount(frame[frame >= 0]), torch.full((N_FRAMES,), tpf))
-    assert bool((frame[kind == 0] == -1).all()) and bool((frame[video_pos[: N_FRAMES * tpf]].diff() >= 0).all())
     assert int(kind[: video_pos[0]].sum()) == 0 and video_pos[0] > 0  # video first, after the role prefix
     assert video_pos[-1] < len(kind) - 5  # the question follows
 
@@ -125,25 +92,12 @@ def test_question_first_prompt(host, video):
 # ----- keep everything == unmodified model --------------------------------------------------------------------
 def test_keep_everything_reproduces_generate(host):
     family, model, proc, inputs = host
-    po = inputs["processor_outputs"]
-    t = po["input_ids"].shape[1]
-    with torch.no_grad():
-        ref_logits = model(**po).logits
-        ref = model.generate(**po, do_sample=False, max_new_tokens=8)
-    res = answer(model, proc, None, "", "full", max_new_tokens=8, update_interval=16, chunk_size=16, inputs=inputs)
-    assert res.token_ids == ref[0, t:].tolist()
-    assert res.text == proc.tokenizer.decode(ref[0, t:], skip_special_tokens=True)
+    res = check_full_policy_is_the_model(model, proc, inputs)
+    t = inputs["processor_outputs"]["input_ids"].shape[1]
+    assert res.text == proc.tokenizer.decode(res.token_ids, skip_special_tokens=True)
     assert res.prompt_len == t and len(res.record.update_clock) >= t // 16
-    assert retained_video(res) == 1.0 and retained_text(res) == 1.0 and res.retained_cache() == 1.0
-
-    with attach(model, "full", update_interval=16, chunk_size=16) as mem:
-        assert isinstance(mem.engine.adapter, VideoLLMAdapter)  # found through the registry
-        logits = mem.prefill(inputs_embeds=inputs["inputs_embeds"], logits_to_keep=t)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    # detached: the model is unmodified
-    assert model.config.text_config._attn_implementation == "sdpa"
-    with torch.no_grad():
-        assert torch.equal(model(**po).logits, ref_logits)
+    assert retained_video(res) == 1.0 and retained_text(res) == 1.0
+    assert model.config.text_config._attn_implementation == "sdpa"  # detached: the model is unmodified
 
 
 # ----- evictions by modality and frame ---------------------------------------------------------------------------

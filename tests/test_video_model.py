@@ -18,9 +18,7 @@ pytest.importorskip("timm")
 pytest.importorskip("av")
 
 from namm_transfer.adapters.video_llm import (  # noqa: E402
-    VideoLLMAdapter,
     VideoQASession,
-    answer,
     build_inputs,
     format_prompt,
     video_family,
@@ -36,18 +34,12 @@ from namm_transfer.evals.video_qa.train import (  # noqa: E402
     ship_video_model,
     train_video_model,
 )
-
-from namm_transfer.session import attach  # noqa: E402
+from tiny_vlms import check_full_policy_is_the_model, check_inputs_match_forward, synthetic_video  # noqa: E402
 
 N_FRAMES = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +48,13 @@ def tok():
 
 
 def tiny_lm(tok, seed: int = 0):
+    """The tiny models' language model (:func:`~namm_transfer.evals.video_qa.run.tiny_text_config`) as SmolLM2
+    is: a Llama with tied embeddings; 2048 positions."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,  # as SmolLM2
-        initializer_range=0.05,
-        attn_implementation="sdpa",
-    )
+    text = {**vqa.tiny_text_config(tok), "max_position_embeddings": 2048}
+    cfg = LlamaConfig(**text, tie_word_embeddings=True, attn_implementation="sdpa")
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -98,13 +79,7 @@ def tiny_model(tok, tokens_per_frame: int = 4, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    json_path = generate_benchmark(out, n_videos=1, frames_per_video=16, size=64, seed=5)
-    item = json.loads(json_path.read_text())[0]
-    from namm_transfer.adapters.video_llm import load_frames
-
-    frames = load_frames(out / "videos" / item["video_path"], num_frames=N_FRAMES)
-    return frames, item["question"]
+    return synthetic_video(tmp_path_factory.mktemp("synth"), N_FRAMES, size=64, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -121,26 +96,7 @@ def test_build_inputs_equal_model_forward(tok, video, tpf):
     frames, question = video
     inputs = build_inputs(model, proc, frames, question)
     assert video_family(model) == vm.FAMILY
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs["processor_outputs"])
-    finally:
-        handle.remove()
-    assert torch.equal(inputs["inputs_embeds"], captured["embeds"])
-
-    kind, frame = inputs["token_kind"], inputs["frame_of_token"]
-    assert inputs["tokens_per_frame"] == tpf and inputs["n_frames"] == N_FRAMES
-    video_pos = torch.nonzero(kind).flatten()
-    assert len(video_pos) == N_FRAMES * tpf
-    assert torch.equal(video_pos, torch.arange(video_pos[0], video_pos[0] + len(video_pos)))
-    assert torch.equal(torch.bincount(frame[frame >= 0]), torch.full((N_FRAMES,), tpf))
-    assert bool((frame[kind == 0] == -1).all())
+    check_inputs_match_forward(model, inputs, N_FRAMES, tpf)
     assert inputs["prompt"].startswith("<|im_start|>user\n<video>\n") and inputs["prompt"].endswith("assistant\n")
     q_first = format_prompt(model, proc, "Why?", video_first=False)
     assert q_first.index("Why?") < q_first.index("<video>")
@@ -186,20 +142,7 @@ def test_forward_labels_loss(host):
 # ----- the memory: keep everything == unmodified model, evictions per frame -----------------------------------
 def test_keep_everything_reproduces_generate(host):
     model, proc, inputs = host
-    po = inputs["processor_outputs"]
-    t = po["input_ids"].shape[1]
-    with torch.no_grad():
-        ref_logits = model(**po).logits
-        ref = model.generate(**po, do_sample=False, max_new_tokens=8)
-    res = answer(model, proc, None, "", "full", max_new_tokens=8, update_interval=16, chunk_size=16, inputs=inputs)
-    assert res.token_ids == ref[0, t:].tolist()
-    assert res.retained_video() == 1.0 and res.retained_text() == 1.0 and res.retained_cache() == 1.0
-    with attach(model, "full", update_interval=16, chunk_size=16) as mem:
-        assert isinstance(mem.engine.adapter, VideoLLMAdapter)  # found through the registry, no name given
-        logits = mem.prefill(inputs_embeds=inputs["inputs_embeds"], logits_to_keep=t)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    with torch.no_grad():
-        assert torch.equal(model(**po).logits, ref_logits)  # detached: unmodified
+    check_full_policy_is_the_model(model, proc, inputs)
 
 
 def test_evictions_recorded_per_frame(host, video):

@@ -30,24 +30,40 @@ package (``"shipped:hopper"``, in ``namm_transfer/weights/dt/{env}-{level}/``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from namm_transfer.results import atomic_write_text
+from namm_transfer.run_folder import (
+    LOG_FILE,
+    RunConfig,
+    TrainClock,
+    TrainState,
+    append_log,
+    clean_json,
+    fmt_number,
+    latest_checkpoint,
+    log_start,
+    markdown_table,
+    package_versions,
+    read_checkpoint,
+    read_log,
+    resume_run,
+    sha256_file,
+    utc_now,
+    write_checkpoint,
+)
 
 from .envs import ENVS, get_env_info
 
@@ -76,10 +92,7 @@ logger = logging.getLogger(__name__)
 SIDECAR = "namm_transfer_dt.json"
 """Name of the sidecar file holding the state normalization and the evaluation settings of a DT."""
 SIDECAR_FORMAT = "namm-transfer-dt/1"
-LOG_FILE = "train_log.jsonl"
 CARD_FILE = "README.md"
-CHECKPOINTS = "checkpoints"
-_CKPT_RE = re.compile(r"^step-(\d+)$")
 
 CANONICAL: dict[str, Any] = {
     "context_length": 20,
@@ -108,7 +121,7 @@ _HARMLESS_KEYS = re.compile(r"^(encoder\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 # ----------------------------------------------------------------------------------------------------------------
 # configuration
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Settings of one Decision Transformer training run (defaults: the canonical configuration)."""
 
     env: str = "hopper"
@@ -169,14 +182,6 @@ class TrainConfig:
             self.eval_max_ep_len = self.max_ep_len
         if self.eval_max_ep_len > self.max_ep_len:
             raise ValueError(f"eval_max_ep_len {self.eval_max_ep_len} exceeds max_ep_len {self.max_ep_len}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
     def resolved_target_return(self) -> float:
         return float(self.target_return if self.target_return is not None else ENVS[self.env].target_return)
@@ -353,71 +358,7 @@ def _load_dataset(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# small file helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (Path, os.PathLike)):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", "replace")
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def _clean_json(obj: Any) -> Any:
-    """``obj`` as plain JSON values; non-finite floats become None."""
-    text = json.dumps(obj, default=_json_default)
-    return json.loads(text, parse_constant=lambda _: None)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for dist in ("namm-transfer", "torch", "transformers", "gymnasium", "mujoco"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # resumable checkpoints (safetensors + JSON, never pickle)
-def _checkpoint_dirs(output: Path) -> list[tuple[int, Path]]:
-    root = output / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(output: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint folder under ``output/checkpoints`` (None if there is none)."""
-    dirs = _checkpoint_dirs(Path(output))
-    return dirs[-1][1] if dirs else None
-
-
 def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimizer state as flat tensors ``state.{param}.{name}`` plus JSON-able hyperparameters."""
     import torch
@@ -457,121 +398,52 @@ def _optimizer_from_flat(
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _rng_state_json(rng: np.random.Generator) -> dict[str, Any]:
-    return _clean_json(rng.bit_generator.state)
-
-
-def _save_checkpoint(
-    output: Path,
-    step: int,
-    model: Any,
-    opt: Any,
-    sched: Any,
-    rng: np.random.Generator,
-    cfg: TrainConfig,
-    extra: Mapping[str, Any],
-) -> Path:
+def _save_checkpoint(output: Path, step: int, st: TrainState, cfg: TrainConfig, train_seconds: float) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    root = output / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
-    try:
+    def write(folder: Path) -> dict[str, Any]:
         save_file(
-            {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
-            str(tmp / "model.safetensors"),
+            {k: v.detach().cpu().contiguous().clone() for k, v in st.model.state_dict().items()},
+            str(folder / "model.safetensors"),
         )
-        opt_tensors, opt_meta = _optimizer_to_flat(opt)
+        opt_tensors, opt_meta = _optimizer_to_flat(st.optimizer)
         tensors = dict(opt_tensors)
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         if torch.cuda.is_available() and str(cfg.device).startswith("cuda"):
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.torch_cuda.{i}"] = s.cpu()
-        save_file(tensors, str(tmp / "trainer_state.safetensors"))
-        sched_state = sched.state_dict()  # lr_lambdas is [None]: the lambda itself is rebuilt from the config
-        state = {
+        save_file(tensors, str(folder / "trainer_state.safetensors"))
+        return {
             "format": "namm-transfer-dt-checkpoint/1",
             "step": step,
             "config": cfg.to_dict(),
             "optimizer": opt_meta,
-            "scheduler": sched_state,
-            "numpy_rng": _rng_state_json(rng),
-            "created": _now(),
-            **extra,
+            "scheduler": st.scheduler.state_dict(),  # lr_lambdas is [None]: the lambda is rebuilt from the config
+            "numpy_rng": clean_json(st.rng.bit_generator.state),
+            "created": utc_now(),
+            "train_seconds": train_seconds,
         }
-        atomic_write_text(tmp / "trainer_state.json", json.dumps(_clean_json(state), indent=1) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in _checkpoint_dirs(output)[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.info("checkpoint at step %d -> %s", step, final)
-    return final
+
+    return write_checkpoint(output, step, cfg.keep_checkpoints, write)
 
 
-def _load_checkpoint(
-    path: Path, model: Any, opt: Any, sched: Any, rng: np.random.Generator, cfg: TrainConfig
-) -> dict[str, Any]:
+def _load_checkpoint(path: Path, st: TrainState, cfg: TrainConfig) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    saved = TrainConfig.from_dict(state.get("config") or {})
-    diffs = [
-        f"{k}: checkpoint {getattr(saved, k)!r} != now {getattr(cfg, k)!r}"
-        for k in _IDENTITY
-        if getattr(saved, k) != getattr(cfg, k)
-    ]
-    if diffs:
-        raise ValueError(
-            f"checkpoint {path} belongs to another training run ({'; '.join(diffs)}); use another --output or "
-            "delete the folder to start afresh"
-        )
+    state = read_checkpoint(path, cfg, _IDENTITY, "delete the folder")
     weights = load_file(str(path / "model.safetensors"))
-    model.load_state_dict(weights, strict=True)
+    st.model.load_state_dict(weights, strict=True)
     tensors = load_file(str(path / "trainer_state.safetensors"))
-    _optimizer_from_flat(opt, tensors, state["optimizer"])
-    sched.load_state_dict(dict(state["scheduler"]))
-    rng.bit_generator.state = state["numpy_rng"]
+    _optimizer_from_flat(st.optimizer, tensors, state["optimizer"])
+    st.scheduler.load_state_dict(dict(state["scheduler"]))
+    st.rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(tensors["rng.torch_cpu"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.torch_cuda.")]
     if cuda_states and torch.cuda.is_available() and str(cfg.device).startswith("cuda"):
         torch.cuda.set_rng_state_all(cuda_states)
     return state
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# log
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("ignoring a truncated line in %s", path)
-    return out
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log entries after ``step`` (written after the checkpoint a resumed run starts from)."""
-    entries = [e for e in _read_log(path) if int(e.get("step", 0)) <= step]
-    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in entries))
-
-
-def _append_log(path: Path, entry: Mapping[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(_clean_json(dict(entry))) + "\n")
-        fh.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -651,11 +523,6 @@ def train_dt(
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
 
-    if not resume:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        if log_path.exists():
-            log_path.unlink()
-
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model: Any = build_dt(sampler.state_dim, sampler.act_dim, cfg)
@@ -664,31 +531,18 @@ def train_dt(
     warmup = max(1, cfg.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
 
-    step = 0
-    elapsed = 0.0
-    resumed_from = None
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        state = _load_checkpoint(ckpt, model, opt, sched, rng, cfg)
-        step = int(state["step"])
-        elapsed = float(state.get("train_seconds", 0.0))
-        resumed_from = step
-        _truncate_log(log_path, step)
-        logger.info("%s: resuming from %s (step %d)", cfg.env, ckpt, step)
-    elif log_path.exists():
-        log_path.unlink()  # a log without a checkpoint belongs to an interrupted start: begin again
-
+    st = TrainState(model, opt, sched, rng)
+    step, elapsed = resume_run(out, lambda ckpt: _load_checkpoint(ckpt, st, cfg), resume)
+    resumed_from = step or None
     if step == 0:
-        _append_log(
+        log_start(
             log_path,
             {
-                "step": 0,
-                "event": "start",
                 "config": cfg.to_dict(),
                 "dataset": str(data_path),
                 "num_trajectories": sampler.num_trajectories,
                 "num_steps": sampler.num_steps,
-                "time": _now(),
+                "time": utc_now(),
             },
         )
 
@@ -702,7 +556,7 @@ def train_dt(
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.env}", unit="step", dynamic_ncols=True)
     model.train()
-    t_last = time.perf_counter()
+    clock = TrainClock(elapsed)
     try:
         while step < target:
             batch = sampler.sample(rng, cfg.batch_size, device)
@@ -733,9 +587,7 @@ def train_dt(
                 on_step(step, value)
             if bar is not None:
                 bar.update(1)
-            now = time.perf_counter()
-            elapsed += now - t_last
-            t_last = now
+            elapsed = clock.tick()
             if step % cfg.log_every == 0 or step == target:
                 entry = {
                     "step": step,
@@ -745,19 +597,19 @@ def train_dt(
                     "seconds": round(elapsed, 3),
                     "steps_per_second": round(step / elapsed, 3) if elapsed > 0 else None,
                 }
-                _append_log(log_path, entry)
+                append_log(log_path, entry)
                 if bar is not None:
                     bar.set_postfix(loss=f"{entry['loss_avg']:.4f}", lr=f"{lr:.2e}")
                 window = []
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 last_eval = _evaluate(model, cfg, sampler.state_mean, sampler.state_std, str(device))
                 model.train()
-                _append_log(log_path, {"step": step, "event": "eval", **last_eval})
+                append_log(log_path, {"step": step, "event": "eval", **last_eval})
                 logger.info("%s step %d: normalized score %.1f", cfg.env, step, last_eval["normalized_score"])
-                t_last = time.perf_counter()
+                clock.skip()
             if step % cfg.checkpoint_every == 0 or step == target:
-                _save_checkpoint(out, step, model, opt, sched, rng, cfg, {"train_seconds": elapsed})
-                t_last = time.perf_counter()
+                _save_checkpoint(out, step, st, cfg, elapsed)
+                clock.skip()
     finally:
         if bar is not None:
             bar.close()
@@ -770,12 +622,12 @@ def train_dt(
     # finished: final evaluation, model, sidecar, card
     model.eval()
     if cfg.final_eval and cfg.eval_episodes > 0:
-        evaluated = [e for e in _read_log(log_path) if e.get("event") == "eval" and e.get("step") == step]
+        evaluated = [e for e in read_log(log_path) if e.get("event") == "eval" and e.get("step") == step]
         if evaluated:
             last_eval = {k: v for k, v in evaluated[-1].items() if k not in ("step", "event")}
         else:
             last_eval = _evaluate(model, cfg, sampler.state_mean, sampler.state_std, str(device))
-            _append_log(log_path, {"step": step, "event": "eval", **last_eval})
+            append_log(log_path, {"step": step, "event": "eval", **last_eval})
             logger.info("%s final: normalized score %.1f", cfg.env, last_eval["normalized_score"])
     model.to("cpu").save_pretrained(str(out), safe_serialization=True)
     weights = out / "model.safetensors"
@@ -794,7 +646,7 @@ def train_dt(
         "max_ep_len": cfg.max_ep_len,
         "dataset": {
             "path": str(data_path),
-            "sha256": _sha256(data_path),
+            "sha256": sha256_file(data_path),
             "num_trajectories": sampler.num_trajectories,
             "num_steps": sampler.num_steps,
             "return_mean": stats["return_mean"],
@@ -818,19 +670,19 @@ def train_dt(
             "config": cfg.to_dict(),
         },
         "eval": last_eval,
-        "content_hash": _sha256(weights),
+        "content_hash": sha256_file(weights),
         "weights": weights.name,
-        "created": _now(),
-        "versions": _versions(),
+        "created": utc_now(),
+        "versions": package_versions("namm-transfer", "torch", "transformers", "gymnasium", "mujoco"),
     }
-    atomic_write_text(out / SIDECAR, json.dumps(_clean_json(sidecar), indent=2) + "\n")
+    atomic_write_text(out / SIDECAR, json.dumps(clean_json(sidecar), indent=2) + "\n")
     write_card(out)
     logger.info("%s: trained %d steps -> %s", cfg.env, step, out)
     return TrainResult(out, step, True, losses, final_loss, last_eval, sps, resumed_from)
 
 
 def _last_loss(log_path: Path) -> float | None:
-    for e in reversed(_read_log(log_path)):
+    for e in reversed(read_log(log_path)):
         if "loss" in e:
             return float(e["loss"])
     return None
@@ -842,7 +694,7 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
     """Write ``README.md`` of a trained DT folder from its ``namm_transfer_dt.json`` and ``train_log.jsonl``."""
     folder = Path(folder)
     side = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
-    log = _read_log(folder / LOG_FILE)
+    log = read_log(folder / LOG_FILE)
     env, level = side["env"], side.get("level", "?")
     tr = side.get("training") or {}
     ds = side.get("dataset") or {}
@@ -872,8 +724,8 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
         "## Data",
         f"- dataset: `{Path(ds.get('path', '?')).name}` (sha256 `{str(ds.get('sha256', '?'))[:16]}...`)",
         f"- {ds.get('num_trajectories', '?')} trajectories, {ds.get('num_steps', '?')} transitions; behaviour "
-        f"return {_fmt(ds.get('return_mean'))} +- {_fmt(ds.get('return_std'))} "
-        f"(D4RL normalized {_fmt(ds.get('normalized_return_mean'))})",
+        f"return {fmt_number(ds.get('return_mean'))} +- {fmt_number(ds.get('return_std'))} "
+        f"(D4RL normalized {fmt_number(ds.get('normalized_return_mean'))})",
     ]
     if meta.get("behaviour_policy"):
         lines.append(f"- behaviour policy: {meta['behaviour_policy']}, {meta.get('gym_id', '')}")
@@ -883,26 +735,32 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
         f"- {tr.get('steps', '?')} steps, batch {tr.get('batch_size', '?')}, AdamW lr {tr.get('lr')} "
         f"(linear warmup {tr.get('warmup')} steps), weight decay {tr.get('weight_decay')}, grad clip "
         f"{tr.get('grad_clip')}, seed {tr.get('seed')}",
-        f"- final loss {_fmt(tr.get('final_loss'), 4)}; {_fmt(tr.get('seconds'), 0)} s on {tr.get('device')} "
-        f"({_fmt(tr.get('steps_per_second'), 2)} steps/s)",
+        f"- final loss {fmt_number(tr.get('final_loss'), 4)}; {fmt_number(tr.get('seconds'), 0)} s on "
+        f"{tr.get('device')} ({fmt_number(tr.get('steps_per_second'), 2)} steps/s)",
         "",
         "## Evaluation (canonical K-step window)",
     ]
     evals = [e for e in log if e.get("event") == "eval"]
     if evals:
-        lines += ["", "| step | D4RL normalized score | return | episodes |", "|---:|---:|---:|---:|"]
-        for e in evals:
-            lines.append(
-                f"| {e['step']} | {_fmt(e.get('normalized_score'))} +- {_fmt(e.get('normalized_score_std'))} | "
-                f"{_fmt(e.get('return_mean'))} | {e.get('episodes')} |"
-            )
+        lines += markdown_table(
+            ["step", "D4RL normalized score", "return", "episodes"],
+            [
+                [
+                    e["step"],
+                    f"{fmt_number(e.get('normalized_score'))} +- {fmt_number(e.get('normalized_score_std'))}",
+                    fmt_number(e.get("return_mean")),
+                    e.get("episodes"),
+                ]
+                for e in evals
+            ],
+        )
     else:
         lines.append("- not evaluated")
     if ev:
         lines += [
             "",
-            f"Final: **{_fmt(ev.get('normalized_score'))} +- {_fmt(ev.get('normalized_score_std'))}** D4RL normalized "
-            f"score over {ev.get('episodes')} episodes (seeds {ev.get('seeds')}), target return "
+            f"Final: **{fmt_number(ev.get('normalized_score'))} +- {fmt_number(ev.get('normalized_score_std'))}** "
+            f"D4RL normalized score over {ev.get('episodes')} episodes (seeds {ev.get('seeds')}), target return "
             f"{ev.get('target_return')}, at most {ev.get('max_ep_len')} steps.",
         ]
     paper = PAPER_MEDIUM_SCORES.get(env)
@@ -916,10 +774,14 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
     if losses:
         marks = sorted({losses[int(round(i * (len(losses) - 1) / 10))]["step"] for i in range(11)})
         by_step = {e["step"]: e for e in losses}
-        lines += ["", "## Loss", "", "| step | loss (mean since last log) | lr |", "|---:|---:|---:|"]
-        for s in marks:
-            e = by_step[s]
-            lines.append(f"| {s} | {_fmt(e.get('loss_avg', e.get('loss')), 4)} | {e.get('lr', 0):.2e} |")
+        lines += ["", "## Loss"]
+        lines += markdown_table(
+            ["step", "loss (mean since last log)", "lr"],
+            [
+                [s, fmt_number(by_step[s].get("loss_avg", by_step[s].get("loss")), 4), f"{by_step[s].get('lr', 0):.2e}"]
+                for s in marks
+            ],
+        )
     lines += [
         "",
         "## Use",
@@ -935,15 +797,6 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
     path = folder / CARD_FILE
     atomic_write_text(path, "\n".join(lines))
     return path
-
-
-def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    try:
-        return f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        return str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1248,7 +1101,7 @@ def load_dt(
         "path": str(folder),
         "format": "namm-transfer" if sidecar else "hf",
         "weights": weights_file.name,
-        "content_hash": _sha256(weights_file),
+        "content_hash": sha256_file(weights_file),
         "env": env,
         "state_dim": state_dim,
         "act_dim": act_dim,

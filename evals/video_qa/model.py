@@ -304,15 +304,14 @@ class NammVideoLlavaModel(NammVideoLlavaPreTrainedModel):
         self,
         input_ids: Tensor | None = None,
         pixel_values_videos: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Merge the video into the prompt and run the language model (its output, ``last_hidden_state`` first).
 
-        Cache arguments (``cache`` / ``past_key_values``, ``use_cache``) pass through to the language
-        model. Pixels are ignored on a decoding step (no placeholder in ``input_ids`` and a filled cache).
+        The other arguments (``attention_mask``, ``position_ids``, the cache: ``cache`` / ``past_key_values``,
+        ``use_cache``) pass through to the language model. Pixels are ignored on a decoding step (no
+        placeholder in ``input_ids`` and a filled cache).
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("give input_ids or inputs_embeds")
@@ -328,9 +327,7 @@ class NammVideoLlavaModel(NammVideoLlavaPreTrainedModel):
                 pixel_values_videos = None
         if input_ids is not None:
             inputs_embeds = self.merge(input_ids, pixel_values_videos, inputs_embeds)
-        return self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-        )
+        return self.language_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
 class NammVideoLlavaForConditionalGeneration(NammVideoLlavaPreTrainedModel, GenerationMixin):

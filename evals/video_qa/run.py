@@ -103,7 +103,6 @@ Importing this module imports neither torch nor transformers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -135,6 +134,7 @@ __all__ = [
     "peak_cache_mb",
     "plot_kept_frames",
     "synthetic_benchmark",
+    "tiny_text_config",
     "tiny_video_llm",
     "token_kept_fractions",
 ]
@@ -300,14 +300,6 @@ def main(args: argparse.Namespace) -> int:
 # data
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def synthetic_benchmark(
     data_dir: str | os.PathLike[str] | None = None,
     *,
@@ -435,6 +427,26 @@ def byte_level_tokenizer() -> Any:
     )
 
 
+def tiny_text_config(tokenizer: Any) -> dict[str, Any]:
+    """Keyword arguments of the tiny models' language-model config (``LlamaConfig``, ``Qwen2Config``).
+
+    The vocabulary of ``tokenizer``, 2 layers, hidden 64, 4 query and 2 KV heads, 1024 positions.
+    """
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.05,
+    )
+
+
 def tiny_video_llm(family: str = "video-llava", tokenizer: Any = None, seed: int = 0) -> tuple[Any, Any]:
     """A tiny random model of a supported family with its real processor class: ``(model, processor)``.
 
@@ -453,19 +465,7 @@ def tiny_video_llm(family: str = "video-llava", tokenizer: Any = None, seed: int
     ids: dict[str, Any] = dict(
         image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>")
     )
-    text: dict[str, Any] = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        initializer_range=0.05,
-    )
+    text = tiny_text_config(tok)
     vision: dict[str, Any] = dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )
@@ -1023,10 +1023,12 @@ def _run(args: argparse.Namespace) -> int:
         info = getattr(namm, "checkpoint_info", {}) or {}
         namm_info = {"name": info.get("name"), "sha256": info.get("content_hash")}
 
+    from namm_transfer.run_folder import sha256_file
+
     settings: dict[str, Any] = {
         "bench": args.bench,
         "annotations": annotations.name,
-        "annotations_sha256": _sha256(annotations) if annotations.is_file() else None,
+        "annotations_sha256": sha256_file(annotations) if annotations.is_file() else None,
         "frames": args.frames,
         "frame_sampling": args.frame_sampling,
         "prompt_template": format_prompt(model, processor, "{prompt}"),

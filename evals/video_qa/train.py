@@ -39,14 +39,27 @@ import math
 import os
 import re
 import shutil
-import tempfile
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from namm_transfer.run_folder import (
+    LOG_FILE,
+    RunConfig,
+    TrainClock,
+    TrainState,
+    append_log,
+    latest_checkpoint,
+    log_start,
+    read_checkpoint,
+    read_log,
+    resume_run,
+    utc_now,
+    write_checkpoint,
+)
 
 from .train_data import QuestionBatcher, batch_metrics, evaluate, load_split, shuffle_options
 
@@ -57,22 +70,20 @@ __all__ = [
     "VideoTrainResult",
     "latest_checkpoint",
     "load_split",
+    "read_log",
     "ship_video_model",
     "train_video_model",
 ]
 
 logger = logging.getLogger(__name__)
 
-LOG_FILE = "train_log.jsonl"
 CURVE_FILE = "training_curve.png"
-CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
 CARD_FILE = "README.md"
-_CKPT_RE = re.compile(r"^step-(\d{7})$")
 
 
 @dataclass
-class VideoTrainConfig:
+class VideoTrainConfig(RunConfig):
     """Settings of one training run (the defaults are the ``device`` preset's model; see :data:`PRESETS`)."""
 
     preset: str = "custom"
@@ -136,14 +147,6 @@ class VideoTrainConfig:
         if self.frames > self.video_frames:
             raise ValueError(f"frames {self.frames} exceeds the video's {self.video_frames} frames")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> VideoTrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
     def model_config(self, text_config: Any) -> Any:
         from .model import NammVideoLlavaConfig
 
@@ -185,33 +188,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         dtype="float32",
         threads=1,
     ),
-    "device": dict(
-        train_videos=6000,
-        val_videos=100,
-        video_frames=64,
-        video_size=64,
-        frames=32,
-        image_size=64,
-        patch_size=8,
-        vision_embed_dim=192,
-        vision_depth=6,
-        vision_heads=3,
-        tokens_per_frame=16,
-        steps=1500,
-        batch_size=16,
-        lr=1e-3,
-        warmup=100,
-        log_every=10,
-        checkpoint_every=250,
-        eval_every=250,
-        device="cuda",
-        dtype="bfloat16",
-        workers=16,
-    ),
+    "device": dict(checkpoint_every=250, eval_every=250, device="cuda", dtype="bfloat16", workers=16),
 }
-"""``cpu-small``: 8 frames of 32 pixels, a 2-layer ViT, 60 steps of 2 questions (minutes on one core);
-``device``: the shipped model (32 frames of 64 pixels, a 6-layer ViT of width 192, 1,500 steps of 16
-questions, bfloat16 on a GPU)."""
+"""What each preset changes in the :class:`VideoTrainConfig` defaults. ``cpu-small``: 8 frames of 32 pixels, a
+2-layer ViT, 60 steps of 2 questions (minutes on one core); ``device``: the shipped model, the defaults (32
+frames of 64 pixels, a 6-layer ViT of width 192, 1,500 steps of 16 questions) in bfloat16 on a GPU."""
 
 IDENTITY_FIELDS = (
     "train_videos",
@@ -271,24 +252,6 @@ def _autocast_factory(cfg: VideoTrainConfig, device: Any) -> Callable[[], Any]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints
-def _checkpoint_dirs(output: Path) -> list[tuple[int, Path]]:
-    root = output / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(output: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint folder under ``output/checkpoints`` (None if there is none)."""
-    dirs = _checkpoint_dirs(Path(output))
-    return dirs[-1][1] if dirs else None
-
-
 def _b64(t: Any) -> str:
     return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
 
@@ -299,133 +262,51 @@ def _unb64(text: str) -> Any:
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
 
 
-def _save_checkpoint(
-    output: Path,
-    step: int,
-    model: Any,
-    opt: Any,
-    sched: Any,
-    rng: np.random.Generator,
-    cfg: VideoTrainConfig,
-    extra: dict[str, Any],
-) -> Path:
+def _save_checkpoint(output: Path, step: int, st: TrainState, cfg: VideoTrainConfig, train_seconds: float) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from namm_transfer.results import atomic_write_text
-
-    root = output / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
-    try:
-        weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.trainable_state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        state = {
+    def write(folder: Path) -> dict[str, Any]:
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in st.model.trainable_state_dict().items()}
+        save_file(weights, str(folder / "model.safetensors"))
+        torch.save(st.optimizer.state_dict(), folder / "optimizer.pt")
+        return {
             "format": "namm-transfer-video-checkpoint/1",
             "step": step,
             "config": cfg.to_dict(),
-            "scheduler": sched.state_dict(),
-            "numpy_rng": _jsonable(rng.bit_generator.state),
+            "scheduler": st.scheduler.state_dict(),
+            "numpy_rng": st.rng.bit_generator.state,
             "torch_rng": _b64(torch.get_rng_state()),
             "cuda_rng": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-            **extra,
+            "train_seconds": train_seconds,
         }
-        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in _checkpoint_dirs(output)[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+    return write_checkpoint(output, step, cfg.keep_checkpoints, write)
 
 
-def _load_checkpoint(
-    path: Path, model: Any, opt: Any, sched: Any, rng: np.random.Generator, cfg: VideoTrainConfig
-) -> dict[str, Any]:
+def _load_checkpoint(path: Path, st: TrainState, cfg: VideoTrainConfig) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    saved = VideoTrainConfig.from_dict(state.get("config") or {})
-    diffs = [
-        f"{k}: {getattr(saved, k)!r} != {getattr(cfg, k)!r}"
-        for k in IDENTITY_FIELDS
-        if getattr(saved, k) != getattr(cfg, k)
-    ]
-    if diffs:
-        raise ValueError(
-            f"checkpoint {path} belongs to another training run ({'; '.join(diffs)}); use another --output or "
-            "--restart to start afresh"
-        )
-    dev = next(model.model.multi_modal_projector.parameters()).device
+    state = read_checkpoint(path, cfg, IDENTITY_FIELDS, "--restart")
+    dev = next(st.model.model.multi_modal_projector.parameters()).device
     weights = load_file(str(path / "model.safetensors"), device=str(dev))
-    missing = set(model.trainable_state_dict()) ^ set(weights)
+    missing = set(st.model.trainable_state_dict()) ^ set(weights)
     if missing:
         raise ValueError(f"checkpoint {path} does not fit the model: {sorted(missing)[:5]}")
-    model.load_state_dict(weights, strict=False)
-    opt.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
-    sched.load_state_dict(state["scheduler"])
-    rng.bit_generator.state = state["numpy_rng"]
+    st.model.load_state_dict(weights, strict=False)
+    st.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
+    st.scheduler.load_state_dict(state["scheduler"])
+    st.rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(_unb64(state["torch_rng"]))
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda_rng"]])
-    return dict(state)
+    return state
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return obj
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# log
-def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Entries of a ``train_log.jsonl`` (a truncated last line is skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("ignoring a truncated line in %s", p)
-    return out
-
-
-def _append_log(path: Path, entry: Mapping[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(_jsonable(dict(entry))) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    from namm_transfer.results import atomic_write_text
-
-    keep = [
-        e
-        for e in read_log(path)
-        if int(e.get("step", 0)) <= step and e.get("event") not in ("end", "time_budget") and not e.get("final")
-    ]
-    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in keep))
-
-
-def _now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+def _keep_on_resume(entry: Mapping[str, Any]) -> bool:
+    """Log entries of the end of a run (final eval, time budget, end) go when it resumes (``steps`` may grow)."""
+    return entry.get("event") not in ("end", "time_budget") and not entry.get("final")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -534,26 +415,16 @@ def train_video_model(
     rng = np.random.default_rng(cfg.seed)
     autocast = _autocast_factory(cfg, device)
 
-    step, elapsed, resumed_from = 0, 0.0, None
-    ckpt = latest_checkpoint(out) if resume else None
     if not resume:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
-    if ckpt is not None:
-        state = _load_checkpoint(ckpt, model, opt, sched, rng, cfg)
-        step = resumed_from = int(state["step"])
-        elapsed = float(state.get("train_seconds", 0.0))
-        _truncate_log(log_path, step)
-        logger.info("resuming from %s (step %d)", ckpt, step)
-    elif log_path.exists():
-        log_path.unlink()
+    st = TrainState(model, opt, sched, rng)
+    step, elapsed = resume_run(out, lambda ckpt: _load_checkpoint(ckpt, st, cfg), resume, _keep_on_resume)
+    resumed_from = step or None
     if step == 0:
-        _append_log(
+        log_start(
             log_path,
             {
-                "step": 0,
-                "event": "start",
-                "time": _now(),
+                "time": utc_now(),
                 "config": cfg.to_dict(),
                 "model_config": {k: v for k, v in mcfg.to_dict().items() if k != "text_config"},
                 "trainable_parameters": sum(p.numel() for p in params),
@@ -583,7 +454,7 @@ def train_video_model(
         bar = tqdm(total=cfg.steps, initial=step, desc="video train", unit="step", dynamic_ncols=True)
     model.train()
     language_model.eval()
-    t_last = time.perf_counter()
+    clock = TrainClock(elapsed)
     t_window = elapsed
     try:
         while step < target:
@@ -608,9 +479,7 @@ def train_video_model(
                 on_step(step, value)
             if bar is not None:
                 bar.update(1)
-            now = time.perf_counter()
-            elapsed += now - t_last
-            t_last = now
+            elapsed = clock.tick()
             budget_hit = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s and step < target
             if step % cfg.log_every == 0 or step == target or budget_hit:
                 span = max(elapsed - t_window, 1e-9)
@@ -624,21 +493,21 @@ def train_video_model(
                     "seconds_per_step": round(span / len(window["loss"]), 4),
                     "tokens_per_s": round(sum(window["tokens"]) / span, 1),
                 }
-                _append_log(log_path, entry)
+                append_log(log_path, entry)
                 if bar is not None:
                     bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['acc']:.2f}")
                 window = {k: [] for k in window}
                 t_window = elapsed
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not budget_hit:
                 val = evaluate(model, batcher, val_s, val_f, cfg.batch_size, autocast)
-                _append_log(log_path, {"step": step, "event": "eval", **val})
+                append_log(log_path, {"step": step, "event": "eval", **val})
                 logger.info("step %d: val accuracy %.3f", step, val["val_acc"])
-                t_last = time.perf_counter()
+                clock.skip()
             if step % cfg.checkpoint_every == 0 or step == target or budget_hit:
-                _save_checkpoint(out, step, model, opt, sched, rng, cfg, {"train_seconds": elapsed})
-                t_last = time.perf_counter()
+                _save_checkpoint(out, step, st, cfg, elapsed)
+                clock.skip()
             if budget_hit:
-                _append_log(log_path, {"step": step, "event": "time_budget", "seconds": round(elapsed, 1)})
+                append_log(log_path, {"step": step, "event": "time_budget", "seconds": round(elapsed, 1)})
                 logger.warning("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
                 break
     finally:
@@ -651,9 +520,9 @@ def train_video_model(
 
     model.eval()
     val = evaluate(model, batcher, val_s, val_f, cfg.batch_size, autocast)
-    _append_log(log_path, {"step": step, "event": "eval", "final": True, **val})
+    append_log(log_path, {"step": step, "event": "eval", "final": True, **val})
     model_dir = model.save_pretrained(out / MODEL_DIR, processor=processor)
-    _append_log(log_path, {"step": step, "event": "end", "time": _now(), "seconds": round(elapsed, 1)})
+    append_log(log_path, {"step": step, "event": "end", "time": utc_now(), "seconds": round(elapsed, 1)})
     from .train_card import write_card, write_curve
 
     write_curve(log_path, out / CURVE_FILE)

@@ -7,20 +7,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from namm_transfer.results import atomic_write_text
+from namm_transfer.run_folder import fmt_number, markdown_table, read_log
+
 __all__ = ["write_card", "write_curve"]
 
 _TEXT_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct, loaded through the offline route; "}
 
 
-def _read(log_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    from .train import read_log
-
-    return read_log(log_path)
-
-
 def write_curve(log_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path | None:
     """Training loss, training and val accuracy over steps as a PNG; None without matplotlib or log entries."""
-    rows = _read(log_path)
+    rows = read_log(log_path)
     steps = [r for r in rows if "loss" in r and "event" not in r]
     if not steps:
         return None
@@ -53,19 +50,10 @@ def write_curve(log_path: str | os.PathLike[str], out: str | os.PathLike[str]) -
     return path
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    try:
-        return f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str], name: str | None = None) -> Path:
     """Write ``README.md`` into a model folder from its config.json and the run's log."""
     folder = Path(folder)
-    rows = _read(log_path)
+    rows = read_log(log_path)
     start = next((r for r in rows if r.get("event") == "start"), {})
     end: dict[str, Any] = next((r for r in reversed(rows) if r.get("event") == "end"), {})
     steps = [r for r in rows if "loss" in r and "event" not in r]
@@ -93,7 +81,7 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         "video first and question after it.",
         "",
         f"This folder holds only the vision tower and projector ({start.get('trainable_parameters', '?')} parameters, "
-        f"{_fmt(size_mb, 1)} MB): `config.json`, `model.safetensors`, `processor_config.json`.",
+        f"{fmt_number(size_mb, 1)} MB): `config.json`, `model.safetensors`, `processor_config.json`.",
         "",
         "## Data",
         f"- synthetic benchmark (`namm_transfer.evals.video_qa.synthetic`), train split: {cfg.get('train_videos')} "
@@ -116,8 +104,9 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         f"- {steps[-1]['step'] if steps else 0} steps of {cfg.get('batch_size')} questions, AdamW lr {cfg.get('lr')} "
         f"(warmup {cfg.get('warmup')}, cosine to 10%), weight decay {cfg.get('weight_decay')}, grad clip "
         f"{cfg.get('grad_clip')}, seed {cfg.get('seed')}, language model in {cfg.get('dtype')} on {cfg.get('device')}",
-        f"- {_fmt(end.get('seconds'), 0)} s of training; {_fmt(steps[-1].get('seconds_per_step') if steps else None)} "
-        f"s per step, {_fmt(steps[-1].get('tokens_per_s') if steps else None, 0)} tokens/s at the end",
+        f"- {fmt_number(end.get('seconds'), 0)} s of training; "
+        f"{fmt_number(steps[-1].get('seconds_per_step') if steps else None, 3)} s per step, "
+        f"{fmt_number(steps[-1].get('tokens_per_s') if steps else None, 0)} tokens/s at the end",
     ]
     if budget:
         lines.append(f"- stopped by the time budget at step {budget['step']} (of {cfg.get('steps')} planned)")
@@ -125,24 +114,33 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         "",
         "## Results (teacher-forced answer letter)",
         "",
-        f"Final val accuracy: **{_fmt(100 * float(final['val_acc']) if final else None, 1)}%** greedy letter over "
-        f"the whole vocabulary ({_fmt(100 * float(final['val_acc4']) if final else None, 1)}% among the option "
-        f"letters), {final.get('val_n', '?')} questions, chance 25%.",
+        f"Final val accuracy: **{fmt_number(100 * float(final['val_acc']) if final else None, 1)}%** greedy letter "
+        f"over the whole vocabulary ({fmt_number(100 * float(final['val_acc4']) if final else None, 1)}% among the "
+        f"option letters), {final.get('val_n', '?')} questions, chance 25%.",
     ]
     if evals:
-        lines += ["", "| step | val loss | val acc % | val acc (letters) % |", "|---:|---:|---:|---:|"]
-        for r in evals:
-            lines.append(
-                f"| {r['step']} | {_fmt(r.get('val_loss'))} | {_fmt(100 * r['val_acc'], 1)} | "
-                f"{_fmt(100 * r['val_acc4'], 1)} |"
-            )
+        lines += markdown_table(
+            ["step", "val loss", "val acc %", "val acc (letters) %"],
+            [
+                [
+                    r["step"],
+                    fmt_number(r.get("val_loss"), 3),
+                    fmt_number(100 * r["val_acc"], 1),
+                    fmt_number(100 * r["val_acc4"], 1),
+                ]
+                for r in evals
+            ],
+        )
     if steps:
         marks = sorted({steps[round(i * (len(steps) - 1) / 8)]["step"] for i in range(9)})
         by = {r["step"]: r for r in steps}
-        lines += ["", "| step | train loss | train acc % | lr |", "|---:|---:|---:|---:|"]
-        for s in marks:
-            r = by[s]
-            lines.append(f"| {s} | {_fmt(r['loss'])} | {_fmt(100 * r['acc'], 1)} | {float(r['lr']):.2e} |")
+        lines += markdown_table(
+            ["step", "train loss", "train acc %", "lr"],
+            [
+                [s, fmt_number(by[s]["loss"], 3), fmt_number(100 * by[s]["acc"], 1), f"{float(by[s]['lr']):.2e}"]
+                for s in marks
+            ],
+        )
     versions = start.get("versions") or {}
     lines += [
         "",
@@ -159,8 +157,6 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items() if v)}.",
         "",
     ]
-    from namm_transfer.results import atomic_write_text
-
     path = folder / "README.md"
     atomic_write_text(path, "\n".join(lines))
     return path
