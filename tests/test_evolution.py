@@ -127,6 +127,13 @@ def test_warm_start_collects_balanced_rows_and_fits_a_learnable_rule(model):
     assert metrics["accuracy"] > 0.75  # chance is 0.5
     assert torch.isfinite(namm.get_flat()).all()
 
+    # a higher keep share labels more of every row "keep"
+    keep = WarmStartConfig(update_interval=16, chunk_size=8, min_future=16, keep_fraction=0.8)
+    rows80 = collect_warmstart_data(model, namm, _pools(n=2, length=64)["alpha"], keep)
+    assert 0.7 < float(torch.cat([y for _, y in rows80]).mean()) < 0.9
+    with pytest.raises(ValueError, match="keep_fraction"):
+        WarmStartConfig(keep_fraction=0.0)
+
 
 def _dist_worker(rank, world, init_file, run_dir):
     import torch.distributed as dist

@@ -58,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--warm-start-steps", type=int, default=300)
     p.add_argument(
+        "--warm-start-keep",
+        type=float,
+        default=0.5,
+        help="share of each row labelled 'keep' (by future attention) in the warm start; higher values give a "
+        "NAMM that evicts less at each update (default 0.5)",
+    )
+    p.add_argument(
         "--warm-start-prompts",
         type=int,
         default=4,
@@ -191,7 +198,11 @@ def _warm_start(
     stage1 = [p for t in stages[0][0] for p in pools[t][: args.warm_start_prompts]]
     estimate_normalization(model, namm, stage1, fit.update_interval, fit.chunk_size)
     ws = WarmStartConfig(
-        update_interval=fit.update_interval, chunk_size=fit.chunk_size, steps=args.warm_start_steps, seed=args.seed
+        update_interval=fit.update_interval,
+        chunk_size=fit.chunk_size,
+        steps=args.warm_start_steps,
+        keep_fraction=args.warm_start_keep,
+        seed=args.seed,
     )
     rows = collect_warmstart_data(model, namm, stage1, ws)
     metrics = fit_scorer(namm, rows, ws)

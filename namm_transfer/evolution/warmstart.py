@@ -46,6 +46,10 @@ class WarmStartConfig:
     max_tokens_per_row: int = 1024
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must lie in (0, 1], got {self.keep_fraction}")
+
 
 class _Recorder(NAMMPolicy):
     """Keeps every token; snapshots scorer inputs at each update and accumulates later attention."""
