@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The run behind the shipped bam.smollm2-135m (CPU settings; resumable: rerun the same command).
-exec /work/venv/bin/python -m namm_transfer.cli --log-level INFO evolve --model smollm2-135m --dtype bfloat16 \
+exec "${PYTHON:-python}" -m namm_transfer.cli --log-level INFO evolve --model smollm2-135m --dtype bfloat16 \
   --run-dir training/evolve-smollm2 \
   --stages passkey,kv_retrieval:12 --stages passkey,kv_retrieval,multikey_needle:8 \
   --lengths 768,1024 --pool-size 8 --prompts-per-task 1 \
