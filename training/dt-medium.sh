@@ -7,5 +7,5 @@ command -v namm-transfer >/dev/null || export PATH="${VENV:-.venv}/bin:$PATH"   
 env_name=${1:?usage: $0 ENV [STEPS]}
 steps=${2:-6000}
 namm-transfer rl collect --env "$env_name" --level medium --max-steps 1000000 --threads 1
-namm-transfer rl train --env "$env_name" --level medium --steps "$steps" --warmup 1000 --eval-every 0 \
+namm-transfer rl train --env "$env_name" --level medium --steps "$steps" --eval-every 0 \
   --eval-episodes 10 --threads 1 --no-progress --output "runs/dt/$env_name-medium" --ship

@@ -5,7 +5,7 @@ Importing this module is cheap (no torch, transformers or gymnasium): they load 
 Examples::
 
     namm-transfer rl train --env hopper --level medium                 # -> runs/dt/hopper-medium
-    namm-transfer rl train --env all --steps 20000 --ship              # train all three and ship them
+    namm-transfer rl train --env all --ship                            # train all three and ship them
     namm-transfer rl train --env hopper --output runs/dt/hopper-medium # again: resumes from the last checkpoint
 
 The canonical configuration (K = 20, 3 layers, hidden 128, 1 head, ReLU, dropout 0.1, AdamW lr 1e-4, weight decay
@@ -41,12 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="D4RL-format .hdf5 file (a folder of {env}-{level}.hdf5 files with --env all); default "
         "$NAMM_TRANSFER_CACHE/d4rl/{env}-{level}.hdf5 as written by `namm-transfer rl collect`",
     )
-    parser.add_argument("--steps", type=int, default=20_000, help="gradient steps in total (default 20000)")
+    parser.add_argument(
+        "--steps", type=int, default=6_000, help="gradient steps in total (default 6000, as the shipped DTs)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="segments per batch (default 64)")
     parser.add_argument("--context", type=int, default=20, help="K, timesteps per segment (default 20)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
-    parser.add_argument("--warmup", type=int, default=10_000, help="linear warmup steps (default 10000)")
+    parser.add_argument("--warmup", type=int, default=1_000, help="linear warmup steps (default 1000)")
     parser.add_argument("--grad-clip", type=float, default=0.25, help="gradient norm clip (default 0.25)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialization, sampling and dropout")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
