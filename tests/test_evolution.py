@@ -133,6 +133,9 @@ def test_warm_start_collects_balanced_rows_and_fits_a_learnable_rule(model):
     assert 0.7 < float(torch.cat([y for _, y in rows80]).mean()) < 0.9
     with pytest.raises(ValueError, match="keep_fraction"):
         WarmStartConfig(keep_fraction=0.0)
+    # calibration: the readout bias is shifted so that score >= 0 keeps the requested share
+    cal = WarmStartConfig(steps=20, lr=2e-2, keep_fraction=0.8, calibrate=True)
+    assert fit_scorer(namm, synthetic, cal)["kept_fraction"] == pytest.approx(0.8, abs=0.03)
 
 
 def _dist_worker(rank, world, init_file, run_dir):

@@ -65,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "NAMM that evicts less at each update (default 0.5)",
     )
     p.add_argument(
+        "--warm-start-calibrate",
+        action="store_true",
+        help="shift the warm start's readout bias so that it keeps --warm-start-keep of the training tokens",
+    )
+    p.add_argument(
         "--warm-start-prompts",
         type=int,
         default=4,
@@ -202,6 +207,7 @@ def _warm_start(
         chunk_size=fit.chunk_size,
         steps=args.warm_start_steps,
         keep_fraction=args.warm_start_keep,
+        calibrate=args.warm_start_calibrate,
         seed=args.seed,
     )
     rows = collect_warmstart_data(model, namm, stage1, ws)

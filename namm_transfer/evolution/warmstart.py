@@ -45,6 +45,9 @@ class WarmStartConfig:
     rows_per_batch: int = 32
     max_tokens_per_row: int = 1024
     seed: int = 0
+    calibrate: bool = False
+    """after the fit, shift the readout bias so that ``score >= 0`` keeps ``keep_fraction`` of the training
+    tokens (a logistic fit to unbalanced labels can otherwise collapse to keeping everything)"""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep_fraction <= 1.0:
@@ -146,7 +149,13 @@ def fit_scorer(
         loss_val = loss.item()
         if step % 50 == 0:
             logger.info("warm start step %d loss %.4f", step, loss_val)
-    namm.set_flat(theta.detach())
+    theta = theta.detach()
+    if cfg.calibrate:
+        with torch.no_grad():
+            scores = torch.cat([namm.score(x.unsqueeze(0), theta=theta)[0] for x, _ in rows])
+            cut = torch.quantile(scores.float(), 1.0 - cfg.keep_fraction)
+            theta[-1] -= cut.to(theta.dtype)  # b_out, the last entry of the flat layout
+    namm.set_flat(theta)
     with torch.no_grad():
         correct = total = kept = 0
         for x, y in rows:
