@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_results import COMMON_SUMMARY_KEYS  # noqa: E402
 
 from namm_transfer.cli import main as cli_main
 
@@ -192,21 +193,7 @@ def test_language_eval_end_to_end_resume_and_refusal(assets, tmp_path, capsys):
 
     # summary
     summary = json.loads(out.read_text())
-    for key in (
-        "command",
-        "target",
-        "model",
-        "namm_checkpoint",
-        "settings",
-        "versions",
-        "hardware",
-        "started",
-        "finished",
-        "rows",
-        "breakdown",
-        "by_length",
-        "managed_layers",
-    ):
+    for key in (*COMMON_SUMMARY_KEYS, "by_length", "managed_layers"):
         assert key in summary, key
     assert summary["target"] == "language" and summary["command"].startswith("namm-transfer eval --target language")
     assert summary["managed_layers"] == [0, 1] and summary["breakdown_by"] == "task"

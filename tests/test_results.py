@@ -18,6 +18,21 @@ from namm_transfer.results import (
     summarize,
 )
 
+COMMON_SUMMARY_KEYS = (
+    "command",
+    "target",
+    "model",
+    "namm_checkpoint",
+    "settings",
+    "versions",
+    "hardware",
+    "started",
+    "finished",
+    "rows",
+    "breakdown",
+)
+"""Keys every results summary (NAME.json) carries, whatever the target (the common format)."""
+
 SETTINGS = {"budget": 0.25, "update_interval": 64, "seeds": [0, 1]}
 CKPT = {"name": "bam.smollm2-135m", "sha256": "ab" * 32}
 
@@ -132,19 +147,7 @@ def test_finalize_schema(tmp_path):
     path = w.finalize(summarize(recs), breakdown_by(recs, "task"), extra={"breakdown_by": "task"})
     assert path == tmp_path / "lang.json"
     summary = json.loads(path.read_text())
-    for key in (
-        "command",
-        "target",
-        "model",
-        "namm_checkpoint",
-        "settings",
-        "versions",
-        "hardware",
-        "started",
-        "finished",
-        "rows",
-        "breakdown",
-    ):
+    for key in COMMON_SUMMARY_KEYS:
         assert key in summary, key
     assert summary["command"] == "namm-transfer eval --target language"
     assert summary["namm_checkpoint"] == CKPT
