@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("h5py")
 
+from card_checks import assert_card_code_ok  # noqa: E402
 from namm_transfer.evals.offline_rl import train as train_mod  # noqa: E402
 from namm_transfer.evals.offline_rl.datasets import write_d4rl_hdf5  # noqa: E402
 from namm_transfer.evals.offline_rl.train import (  # noqa: E402
@@ -158,6 +159,7 @@ def test_train_resumes_exactly_and_saves_a_loadable_model(tmp_path):
     assert side["dataset"]["metadata"]["env_name"] == "hopper" and side["dataset"]["num_trajectories"] == 6
     card = (tmp_path / "a" / "README.md").read_text()
     assert "hopper-medium" in card and "Loss" in card
+    assert_card_code_ok(card)
 
     model, info = load_dt(tmp_path / "a")
     assert info["env"] == "hopper" and info["stats_source"] == "sidecar" and info["format"] == "namm-transfer"
@@ -485,3 +487,10 @@ def test_eval_shards_whole_batches_by_rank(eval_setup, monkeypatch):
     # rank 1 of 2 gets the second (env, batch) group: episode 1 of hopper, with NAMM added for the replay
     assert sorted(r["key"] for r in records) == ["hopper/h2o/ep001", "hopper/namm/ep001"]
     assert not (root / "shard.jsonl").exists()
+
+
+def test_shipped_dt_cards_code_is_formatted():
+    cards = sorted(train_mod.shipped_dt_dir().glob("*/README.md"))
+    assert cards, "the package ships Decision Transformers with cards"
+    for card in cards:
+        assert_card_code_ok(card.read_text(encoding="utf-8"))

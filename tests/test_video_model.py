@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("av")
 
+from card_checks import assert_card_code_ok  # noqa: E402
 from namm_transfer.adapters.video_llm import (  # noqa: E402
     VideoQASession,
     build_inputs,
@@ -297,6 +298,7 @@ def test_training_resumes_to_the_same_weights(tok, train_data, tmp_path, monkeyp
     assert [e.get("event") for e in log if e.get("event")] == ["start", "eval", "end"]
     card = (run / "model" / "README.md").read_text()
     assert "3 steps of 2 questions" in card and "Final val accuracy" in card
+    assert_card_code_ok(card)
 
     # another run's settings are refused; --ship copies model, card, log
     with pytest.raises(ValueError, match="another training run"):
