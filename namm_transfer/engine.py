@@ -356,19 +356,23 @@ class EvictionEngine:
         # outputs are never used and this keeps every value finite
         mask = mask | ~mask.any(-1, keepdim=True)
         qg = query.reshape(b, h, g * q, d)
-        mg = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, q, s).reshape(mask.shape[0], -1, g * q, s)
         need_rows = st is not None and self.policy.needs_attention
         if need_rows or softcap is not None:
-            scores = torch.matmul(qg.float(), key.float().transpose(-1, -2)) * scaling
+            # explicit float32 attention, the probabilities shared by the output and the policy's rows; the
+            # (B, H, Q, S) mask is broadcast over the query groups and applied in place (no g-fold copies)
+            scores = torch.matmul(qg.float(), key.float().transpose(-1, -2)).mul_(scaling)
             if softcap is not None:
-                scores = torch.tanh(scores / softcap) * softcap
-            probs = torch.softmax(scores.masked_fill(~mg, float("-inf")), dim=-1)
-            out = torch.matmul(probs.to(value.dtype), value)
+                scores.div_(softcap).tanh_().mul_(softcap)
+            scores.view(b, h, g, q, s).masked_fill_(~mask.unsqueeze(2), float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            del scores
+            out = torch.matmul(probs if value.dtype == torch.float32 else probs.to(value.dtype), value)
             if need_rows:
                 assert st is not None
-                rows = probs.view(b, h, g, q, s).mean(2) * chunk["valid"].view(b, 1, q, 1)
+                rows = probs.view(b, h, g, q, s).mean(2).mul_(chunk["valid"].view(b, 1, q, 1))
                 self.policy.observe(st, rows)
         else:
+            mg = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, q, s).reshape(mask.shape[0], -1, g * q, s)
             out = F.scaled_dot_product_attention(qg, key, value, attn_mask=mg, scale=scaling)
         return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
 

@@ -188,11 +188,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         dtype="float32",
         threads=1,
     ),
+    "cpu": dict(
+        train_videos=2000,
+        val_videos=50,
+        frames=32,
+        image_size=32,
+        patch_size=8,
+        vision_embed_dim=96,
+        vision_depth=2,
+        vision_heads=3,
+        tokens_per_frame=16,
+        steps=750,
+        batch_size=4,
+        lr=1e-3,
+        warmup=25,
+        log_every=5,
+        checkpoint_every=10,
+        eval_every=150,
+        device="cpu",
+        dtype="float32",
+        threads=1,
+    ),
     "device": dict(checkpoint_every=250, eval_every=250, device="cuda", dtype="bfloat16", workers=16),
 }
 """What each preset changes in the :class:`VideoTrainConfig` defaults. ``cpu-small``: 8 frames of 32 pixels, a
-2-layer ViT, 60 steps of 2 questions (minutes on one core); ``device``: the shipped model, the defaults (32
-frames of 64 pixels, a 6-layer ViT of width 192, 1,500 steps of 16 questions) in bfloat16 on a GPU."""
+2-layer ViT, 60 steps of 2 questions (minutes on one core: a smoke run); ``cpu``: the same small ViT on 32 of
+the 64 frames of the eval's 64-pixel videos (downscaled to 32 pixels, 16 tokens per frame), 750 steps of 4
+questions in float32 on one core (about 30 s a step here, so several resumed sessions: train it with
+``--time-budget`` and rerun; bfloat16 matmuls run about 7x slower than float32 on these CPUs); ``device``: the
+shipped model, the defaults (32 frames of 64 pixels, a 6-layer ViT of width 192, 1,500 steps of 16 questions)
+in bfloat16 on a GPU."""
 
 IDENTITY_FIELDS = (
     "train_videos",
