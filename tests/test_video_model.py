@@ -6,6 +6,7 @@ A tiny random Llama with a byte-level tokenizer stands in for SmolLM2; frames co
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -359,3 +360,18 @@ def test_cli_train_ship_and_eval_the_shipped_model(tok, tmp_path, monkeypatch, c
     assert rows["full"]["retained_video"] == 1.0 and rows["full"]["n"] == 2
     assert rows["h2o"]["retained_cache"] == pytest.approx(rows["namm"]["retained_cache"], abs=1e-6)  # replayed
     assert 0.0 < rows["namm"]["retained_video"] <= 1.0 and "retained_text" in rows["namm"]
+
+
+@pytest.mark.parametrize("preset", ["cpu", "device"])
+def test_training_presets_meet_the_model_spec(preset):
+    """The presets that can produce the shipped model: >= 32 frames per video, >= 16 tokens per frame, the
+    eval's synthetic videos (64 frames of 64 px) and a square token grid; only the device preset uses bfloat16."""
+    from namm_transfer.evals.video_qa.run import SYNTHETIC_DEFAULTS
+    from namm_transfer.evals.video_qa.train import PRESETS
+
+    cfg = VideoTrainConfig(**PRESETS[preset])
+    assert cfg.frames >= 32 and cfg.tokens_per_frame >= 16
+    assert math.isqrt(cfg.tokens_per_frame) ** 2 == cfg.tokens_per_frame
+    assert (cfg.video_frames, cfg.video_size) == (SYNTHETIC_DEFAULTS["frames_per_video"], SYNTHETIC_DEFAULTS["size"])
+    assert (cfg.image_size // cfg.patch_size) ** 2 >= cfg.tokens_per_frame
+    assert (cfg.dtype == "bfloat16") == (cfg.device == "cuda")
