@@ -29,7 +29,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .namm import NAMM, NAMMConfig
+from .results import atomic_write_bytes
 from .run_folder import sha256_file
 
 __all__ = [
@@ -185,22 +185,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"provenance value of type {type(obj).__name__} is not JSON serializable: {obj!r}")
 
 
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_namm(
     namm: NAMM,
     path: str | os.PathLike[str],
@@ -238,7 +222,7 @@ def save_namm(
         for key in ("flat", "feature_mean", "feature_std")
     }
     data = st_save(tensors, metadata={"format": FORMAT})
-    _atomic_write_bytes(weights, data)
+    atomic_write_bytes(weights, data)
     digest = content_hash(weights)
 
     record = {
@@ -253,7 +237,7 @@ def save_namm(
         "weights": weights.name,
     }
     text = json.dumps(record, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
-    _atomic_write_bytes(config, text.encode("utf-8"))
+    atomic_write_bytes(config, text.encode("utf-8"))
     logger.info("saved NAMM %r to %s (sha256 %s)", record["name"], config, digest[:12])
     return config
 

@@ -278,3 +278,18 @@ def test_two_real_processes_then_merge(tmp_path):
     w = make_writer(out, settings={"b": 1}, model="tiny", namm_checkpoint=None)
     assert w.done_keys() == {f"full/{i}" for i in range(9)}
     assert summarize(w.records())[0]["score"] == 4.0
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from namm_transfer.results import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").read_text() == "{}\n"
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left behind
