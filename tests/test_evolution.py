@@ -163,3 +163,48 @@ def test_two_local_workers_equal_a_single_process(model, tmp_path):
     np.testing.assert_allclose([r["fitness"] for r in dist_rows], [r["fitness"] for r in single.history], atol=1e-6)
     # (means are not compared: near-tied fitness values may rank differently at 1e-7 noise)
     assert load_namm(tmp_path / "dist" / "namm").checkpoint_info["provenance"]["generations"] == 3
+
+
+def test_cli_warm_start_evolve_and_ship(tmp_path, monkeypatch, capsys):
+    """`namm-transfer evolve --warm-start --warm-start-keep 0.8 --warm-start-calibrate ... --ship NAME` end to end on a
+    tiny host: the warm start records its settings, one generation is logged, the shipped mean loads, the card
+    tells the run's story."""
+    from tiny_models import byte_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import namm_transfer.checkpoint as ckpt
+    import namm_transfer.models as models_mod
+    from namm_transfer.cli import main
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    host = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=4096,
+            attn_implementation="sdpa",
+        )
+    ).eval()
+    monkeypatch.setattr(models_mod, "load_model", lambda *a, **k: (host, tok))
+    monkeypatch.setattr(ckpt, "WEIGHTS_DIR", tmp_path / "weights")
+    run = tmp_path / "run"
+    argv = ["evolve", "--model", "tiny", "--run-dir", str(run), "--stages", "passkey:1", "--population", "4"]
+    argv += ["--lengths", "400", "--pool-size", "2", "--update-interval", "64", "--chunk-size", "64"]
+    argv += ["--warm-start", "--warm-start-prompts", "1", "--warm-start-steps", "3", "--warm-start-keep", "0.8"]
+    argv += ["--warm-start-calibrate", "--cache-weight", "1.0", "--ship", "tiny-test"]
+    assert main(argv) == 0
+    prov = json.loads((run / "warmstart" / "config.json").read_text())["provenance"]
+    assert prov["keep_label_share"] == 0.8 and prov["calibrated"] is True and prov["steps"] == 3
+    assert abs(prov["kept_fraction"] - 0.8) < 0.05, "calibration keeps the asked share of the training tokens"
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1
+    shipped = load_namm(tmp_path / "weights" / "tiny-test")
+    assert torch.equal(shipped.get_flat(), load_namm(run / "namm").get_flat())
+    card = (tmp_path / "weights" / "tiny-test" / "README.md").read_text()
+    assert "generations run: 1" in card and "| 0 | 0 |" in card
+    assert "top 80% of each row by future attention are 'keep', readout bias calibrated" in card
+    assert "shipped as tiny-test" in capsys.readouterr().out

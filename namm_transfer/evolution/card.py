@@ -103,7 +103,14 @@ def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: s
             "",
             "Warm start (supervised, future attention in full-cache runs of the stage-1 training prompts): "
             f"{prov.get('rows')} (layer, head, update) rows, train accuracy {nan(prov.get('accuracy')):.3f}, "
-            f"kept fraction per update {nan(prov.get('kept_fraction')):.3f}, loss {nan(prov.get('loss')):.4f}.",
+            f"kept fraction per update {nan(prov.get('kept_fraction')):.3f}, loss {nan(prov.get('loss')):.4f}"
+            + (
+                f"; labels: the top {nan(prov['keep_label_share']):.0%} of each row by future attention are 'keep'"
+                + (", readout bias calibrated to keep that share" if prov.get("calibrated") else "")
+                if "keep_label_share" in prov
+                else ""
+            )
+            + ".",
         ]
     if curve:
         lines += ["", "![fitness](fitness.png)"]

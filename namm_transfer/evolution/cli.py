@@ -220,7 +220,12 @@ def _warm_start(
             "trainer": "supervised warm start (future attention)",
             **metrics,
             "model": args.model,
+            "dtype": args.dtype,
             "rows": len(rows),
+            "prompts": len(stage1),
+            "steps": args.warm_start_steps,
+            "keep_label_share": args.warm_start_keep,
+            "calibrated": bool(args.warm_start_calibrate),
         },
     )
     return namm
