@@ -366,7 +366,7 @@ class EvictionEngine:
             scores.view(b, h, g, q, s).masked_fill_(~mask.unsqueeze(2), float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             del scores
-            out = torch.matmul(probs if value.dtype == torch.float32 else probs.to(value.dtype), value)
+            out = torch.matmul(probs.to(value.dtype), value)
             if need_rows:
                 assert st is not None
                 rows = probs.view(b, h, g, q, s).mean(2).mul_(chunk["valid"].view(b, 1, q, 1))

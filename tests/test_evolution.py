@@ -169,27 +169,16 @@ def test_cli_warm_start_evolve_and_ship(tmp_path, monkeypatch, capsys):
     """`namm-transfer evolve --warm-start --warm-start-keep 0.8 --warm-start-calibrate ... --ship NAME` end to end on a
     tiny host: the warm start records its settings, one generation is logged, the shipped mean loads, the card
     tells the run's story."""
-    from tiny_models import byte_tokenizer
+    from namm_transfer.evals.video_qa.run import byte_level_tokenizer, tiny_text_config
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import namm_transfer.checkpoint as ckpt
     import namm_transfer.models as models_mod
     from namm_transfer.cli import main
 
-    tok = byte_tokenizer()
+    tok = byte_level_tokenizer()
     torch.manual_seed(0)
-    host = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=4096,
-            attn_implementation="sdpa",
-        )
-    ).eval()
+    host = LlamaForCausalLM(LlamaConfig(**tiny_text_config(tok), attn_implementation="sdpa")).eval()
     monkeypatch.setattr(models_mod, "load_model", lambda *a, **k: (host, tok))
     monkeypatch.setattr(ckpt, "WEIGHTS_DIR", tmp_path / "weights")
     run = tmp_path / "run"

@@ -51,18 +51,3 @@ def tiny_decoder(family: str, seed: int = 0, layers: int = 2) -> torch.nn.Module
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
-
-
-def byte_tokenizer():
-    """A byte-level fast tokenizer (259 ids: <unk>, <s>, </s> and the 256 bytes), no files needed."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    bpe.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The run behind the shipped bam.smollm2-135m (CPU settings; resumable: rerun the same command). float32: on
-# these CPUs (no native bfloat16) a bfloat16 matmul runs about 7x slower than float32 (measured).
+# CPUs without native bfloat16 (this machine) bfloat16 matmuls run several times slower than float32.
 # RUN_DIR picks the run folder (default training/evolve-smollm2); extra arguments are passed on
 # (for example --generations 5 to stop early, or --ship bam.smollm2-135m once the run is done).
 exec "${PYTHON:-python}" -m namm_transfer.cli --log-level INFO evolve --model smollm2-135m --dtype float32 \

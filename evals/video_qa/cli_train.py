@@ -74,7 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute the language model's activations"
     )
-    parser.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="stop after this many seconds of training in this call (a rerun resumes)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="run folder (default: runs/video/<preset>)")
     parser.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start afresh")
     parser.add_argument("--ship", metavar="NAME", help="copy the finished model to namm_transfer/weights/video/NAME/")

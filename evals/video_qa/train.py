@@ -132,7 +132,8 @@ class VideoTrainConfig(RunConfig):
     eval_every: int = 0
     """Steps between val evaluations (0: at the end only)."""
     time_budget_s: float | None = None
-    """Stop after the step that passes this many seconds of training (then checkpoint and finish)."""
+    """Stop after the step that passes this many seconds of training in this call (then checkpoint and write the
+    model so far); a resumed call gets the budget afresh, so a long run can be trained in pieces."""
 
     def __post_init__(self) -> None:
         for name in ("train_videos", "val_videos", "video_frames", "frames", "steps", "batch_size", "log_every"):
@@ -215,7 +216,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 2-layer ViT, 60 steps of 2 questions (minutes on one core: a smoke run); ``cpu``: the same small ViT on 32 of
 the 64 frames of the eval's 64-pixel videos (downscaled to 32 pixels, 16 tokens per frame), 750 steps of 4
 questions in float32 on one core (about 30 s a step here, so several resumed sessions: train it with
-``--time-budget`` and rerun; bfloat16 matmuls run about 7x slower than float32 on these CPUs); ``device``: the
+``--time-budget`` and rerun; bfloat16 is many times slower on CPUs without native support); ``device``: the
 shipped model, the defaults (32 frames of 64 pixels, a 6-layer ViT of width 192, 1,500 steps of 16 questions)
 in bfloat16 on a GPU."""
 
@@ -480,6 +481,7 @@ def train_video_model(
     model.train()
     language_model.eval()
     clock = TrainClock(elapsed)
+    budget_start = elapsed
     t_window = elapsed
     try:
         while step < target:
@@ -505,7 +507,7 @@ def train_video_model(
             if bar is not None:
                 bar.update(1)
             elapsed = clock.tick()
-            budget_hit = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s and step < target
+            budget_hit = cfg.time_budget_s is not None and elapsed - budget_start >= cfg.time_budget_s and step < target
             if step % cfg.log_every == 0 or step == target or budget_hit:
                 span = max(elapsed - t_window, 1e-9)
                 entry = {
