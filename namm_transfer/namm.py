@@ -179,8 +179,8 @@ class NAMM(nn.Module):
 
     def normalize(self, ema: Tensor) -> Tensor:
         """z-score the 17 spectral bins: (E - mean) / max(std, std_floor). ema: (..., n_bins)."""
-        std = self.feature_std.clamp_min(self.config.std_floor)
-        return (ema - self.feature_mean) / std
+        std = self.feature_std.clamp_min(self.config.std_floor).to(ema.device)
+        return (ema - self.feature_mean.to(ema.device)) / std
 
     # ----- scoring ------------------------------------------------------------------------------
     def features(self, ema: Tensor, age: Tensor) -> Tensor:
@@ -205,7 +205,8 @@ class NAMM(nn.Module):
         theta = self.flat if theta is None else theta
         if theta.ndim == 1:
             theta = theta.unsqueeze(0)
-        p = self.unflatten(theta.to(x.dtype))  # each (N or 1, *shape)
+        # the module may stay on the CPU while the host runs on a GPU: the parameters follow the inputs
+        p = self.unflatten(theta.to(device=x.device, dtype=x.dtype))  # each (N or 1, *shape)
         h = self.config.head_dim
         qkv = torch.matmul(x, p["W_qkv"]) + p["b_qkv"].unsqueeze(-2)  # (N, S, 3h)
         q, k, v = qkv.split(h, dim=-1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_decoder
 
-from namm_transfer.checkpoint import load_namm
+from namm_transfer.checkpoint import load_namm, save_namm
 from namm_transfer.evolution.fitness import EncodedPrompt, FitnessConfig, FitnessEvaluator
 from namm_transfer.evolution.trainer import Evolution, EvolutionConfig, StageConfig
 from namm_transfer.namm import NAMM
@@ -89,6 +89,35 @@ def test_resume_after_kill_equals_uninterrupted_run(model, tmp_path):
     np.testing.assert_allclose(net.get_flat().numpy(), np.asarray(full.es.mean, dtype=np.float32))
     assert net.checkpoint_info["provenance"]["generations"] == 3
     assert bool(net.normalization_ready)
+
+
+def _rewrite_log(path, edit):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(edit(r)) + "\n" for r in rows))
+
+
+def test_resume_of_a_run_made_on_another_machine(model, tmp_path, caplog):
+    """Another machine's BLAS rounds differently: the mean hashes of its log do not match bit for bit. The run
+    resumes when the step sizes and the saved mean agree up to rounding, and is refused when they do not."""
+    pools = _pools()
+    run = Evolution(tmp_path / "r", _config(), model, pools)
+    run.run(generations=2)
+    mean = np.asarray(run.es.mean).copy()
+    log = tmp_path / "r" / "log.jsonl"
+    _rewrite_log(log, lambda r: {**r, "mean_hash": "0" * 16})  # what a last-bit difference looks like
+    with caplog.at_level("WARNING"):
+        resumed = Evolution(tmp_path / "r", _config(), model, pools)
+    assert resumed.generation == 2 and "up to rounding" in caplog.text
+    np.testing.assert_array_equal(np.asarray(resumed.es.mean), mean)
+    _rewrite_log(log, lambda r: {**r, "sigma": r["sigma"] * 1.01})  # another algorithm: a different step size
+    with pytest.raises(RuntimeError, match="step size"):
+        Evolution(tmp_path / "r", _config(), model, pools)
+    _rewrite_log(log, lambda r: {**r, "sigma": r["sigma"] / 1.01})
+    bad = run.mean_namm()
+    bad.set_flat(bad.get_flat() + 1e-3)
+    save_namm(bad, tmp_path / "r" / "namm")  # a saved mean the replay does not reach
+    with pytest.raises(RuntimeError, match="away from the saved one"):
+        Evolution(tmp_path / "r", _config(), model, pools)
 
 
 def test_other_settings_in_same_run_dir_are_refused(model, tmp_path):

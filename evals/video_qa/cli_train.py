@@ -6,7 +6,7 @@ Examples::
 
     namm-transfer video train                                   # --preset cpu-small: minutes on one CPU core
     namm-transfer video train --preset device --ship smollm2-135m-video   # the shipped model (GPU, see
-                                                                # training/video-device.sh)
+                                                                # training/device.sh)
     namm-transfer video train --preset device --output runs/video/device  # again: resumes from its checkpoint
 
 Presets set every option below; an option given on the command line overrides its preset value.

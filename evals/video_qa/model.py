@@ -540,7 +540,7 @@ def missing_shipped_message(name: str) -> str:
     """Why a shipped video model is missing, and the command that makes it."""
     return (
         f"no shipped video model {name!r} (looked in {shipped_video_dir() / name}). Create it with "
-        f"`namm-transfer video train --preset device --ship {name}` (on a GPU: training/video-device.sh), "
+        f"`namm-transfer video train --preset device --ship {name}` (on a GPU: training/device.sh), "
         "or pass --model with a model folder or a hub id"
     )
 
