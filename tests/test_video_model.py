@@ -5,6 +5,8 @@ A tiny random Llama with a byte-level tokenizer stands in for SmolLM2; frames co
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import subprocess
@@ -317,6 +319,53 @@ def test_training_resumes_to_the_same_weights(tok, train_data, tmp_path, monkeyp
         model.trainable_state_dict()["model.multi_modal_projector.linear_1.weight"],
         b["model.multi_modal_projector.linear_1.weight"],
     )
+
+
+def test_caption_task_labels_every_event_in_order(tok, train_data, tmp_path):
+    """The caption task: the caption lists every event's colour and shape in time order and carries the labels;
+    a batch mixing captions and questions has letter positions on the questions only; training with captions
+    logs question accuracy only from the questions and says so in the card."""
+    from namm_transfer.evals.video_qa.model import NammVideoLlavaForConditionalGeneration
+    from namm_transfer.evals.video_qa.processor import NammVideoLlavaProcessor
+    from namm_transfer.evals.video_qa.train_data import (
+        CAPTION_QUESTION,
+        QuestionBatcher,
+        batch_metrics,
+        caption_text,
+        load_split,
+    )
+
+    samples, _ = load_split("train", 6, 16, 32, 4, 0, folder=train_data["train"])
+    s0 = samples[0]
+    events = sorted(s0.extra["events"], key=lambda e: e["start_frame"])
+    assert caption_text(s0) == ", ".join(f"{e['colour']} {e['shape']}" for e in events) + "."
+    cfg = _train_config(tok)
+    lm = tiny_lm(tok)
+    model = NammVideoLlavaForConditionalGeneration(cfg.model_config(lm.config), lm)
+    batcher = QuestionBatcher(model, NammVideoLlavaProcessor.from_config(model.config, tok))
+    frames = [np.zeros((cfg.frames, 32, 32, 3), np.uint8)] * 2
+    b = batcher.batch(samples[:2], frames, captions=[True, False])
+    labelled = b["labels"][0][b["labels"][0] != -100].tolist()
+    assert tok.decode(labelled[:-1]) == caption_text(s0) and labelled[-1] == tok.eos_token_id
+    assert CAPTION_QUESTION in tok.decode(b["input_ids"][0].tolist())
+    assert b["letter_mask"][0].sum() == 0 and b["letter_mask"][1].sum() == 1
+    m = batch_metrics(model, b, batcher.letter_ids, contextlib.nullcontext)  # mixed batch: acc of row 1 only
+    assert m["acc4"] in (0.0, 1.0) and torch.isfinite(m["loss"])
+    with pytest.raises(ValueError, match="no 'events'"):
+        caption_text(dataclasses.replace(s0, extra={}))
+
+    res = train_video_model(
+        _train_config(tok, caption_share=1.0),
+        tmp_path / "cap",
+        language_model=tiny_lm(tok),
+        tokenizer=tok,
+        data_folders=train_data,
+    )
+    steps = [e for e in read_log(tmp_path / "cap" / "train_log.jsonl") if "loss" in e and "event" not in e]
+    assert res.finished and all(e["acc"] is None for e in steps)  # no question was trained on
+    assert "caption task (every shape in order" in (tmp_path / "cap" / "model" / "README.md").read_text()
+    with pytest.raises(ValueError, match="caption_share"):
+        _train_config(tok, caption_share=1.5)
 
 
 def test_synthetic_workers_give_identical_output(tmp_path):

@@ -35,6 +35,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "grad_clip": (float, "gradient norm clip"),
     "train_videos": (int, "questions (videos) of the synthetic train split"),
     "val_videos": (int, "questions of the synthetic val split"),
+    "caption_share": (float, "share of training items turned into the caption task (every shape in order)"),
     "video_frames": (int, "frames per generated video (>= 16)"),
     "video_size": (int, "generated frame size in pixels"),
     "frames": (int, "frames sampled per video for the model"),

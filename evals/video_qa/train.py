@@ -100,6 +100,9 @@ class VideoTrainConfig(RunConfig):
     """Frames sampled per video for the model (uniform, segment centres, as the eval)."""
     data_seed: int = 0
     shuffle_options: bool = True
+    caption_share: float = 0.0
+    """Share of training items turned into the caption task (every shape in order, LLaVA-style feature
+    alignment; the val split is always the questions)."""
     # model
     vision_model: str = "vit_tiny_patch16_224"
     image_size: int = 64
@@ -141,6 +144,8 @@ class VideoTrainConfig(RunConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.warmup < 0 or self.eval_every < 0:
             raise ValueError("checkpoint_every and keep_checkpoints must be >= 1, warmup and eval_every >= 0")
+        if not 0.0 <= self.caption_share <= 1.0:
+            raise ValueError(f"caption_share must be in [0, 1], got {self.caption_share}")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be > 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -227,6 +232,7 @@ IDENTITY_FIELDS = (
     "frames",
     "data_seed",
     "shuffle_options",
+    "caption_share",
     "vision_model",
     "image_size",
     "patch_size",
@@ -265,6 +271,12 @@ class VideoTrainResult:
 
 # ----------------------------------------------------------------------------------------------------------------
 # one step
+def _nanmean(values: list[float]) -> float | None:
+    """Mean over the steps that had questions (caption-only steps give NaN); None when none had."""
+    real = [v for v in values if not math.isnan(v)]
+    return float(np.mean(real)) if real else None
+
+
 def _autocast_factory(cfg: VideoTrainConfig, device: Any) -> Callable[[], Any]:
     import contextlib
 
@@ -487,7 +499,8 @@ def train_video_model(
         while step < target:
             idx = rng.integers(0, len(train_s), size=cfg.batch_size)
             batch_samples = [shuffle_options(train_s[i], rng) if cfg.shuffle_options else train_s[i] for i in idx]
-            batch = batcher.batch(batch_samples, [train_f[i] for i in idx])
+            captions = (rng.random(len(idx)) < cfg.caption_share).tolist() if cfg.caption_share > 0 else None
+            batch = batcher.batch(batch_samples, [train_f[i] for i in idx], captions)
             lr = float(opt.param_groups[0]["lr"])
             m = batch_metrics(model, batch, batcher.letter_ids, autocast)
             opt.zero_grad(set_to_none=True)
@@ -513,8 +526,8 @@ def train_video_model(
                 entry = {
                     "step": step,
                     "loss": float(np.mean(window["loss"])),
-                    "acc": float(np.mean(window["acc"])),
-                    "acc4": float(np.mean(window["acc4"])),
+                    "acc": _nanmean(window["acc"]),
+                    "acc4": _nanmean(window["acc4"]),
                     "lr": lr,
                     "seconds": round(elapsed, 2),
                     "seconds_per_step": round(span / len(window["loss"]), 4),
@@ -522,7 +535,9 @@ def train_video_model(
                 }
                 append_log(log_path, entry)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['acc']:.2f}")
+                    bar.set_postfix(
+                        loss=f"{entry['loss']:.3f}", acc="-" if entry["acc"] is None else f"{entry['acc']:.2f}"
+                    )
                 window = {k: [] for k in window}
                 t_window = elapsed
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not budget_hit:

@@ -37,7 +37,7 @@ def write_curve(log_path: str | os.PathLike[str], out: str | os.PathLike[str]) -
     ax[0].set_xlabel("step")
     ax[0].set_ylabel("answer cross-entropy")
     ax[0].legend()
-    ax[1].plot(x, [100 * r["acc"] for r in steps], label="train (greedy letter)")
+    ax[1].plot(x, [float("nan") if r["acc"] is None else 100 * r["acc"] for r in steps], label="train (greedy letter)")
     if evals:
         ax[1].plot([r["step"] for r in evals], [100 * r["val_acc"] for r in evals], "o-", label="val (greedy letter)")
     ax[1].axhline(25, color="grey", lw=0.8, ls="--", label="chance (4 options)")
@@ -104,6 +104,8 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         f"- {steps[-1]['step'] if steps else 0} steps of {cfg.get('batch_size')} questions, AdamW lr {cfg.get('lr')} "
         f"(warmup {cfg.get('warmup')}, cosine to 10%), weight decay {cfg.get('weight_decay')}, grad clip "
         f"{cfg.get('grad_clip')}, seed {cfg.get('seed')}, language model in {cfg.get('dtype')} on {cfg.get('device')}",
+        f"- caption task (every shape in order, LLaVA-style feature alignment) for "
+        f"{fmt_number(100 * float(cfg.get('caption_share') or 0.0), 0)}% of the training items",
         f"- {fmt_number(end.get('seconds'), 0)} s of training; "
         f"{fmt_number(steps[-1].get('seconds_per_step') if steps else None, 3)} s per step, "
         f"{fmt_number(steps[-1].get('tokens_per_s') if steps else None, 0)} tokens/s at the end",
@@ -137,7 +139,12 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         lines += markdown_table(
             ["step", "train loss", "train acc %", "lr"],
             [
-                [s, fmt_number(by[s]["loss"], 3), fmt_number(100 * by[s]["acc"], 1), f"{float(by[s]['lr']):.2e}"]
+                [
+                    s,
+                    fmt_number(by[s]["loss"], 3),
+                    fmt_number(None if by[s]["acc"] is None else 100 * by[s]["acc"], 1),
+                    f"{float(by[s]['lr']):.2e}",
+                ]
                 for s in marks
             ],
         )

@@ -3,7 +3,10 @@
 - :func:`load_split`: a synthetic split's questions and its frames decoded once (``frames`` per
   video, segment centres, as the eval reads them) and cached as ``frames-<F>-center.npy``.
 - :class:`QuestionBatcher`: the eval's prompt (LongVideoBench text in the model's chat format, video
-  first) + the answer letter + the end-of-turn token; labels on those two tokens only.
+  first) + the answer letter + the end-of-turn token; labels on those two tokens only. Optionally a
+  caption instead of a question (:data:`CAPTION_QUESTION`, answered by :func:`caption_text`: every event's
+  colour and shape in order): LLaVA's feature-alignment idea, dense supervision that ties the visual
+  tokens to the words the frozen language model already reads.
 - :func:`batch_metrics` / :func:`evaluate`: answer cross-entropy and accuracy (greedy letter over the
   whole vocabulary, and among the option letters).
 """
@@ -21,8 +24,10 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CAPTION_QUESTION",
     "LETTERS",
     "QuestionBatcher",
+    "caption_text",
     "batch_metrics",
     "evaluate",
     "load_split",
@@ -33,6 +38,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+CAPTION_QUESTION = "List every coloured shape that appears in the video, in order of appearance."
+
+
+def caption_text(sample: Any) -> str:
+    """``"red circle, blue square."``: the events of a synthetic sample (``extra['events']``) in time order."""
+    events = sample.extra.get("events") if isinstance(sample.extra, dict) else None
+    if not events:
+        raise ValueError(f"sample {sample.id!r} has no 'events' ground truth: captions need the synthetic benchmark")
+    ordered = sorted(events, key=lambda e: int(e["start_frame"]))
+    return ", ".join(f"{e['colour']} {e['shape']}" for e in ordered) + "."
 
 
 def split_folder(split: str, n_videos: int, video_frames: int, size: int, seed: int) -> Path:
@@ -134,11 +149,27 @@ class QuestionBatcher:
         labels = [-100] * len(ids) + answer
         return ids + answer, labels, len(ids)
 
-    def batch(self, samples: Sequence[Any], videos: Sequence[np.ndarray]) -> dict[str, Any]:
-        """Right-padded ``input_ids``, ``attention_mask``, ``labels``, ``letter_mask`` (B, T) and pixels."""
+    def encode_caption(self, sample: Any, n_frames: int) -> tuple[list[int], list[int], None]:
+        """``(ids, labels, None)`` of the caption task: :data:`CAPTION_QUESTION`, then :func:`caption_text`."""
+        ids = self.processor.prompt_ids(self.template.replace("{question}", CAPTION_QUESTION), n_frames)
+        answer = list(self.processor.tokenizer(caption_text(sample), add_special_tokens=False)["input_ids"])
+        answer += [self.eos_id] if self.eos_id is not None else []
+        return ids + answer, [-100] * len(ids) + answer, None
+
+    def batch(
+        self, samples: Sequence[Any], videos: Sequence[np.ndarray], captions: Sequence[bool] | None = None
+    ) -> dict[str, Any]:
+        """Right-padded ``input_ids``, ``attention_mask``, ``labels``, ``letter_mask`` (B, T) and pixels.
+
+        ``captions[i]`` true: sample ``i`` is the caption task (labels on the caption, no letter position).
+        """
         import torch
 
-        enc = [self.encode(s, len(v)) for s, v in zip(samples, videos, strict=True)]
+        captions = [False] * len(samples) if captions is None else list(captions)
+        enc = [
+            self.encode_caption(s, len(v)) if c else self.encode(s, len(v))
+            for s, v, c in zip(samples, videos, captions, strict=True)
+        ]
         width = max(len(e[0]) for e in enc)
         b = len(enc)
         ids = torch.full((b, width), self.processor.pad_token_id, dtype=torch.long)
@@ -149,7 +180,8 @@ class QuestionBatcher:
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
             labels[i, : len(lab)] = torch.tensor(lab)
-            letter[i, pos] = True
+            if pos is not None:
+                letter[i, pos] = True
         pixels = torch.stack([self.processor.preprocess_frames(v) for v in videos])
         n_options = torch.tensor([len(s.options) for s in samples])
         return {
@@ -171,7 +203,8 @@ def shuffle_options(sample: Any, rng: np.random.Generator) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 # one step
 def batch_metrics(model: Any, batch: Mapping[str, Any], letter_ids: Sequence[int], autocast: Any) -> dict[str, Any]:
-    """Loss (mean cross-entropy of the answer tokens) and accuracies of one batch; the loss keeps its graph."""
+    """Loss (mean cross-entropy of the answer and caption tokens) and the questions' accuracies (NaN when the
+    batch holds captions only) of one batch; the loss keeps its graph."""
     import torch
 
     dev = next(model.model.multi_modal_projector.parameters()).device
@@ -186,9 +219,11 @@ def batch_metrics(model: Any, batch: Mapping[str, Any], letter_ids: Sequence[int
     where = batch["labels"][:, 1:] != -100
     is_letter = batch["letter_mask"][:, 1:][where].to(dev)
     lg, tg = logits[is_letter].float(), targets[is_letter]
+    if lg.shape[0] == 0:  # captions only
+        return {"loss": loss, "acc": float("nan"), "acc4": float("nan"), "tokens": int(batch["attention_mask"].sum())}
     acc = (lg.argmax(-1) == tg).float().mean()
     cols = torch.tensor(list(letter_ids), device=dev)
-    n_opt = batch["n_options"].to(dev)
+    n_opt = batch["n_options"][batch["letter_mask"].any(1)].to(dev)  # the questions' rows (captions have none)
     restricted = lg[:, cols].masked_fill(torch.arange(len(cols), device=dev)[None] >= n_opt[:, None], -torch.inf)
     acc4 = (cols[restricted.argmax(-1)] == tg).float().mean()
     return {"loss": loss, "acc": float(acc), "acc4": float(acc4), "tokens": int(batch["attention_mask"].sum())}
