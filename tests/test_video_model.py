@@ -363,7 +363,10 @@ def test_caption_task_labels_every_event_in_order(tok, train_data, tmp_path):
     )
     steps = [e for e in read_log(tmp_path / "cap" / "train_log.jsonl") if "loss" in e and "event" not in e]
     assert res.finished and all(e["acc"] is None for e in steps)  # no question was trained on
-    assert "caption task (every shape in order" in (tmp_path / "cap" / "model" / "README.md").read_text()
+    assert res.val["val_caption_loss"] > 0 and res.val["val_caption_loss_shuffled"] > 0  # the "uses the video" probe
+    card = (tmp_path / "cap" / "model" / "README.md").read_text()
+    assert "caption task (every shape in order" in card and "with the next video's frames" in card
+    assert_card_code_ok(card)
     with pytest.raises(ValueError, match="caption_share"):
         _train_config(tok, caption_share=1.5)
 

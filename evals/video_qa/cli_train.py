@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cpu-small",
         help="cpu-small: 8 frames of 32 px, a 2-layer ViT, 60 steps (minutes on one core); cpu: 32 frames, the same "
         "ViT, 750 steps of 4 (hours on one core; resumable, use --time-budget); device: the shipped "
-        "model, 32 frames of 64 px, a 6-layer ViT, 1500 steps of 16 in bfloat16 on a GPU (default: cpu-small)",
+        "model, 32 frames of 64 px, a 6-layer ViT, 1500 steps of 16 (half captions) in bfloat16 on a GPU "
+        "(default: cpu-small)",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the preset's)")
     for name, (kind, text) in _OVERRIDES.items():

@@ -120,6 +120,13 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         f"over the whole vocabulary ({fmt_number(100 * float(final['val_acc4']) if final else None, 1)}% among the "
         f"option letters), {final.get('val_n', '?')} questions, chance 25%.",
     ]
+    if final and "val_caption_loss" in final:
+        lines += [
+            "",
+            f"Caption loss on the val videos: {fmt_number(final['val_caption_loss'], 4)} with each video's own "
+            f"frames, {fmt_number(final['val_caption_loss_shuffled'], 4)} with the next video's frames (equal values: "
+            "the model does not use the video yet).",
+        ]
     if evals:
         lines += markdown_table(
             ["step", "val loss", "val acc %", "val acc (letters) %"],

@@ -236,8 +236,13 @@ def evaluate(
     frames: np.ndarray,
     batch_size: int,
     autocast: Callable[[], Any],
+    caption_probe: bool = False,
 ) -> dict[str, Any]:
-    """Teacher-forced answer loss and accuracies over ``samples`` (options in their stored order)."""
+    """Teacher-forced answer loss and accuracies over ``samples`` (options in their stored order).
+
+    ``caption_probe``: also the caption loss with each video's own frames (``val_caption_loss``) and with the
+    next video's frames (``val_caption_loss_shuffled``): equal values mean the model does not use the video yet.
+    """
     import torch
 
     was = model.training
@@ -254,6 +259,19 @@ def evaluate(
             for k in tot:
                 tot[k] += float(m[k]) * len(chunk)
             n += len(chunk)
+        probe: dict[str, float] = {}
+        if caption_probe:
+            shuffled = np.roll(np.asarray(frames[: len(samples)]), 1, axis=0)
+            for key, fr in (("val_caption_loss", frames), ("val_caption_loss_shuffled", shuffled)):
+                total = 0.0
+                for lo in range(0, len(samples), batch_size):
+                    chunk = list(samples[lo : lo + batch_size])
+                    caps = [True] * len(chunk)
+                    m = batch_metrics(
+                        model, batcher.batch(chunk, list(fr[lo : lo + len(chunk)]), caps), batcher.letter_ids, autocast
+                    )
+                    total += float(m["loss"]) * len(chunk)
+                probe[key] = total / n
     model.train(was)
     if was:
         model.model.language_model.eval()
@@ -261,6 +279,7 @@ def evaluate(
         "val_loss": tot["loss"] / n,
         "val_acc": tot["acc"] / n,
         "val_acc4": tot["acc4"] / n,
+        **probe,
         "val_n": n,
         "seconds": round(time.perf_counter() - t0, 2),
     }
