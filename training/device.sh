@@ -37,7 +37,9 @@ mode=${1:-}
 shift || true
 
 device_env() {
-  export PYTHONUNBUFFERED=1 NAMM_TRANSFER_CACHE=/tmp/nt-cache NAMM_TRANSFER_OFFLINE=1 PYTHONPATH=$SITE
+  # PYTHONSAFEPATH: `python -m` must not import the repo's uninstalled tree (it lacks the namm_transfer.evals
+  # mapping) ahead of the copy in $SITE
+  export PYTHONUNBUFFERED=1 NAMM_TRANSFER_CACHE=/tmp/nt-cache NAMM_TRANSFER_OFFLINE=1 PYTHONPATH=$SITE PYTHONSAFEPATH=1
 }
 
 install_package() {  # the layout pip would install (no build backend needed: the image's setuptools may be old)
