@@ -9,10 +9,10 @@
 #                                                     gguf and cma wheels, av/ the PyAV wheel
 #   device:  run(carry=[".devcarry/part1"], "bash training/device.sh stage 1")   # also runs the smoke check
 #   device:  run(carry=[".devcarry/part2"], "bash training/device.sh stage 2 &&
-#                bash training/device.sh evolve-start NAME training/evolve-budget.sh [options] && ...
-#                bash training/device.sh evolve-watch 45")
+#                bash training/device.sh evolve-start NAME training/evolve-budget.sh [options] && ...")
 #                                       # concatenates, installs, converts SmolLM2, starts evolution runs in the
-#                                       # background (they run on between calls while the machine stays warm)
+#                                       # background (they run on between calls while the machine stays warm;
+#                                       # `evolve-watch SECONDS` prints their logs)
 #   device:  run(carry=[".devcarry/av"], "bash training/device.sh video-train [video train options];
 #                bash training/device.sh evolve-collect", timeout_s=600)
 #                                       -> $OUT: video.tar (model folder, log, curve), evolve-NAME.tar (each run
@@ -23,7 +23,10 @@
 # video-train generates the data there (synthetic train split and val split, 16 processes), then trains within
 # TIME_BUDGET seconds (default 360; the run then checkpoints and writes the model so far, which the card says).
 # evolve-start NAME SCRIPT runs SCRIPT (training/evolve-*.sh) with RUN_DIR=/tmp/evolve-NAME and --device cuda;
-# EVOLVE_FROM=FOLDER copies an existing run folder there first, which then resumes.
+# EVOLVE_FROM=FOLDER copies an existing run folder there first, which then resumes (e.g.
+# EVOLVE_FROM=training/evolve-budget ... evolve-start budget training/evolve-budget.sh).
+# Session 4 (15 device minutes): stage 1 took 60 s with the machine's start, stage 2 75 s, and the last call
+# 600 s: 30 generations of evolve-budget.sh (15 s each) beside 544 video steps (0.77 s each, sharing the GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${NAME:-smollm2-135m-video}
