@@ -245,40 +245,35 @@ def evaluate(
     """
     import torch
 
-    was = model.training
-    model.eval()
-    tot: dict[str, float] = {"loss": 0.0, "acc": 0.0, "acc4": 0.0}
-    n = 0
-    t0 = time.perf_counter()
-    with torch.no_grad():
+    def means(fr: Any, captions: bool) -> dict[str, float]:
+        """Sample-weighted means of the batch metrics over ``samples`` with frames ``fr``."""
+        tot = {"loss": 0.0, "acc": 0.0, "acc4": 0.0}
         for lo in range(0, len(samples), batch_size):
             chunk = list(samples[lo : lo + batch_size])
-            m = batch_metrics(
-                model, batcher.batch(chunk, list(frames[lo : lo + len(chunk)])), batcher.letter_ids, autocast
-            )
+            batch = batcher.batch(chunk, list(fr[lo : lo + len(chunk)]), [captions] * len(chunk))
+            m = batch_metrics(model, batch, batcher.letter_ids, autocast)
             for k in tot:
                 tot[k] += float(m[k]) * len(chunk)
-            n += len(chunk)
-        probe: dict[str, float] = {}
+        return {k: v / len(samples) for k, v in tot.items()}
+
+    was = model.training
+    model.eval()
+    n = len(samples)
+    t0 = time.perf_counter()
+    probe: dict[str, float] = {}
+    with torch.no_grad():
+        tot = means(frames, False)
         if caption_probe:
-            shuffled = np.roll(np.asarray(frames[: len(samples)]), 1, axis=0)
-            for key, fr in (("val_caption_loss", frames), ("val_caption_loss_shuffled", shuffled)):
-                total = 0.0
-                for lo in range(0, len(samples), batch_size):
-                    chunk = list(samples[lo : lo + batch_size])
-                    caps = [True] * len(chunk)
-                    m = batch_metrics(
-                        model, batcher.batch(chunk, list(fr[lo : lo + len(chunk)]), caps), batcher.letter_ids, autocast
-                    )
-                    total += float(m["loss"]) * len(chunk)
-                probe[key] = total / n
+            shuffled = np.roll(np.asarray(frames[:n]), 1, axis=0)
+            probe["val_caption_loss"] = means(frames, True)["loss"]
+            probe["val_caption_loss_shuffled"] = means(shuffled, True)["loss"]
     model.train(was)
     if was:
         model.model.language_model.eval()
     return {
-        "val_loss": tot["loss"] / n,
-        "val_acc": tot["acc"] / n,
-        "val_acc4": tot["acc4"] / n,
+        "val_loss": tot["loss"],
+        "val_acc": tot["acc"],
+        "val_acc4": tot["acc4"],
         **probe,
         "val_n": n,
         "seconds": round(time.perf_counter() - t0, 2),
