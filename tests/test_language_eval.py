@@ -254,6 +254,26 @@ def test_language_eval_ratio_budget_without_namm(assets, tmp_path):
     assert "kept_counts" not in stream
 
 
+def test_language_eval_namm_top_ratio_selection(assets, tmp_path):
+    """--namm-selection ratio:R: the same network keeps its top R of the tokens seen; baselines replay that."""
+    import argparse
+
+    from namm_transfer.evals.language.run import _namm_selection
+
+    out = tmp_path / "top.json"
+    rc = _eval(assets, "llama", out, "--policies", "namm,h2o", "--namm-selection", "ratio:0.25", "--limit", "2")
+    assert rc == 0
+    header, records = _jsonl(out)
+    assert header["settings"]["namm_selection"] == "ratio:0.25"
+    _check_replay(records, ["h2o"])
+    for r in records:  # the threshold keeps about half with these weights (the other tests); the ratio a quarter
+        assert 0.2 <= r["retained_cache"] <= 0.3, r["retained_cache"]
+    assert _namm_selection("threshold") == "threshold" and _namm_selection("ratio:0.5") == "ratio:0.5"
+    for bad in ("tokens:64", "ratio:2", "top"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _namm_selection(bad)
+
+
 def test_language_eval_sharded_then_merged(assets, tmp_path, monkeypatch):
     from namm_transfer.results import merge_shards
 

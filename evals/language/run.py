@@ -192,6 +192,16 @@ def _budget_mode(text: str) -> str:
     return kind if value is None else f"{kind}:{value:g}"
 
 
+def _namm_selection(text: str) -> str:
+    """``threshold`` (the spec's rule) or ``ratio:R`` (NAMM keeps its R highest-scoring tokens of those seen)."""
+    if text.strip() == "threshold":
+        return "threshold"
+    kind, value = parse_budget_mode(text)
+    if kind != "ratio":
+        raise argparse.ArgumentTypeError(f"NAMM selection {text!r}: use threshold or ratio:R with 0 < R <= 1")
+    return f"ratio:{value:g}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(model=DEFAULT_MODEL, namm="default", dtype="float32")
     parser.description = (
@@ -247,6 +257,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="replay",
         help="baselines' cache budget: replay (NAMM's per-layer, per-update cache lengths for the same "
         "sample; default), ratio:R (keep R of the tokens seen) or tokens:N",
+    )
+    g.add_argument(
+        "--namm-selection",
+        type=_namm_selection,
+        default="threshold",
+        help="how NAMM turns scores into evictions: threshold (namm-spec.md: keep scores >= 0; default) or "
+        "ratio:R (keep the R highest-scoring tokens of those seen, per layer and head: the same network at a "
+        "budget the user fixes; the baselines then replay that budget)",
     )
     g.add_argument("--no-plot", action="store_true", help="do not write the score vs retained-cache PNG")
 
@@ -642,6 +660,7 @@ def main(args: argparse.Namespace) -> int:
         "update_interval": args.update_interval,
         "chunk_size": args.chunk_size,
         "budget_mode": args.budget_mode,
+        "namm_selection": args.namm_selection,
         "max_new_tokens": args.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens),
         "dtype": dtype,
         "prompt": "chat template + answer cue" if chat else "raw prompt ending in the answer cue",
@@ -679,7 +698,9 @@ def main(args: argparse.Namespace) -> int:
         if name == "namm":
             if namm_net is None:  # cannot happen: need_namm is true whenever namm is a policy
                 raise RuntimeError("policy namm requested but no NAMM was loaded")
-            return NAMMPolicy(namm_net)
+            if args.namm_selection == "threshold":
+                return NAMMPolicy(namm_net)
+            return NAMMPolicy(namm_net, budget=parse_budget_mode(args.namm_selection)[1])
         if name == "full":
             return create_policy("full")
         if mode == "replay":
@@ -779,6 +800,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_plot and records:
         ckpt = writer.namm_checkpoint or {}
         title = f"{model_name}, NAMM {ckpt.get('name') or '-'}, budget {args.budget_mode}"
+        if args.namm_selection != "threshold":
+            title += f", NAMM top {args.namm_selection.split(':')[1]}"
         if write_plot(png, rows, by_task, title) is not None:
             extra["plot"] = png.name
     path = writer.finalize(rows, by_task, extra=extra)
