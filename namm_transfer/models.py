@@ -66,6 +66,7 @@ __all__ = [
     "fetch",
     "load_model",
     "register_model",
+    "align_eos_with_model",
     "assemble_gguf",
     "offline",
 ]
@@ -413,6 +414,27 @@ def _drop_gguf_quantizer(model: Any) -> None:
             delattr(cfg, "quantization_config")
 
 
+def align_eos_with_model(tokenizer: Any, model_config: Any) -> bool:
+    """Make the tokenizer's ``eos_token`` the model config's ``eos_token_id`` where they disagree; True if changed.
+
+    Why: transformers 5.17 reads SmolLM2-Instruct's GGUF tokenizer with ``eos_token = <|im_start|>`` (id 1)
+    while the model config says ``eos_token_id = 2`` (``<|im_end|>``, the end of a chat turn); 5.24 reads ``<|im_end|>``.
+    Code that labels or stops on ``tokenizer.eos_token_id`` then differs between versions (a video model trained
+    with 5.17 learned to end its answers with ``<|im_start|>``). The GGUF routes align the two on load.
+    """
+    eos = getattr(model_config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if len(eos) == 1 else None
+    if not isinstance(eos, int) or eos < 0 or getattr(tokenizer, "eos_token_id", None) == eos:
+        return False
+    if eos >= len(tokenizer):
+        return False
+    old = tokenizer.eos_token
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    logger.warning("tokenizer eos %r -> %r (id %d), as the model config says", old, tokenizer.eos_token, eos)
+    return True
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     """Dequantize a GGUF with transformers and ``save_pretrained`` model + tokenizer into ``out_dir``.
 
@@ -431,6 +453,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
         )
     t2 = time.perf_counter()
     _drop_gguf_quantizer(model)
+    align_eos_with_model(tokenizer, model.config)
     model.config.name_or_path = str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -676,6 +699,8 @@ def load_model(
             f"be loaded from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
             "Check the id and the network, or use a registry name / a local save_pretrained folder." + hint
         ) from e
+    if gguf_file is not None or (Path(target) / SOURCE_RECORD).is_file():  # a GGUF, or a registry conversion of one
+        align_eos_with_model(tokenizer, model.config)
     loaded: Any = model
     loaded.to(torch.device(device) if isinstance(device, str) else device)
     loaded.eval()

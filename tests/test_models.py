@@ -107,6 +107,30 @@ def test_load_local_folder_dtype_and_eager(tiny_folder):
         M.load_model(tiny_folder, dtype="float7")
 
 
+def test_gguf_conversions_get_the_model_eos(tiny_folder, tmp_path):
+    """transformers 5.17 reads SmolLM2's GGUF tokenizer with eos <|im_start|> while the config says <|im_end|>:
+    registry conversions (and GGUF files) align the tokenizer with the config; other folders are left alone."""
+    from transformers import LlamaConfig
+
+    tok = _tiny_tokenizer()
+    tok.eos_token = "<s>"
+    assert M.align_eos_with_model(tok, LlamaConfig(eos_token_id=3)) and tok.eos_token == "</s>"
+    assert not M.align_eos_with_model(tok, LlamaConfig(eos_token_id=[3]))  # already aligned
+    assert not M.align_eos_with_model(tok, LlamaConfig(eos_token_id=[2, 3]))  # ambiguous: unchanged
+    assert tok.eos_token_id == 3
+
+    folder = tmp_path / "conv"
+    shutil.copytree(tiny_folder, folder)
+    wrong = _tiny_tokenizer()
+    wrong.eos_token = "<s>"
+    wrong.save_pretrained(folder)
+    _, plain = M.load_model(str(folder))
+    assert plain.eos_token_id == 2  # a user's folder: as saved
+    (folder / M.SOURCE_RECORD).write_text("{}")
+    _, conv = M.load_model(str(folder))
+    assert conv.eos_token_id == 3  # a conversion made by the offline route: the config's eos
+
+
 def test_folder_without_config_is_rejected(tmp_path):
     with pytest.raises(ModelNotAvailableError, match="no config.json"):
         M.load_model(tmp_path)

@@ -255,3 +255,21 @@ def test_notebook_executes(setup, tmp_path, monkeypatch):
     assert summary["settings"]["mechanics_only"] and summary["settings"]["bench"] == "synthetic"
     assert not math.isnan(summary["rows"][0]["retained_cache"])
     assert (tmp_path / "results" / "video-llava-synthetic.kept-frames.png").is_file()
+
+
+def test_answer_text_stops_at_eos_and_other_special_tokens():
+    """A reply ends at EOS or at any special token (a model that starts a new chat turn after its letter, as the
+    shipped video model trained under transformers 5.17 does: 'B<|im_start|>assistant\\nC...' must read 'B')."""
+    from namm_transfer.evals.video_qa.benchmarks import parse_answer
+    from namm_transfer.evals.video_qa.run import answer_text, byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    letter = tok("B", add_special_tokens=False)["input_ids"]
+    rest = tok("assistant\nC is it", add_special_tokens=False)["input_ids"]
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    stop = {eos} | set(tok.all_special_ids)
+    ids = letter + [bos] + rest
+    assert answer_text(ids, stop, tok) == ("B", 1) and parse_answer(answer_text(ids, stop, tok)[0], 4) == (1, False)
+    assert answer_text(letter + [eos] + rest, {eos}, tok) == ("B", 1)
+    assert answer_text(ids, {eos}, tok)[0] == "Bassistant\nC is it"  # only EOS: the marker is dropped, not cut
+    assert parse_answer("Bassistant\nC is it", 4) == (2, False)  # ...and the wrong letter would be read

@@ -31,7 +31,8 @@ What one sample does:
 4. Greedy decoding generates exactly ``--max-new-tokens`` tokens for every policy, with no early stop:
    a replayed budget needs the same update steps as NAMM's run, and decoding past EOS may cross
    an update boundary. The text is then cut at the first EOS (the model's ``eos_token_id`` and the
-   tokenizer's) before parsing, so the answer is what ``generate`` would have returned.
+   tokenizer's) or other special token of the tokenizer (such as a new chat turn's ``<|im_start|>``, which
+   is never part of an answer) before parsing, so the answer is what ``generate`` would have returned.
 5. The answer is parsed with :func:`~.benchmarks.parse_answer`: the first standalone capital letter
    among the options' letters. Fallback when there is none (``--answer-fallback``): ``none`` (the
    default) records no prediction and scores it wrong; ``random`` draws an option with a generator
@@ -703,6 +704,13 @@ def _eos_ids(model: Any, processor: Any) -> set[int]:
     return ids
 
 
+def answer_text(token_ids: Sequence[int], stop_ids: set[int], tokenizer: Any) -> tuple[str, int]:
+    """``(text, n)``: the first ``n`` generated tokens, up to the first stop token (EOS or another special
+    token), decoded without special tokens."""
+    cut = next((i for i, tok in enumerate(token_ids) if int(tok) in stop_ids), len(token_ids))
+    return str(tokenizer.decode(list(token_ids[:cut]), skip_special_tokens=True)), cut
+
+
 def _finite_list(values: Any, digits: int = 4) -> list[Any]:
     out: list[Any] = []
     for v in values:
@@ -745,8 +753,8 @@ class _Evaluator:
         self.model = model
         self.processor = processor
         self.namm = namm
-        self.eos = _eos_ids(model, processor)
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.eos = _eos_ids(model, processor) | {int(i) for i in getattr(self.tokenizer, "all_special_ids", [])}
         self.cuda = str(args.device).startswith("cuda")
 
     def policy(self, name: str, replay: dict[int, dict[int, Any]] | None, sample_id: str) -> Any:
@@ -799,8 +807,7 @@ class _Evaluator:
         )
         seconds = time.perf_counter() - t0
         ids = res.token_ids
-        cut = next((i for i, tok in enumerate(ids) if tok in self.eos), len(ids))
-        text = self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        text, cut = answer_text(ids, self.eos, self.tokenizer)
         rng = random.Random(f"{args.seed}/{sample.id}") if args.answer_fallback == "random" else None
         scored = score_response(sample, text, rng=rng)
         rec = _base_record(name, sample, int(inputs["n_frames"]))
@@ -1038,7 +1045,7 @@ def _run(args: argparse.Namespace) -> int:
         "update_interval": args.update_interval,
         "chunk_size": args.chunk_size,
         "max_new_tokens": args.max_new_tokens,
-        "decoding": "greedy, exactly max_new_tokens for every policy, text cut at the first EOS",
+        "decoding": "greedy, exactly max_new_tokens for every policy, text cut at the first EOS or special token",
         "budget_rule": "replay NAMM's kept counts per sample, update, layer and head"
         if args.budget == "namm"
         else f"fixed:{args.budget}",
