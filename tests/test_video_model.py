@@ -427,3 +427,23 @@ def test_training_presets_meet_the_model_spec(preset):
     assert (cfg.video_frames, cfg.video_size) == (SYNTHETIC_DEFAULTS["frames_per_video"], SYNTHETIC_DEFAULTS["size"])
     assert (cfg.image_size // cfg.patch_size) ** 2 >= cfg.tokens_per_frame
     assert (cfg.dtype == "bfloat16") == (cfg.device == "cuda")
+
+
+def test_shipped_default_video_model_fits_its_config():
+    """The shipped smollm2-135m-video: weights fit the config exactly, 16 finite tokens per frame, a card."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = vm.resolve_shipped(vqa.DEFAULT_MODEL)
+    config = vm.NammVideoLlavaConfig.from_pretrained(str(folder))
+    assert config.tokens_per_frame >= 16 and config.text_model == "smollm2-135m"
+    lm = LlamaForCausalLM(LlamaConfig(**config.text_config.to_dict()))  # random: only the shapes matter here
+    model = vm.NammVideoLlavaForConditionalGeneration.from_pretrained(folder, language_model=lm)
+    size = config.image_size
+    pixels = torch.rand(1, 4, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        tokens = model.model.get_video_features(pixels).pooler_output
+    assert tokens.shape == (4, config.tokens_per_frame, config.text_config.hidden_size)
+    assert torch.isfinite(tokens).all()
+    card = (folder / "README.md").read_text()
+    assert f"# Video model: {vqa.DEFAULT_MODEL}" in card and "Final val accuracy" in card
+    assert (folder / "model.safetensors").stat().st_size < 20 * 2**20  # the issue's size limit
