@@ -572,8 +572,8 @@ END = "<!-- engine_speed:{dev}:end -->"
 
 
 def write_markdown(path: Path, result: dict[str, Any], preamble: str) -> None:
-    """Write (or update) ``path``; only the section of this run's device is replaced."""
-    dev = result["args"]["device"]
+    """Write (or update) ``path``; only this run's section (``--section``, default: its device) is replaced."""
+    dev = result["args"].get("section") or result["args"]["device"]
     section = f"{BEGIN.format(dev=dev)}\n{render_section(result)}\n{END.format(dev=dev)}"
     if path.exists():
         text = path.read_text()
@@ -621,6 +621,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke run: short prompts, 4 layers, 8 new tokens")
     p.add_argument("--out", default=None, help="markdown file to write or update (e.g. BENCHMARKS.md)")
     p.add_argument("--json", default=None, help="also write every measurement as JSON")
+    p.add_argument(
+        "--section",
+        default=None,
+        help="name of the section of --out this run writes (default: the device, e.g. cpu); another name keeps "
+        "a second run of the same device, e.g. cpu-chunk512",
+    )
     p.add_argument("--note", default="", help="free text recorded in the report (e.g. what else ran on the machine)")
     p.add_argument(
         "--render", default=None, metavar="JSON", help="measure nothing: rewrite --out from a file written by --json"
@@ -651,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         stored = json.loads(Path(args.render).read_text())
         print(render_section(stored))
         if args.out:
-            dev = stored["args"]["device"]
+            dev = stored["args"].get("section") or stored["args"]["device"]
             write_markdown(Path(args.out), stored, PREAMBLE.replace("{{dev}}", dev))
         return 0
     command = "python " + shlex.join([os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)])
@@ -694,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
     if args.out:
-        write_markdown(Path(args.out), result, PREAMBLE.replace("{{dev}}", args.device))
+        write_markdown(Path(args.out), result, PREAMBLE.replace("{{dev}}", args.section or args.device))
     return 0
 
 

@@ -418,7 +418,8 @@ def align_eos_with_model(tokenizer: Any, model_config: Any) -> bool:
     """Make the tokenizer's ``eos_token`` the model config's ``eos_token_id`` where they disagree; True if changed.
 
     Why: transformers 5.17 reads SmolLM2-Instruct's GGUF tokenizer with ``eos_token = <|im_start|>`` (id 1)
-    while the model config says ``eos_token_id = 2`` (``<|im_end|>``, the end of a chat turn); 5.24 reads ``<|im_end|>``.
+    while the model config says ``eos_token_id = 2`` (``<|im_end|>``, the end of a chat turn); 5.24 reads
+    ``<|im_end|>``.
     Code that labels or stops on ``tokenizer.eos_token_id`` then differs between versions (a video model trained
     with 5.17 learned to end its answers with ``<|im_start|>``). The GGUF routes align the two on load.
     """
