@@ -29,6 +29,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=50, help="questions (videos) of the split")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--chat",
+        choices=["smollm2", "gemma"],
+        default=None,
+        help="chat turn around the prompt (default: gemma for gemma* models, else SmolLM2's, the eval's)",
+    )
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args()
 
@@ -58,8 +64,18 @@ def main() -> None:
                 out.append((float(lp), len(cont)))
         return out
 
+    chat = args.chat or ("gemma" if args.model.startswith("gemma") else "smollm2")
+    formats = PROMPT_FORMATS
+    if chat == "gemma":  # Gemma's turn markers; the SmolLM2 formats with the markers swapped
+        formats = tuple(
+            "<bos>"
+            + f.replace("<|im_start|>assistant", "<start_of_turn>model")
+            .replace("<|im_start|>", "<start_of_turn>")
+            .replace("<|im_end|>", "<end_of_turn>")
+            for f in PROMPT_FORMATS
+        )
     results: dict[str, dict] = {}
-    for variant, fmt in (("description-first", PROMPT_FORMATS[0]), ("question-first", PROMPT_FORMATS[1])):
+    for variant, fmt in (("description-first", formats[0]), ("question-first", formats[1])):
         t0 = time.perf_counter()
         per: dict[str, dict[str, list[bool]]] = {"letter": {}, "likelihood": {}, "likelihood-per-token": {}}
         hist = [0] * 4
@@ -94,6 +110,7 @@ def main() -> None:
         out = {
             "what": "the frozen language model answering the synthetic video questions from a text description",
             "model": args.model,
+            "chat": chat,
             "split": args.split,
             "data": str(folder),
             "chance": 0.25,
