@@ -47,6 +47,11 @@ class NAMMConfig:
     """Optional hard cap: keep at most this many tokens per (sequence, head) (top-k by score)."""
     std_floor: float = 1e-7
     """Lower bound of the normalization standard deviation."""
+    sink_tokens: int = 0
+    """Always keep the tokens at the first ``sink_tokens`` positions (the attention sinks). 0 is the spec (only the
+    newest token is protected). Not in the paper: added because an evolved NAMM can score the first token far out
+    of its training range (it receives a large share of every head's attention) and evict it in a few heads,
+    which costs a language model much of its accuracy (measured: training/README.md, session 6)."""
 
     @property
     def n_bins(self) -> int:
@@ -78,6 +83,8 @@ class NAMMConfig:
             raise ValueError(f"recency_dims must be even (sines and cosines), got {self.recency_dims}")
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
 
 
 def param_layout(cfg: NAMMConfig) -> list[tuple[str, tuple[int, ...]]]:

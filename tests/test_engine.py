@@ -153,6 +153,25 @@ def test_namm_vector_evicts_exactly_the_oldest_token(model):
             assert head_positions.tolist() == list(range(1, 16))
 
 
+def test_sink_tokens_are_kept_whatever_the_score(model):
+    """NAMMConfig.sink_tokens: the first positions survive a vector that scores them (the oldest) negative, in
+    threshold mode and with a token budget; 0 (the spec) evicts them."""
+    from dataclasses import replace
+
+    ids, _ = _batch(1, 16)
+    for sinks, budget, expect in ((0, None, range(2, 16)), (2, None, range(16)), (1, 8, [0, *range(9, 16)])):
+        net = _namm(oldest_token_vector(14))  # negative for ages >= 14: positions 0 and 1 of 16
+        net.config = replace(net.config, sink_tokens=sinks)
+        with attach(model, NAMMPolicy(net, budget=budget), update_interval=16, chunk_size=16, record_kept=True) as mem:
+            mem.prefill(ids)
+            kept = mem.stats.kept_positions[0]
+        for layer in mem.stats.managed_layers:
+            for head_positions in kept[layer][0]:
+                assert head_positions.tolist() == list(expect), (sinks, budget)
+    with pytest.raises(ValueError, match="sink_tokens"):
+        replace(NAMM().config, sink_tokens=-1)
+
+
 def test_nonfinite_namm_score_is_a_clear_error(model):
     v = torch.zeros(4172)
     v[-1] = 3e38  # readout bias

@@ -274,6 +274,17 @@ def test_language_eval_namm_top_ratio_selection(assets, tmp_path):
             _namm_selection(bad)
 
 
+def test_language_eval_namm_sinks_option(assets, tmp_path, capsys):
+    """--namm-sinks N: the loaded NAMM keeps its first N positions (recorded in the settings); bad N is refused."""
+    out = tmp_path / "sinks.json"
+    rc = _eval(assets, "llama", out, "--policies", "namm", "--namm-sinks", "2", "--limit", "1", "--no-plot")
+    assert rc == 0
+    header, records = _jsonl(out)
+    assert header["settings"]["namm_sink_tokens"] == 2 and len(records) == 1
+    assert _eval(assets, "llama", tmp_path / "bad.json", "--policies", "namm", "--namm-sinks", "-1") == 2
+    assert "--namm-sinks must be >= 0" in capsys.readouterr().err
+
+
 def test_language_eval_sharded_then_merged(assets, tmp_path, monkeypatch):
     from namm_transfer.results import merge_shards
 

@@ -266,6 +266,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ratio:R (keep the R highest-scoring tokens of those seen, per layer and head: the same network at a "
         "budget the user fixes; the baselines then replay that budget)",
     )
+    g.add_argument(
+        "--namm-sinks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="always keep the first N positions under NAMM (NAMMConfig.sink_tokens; default: the checkpoint's, "
+        "0 for the paper's rule)",
+    )
     g.add_argument("--no-plot", action="store_true", help="do not write the score vs retained-cache PNG")
 
 
@@ -639,6 +647,13 @@ def main(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:  # no default NAMM shipped yet, or a wrong path
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if namm_net is not None and args.namm_sinks is not None:
+        if args.namm_sinks < 0:
+            print(f"error: --namm-sinks must be >= 0, got {args.namm_sinks}", file=sys.stderr)
+            return 2
+        from dataclasses import replace
+
+        namm_net.config = replace(namm_net.config, sink_tokens=args.namm_sinks)
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     chat = bool(getattr(tokenizer, "chat_template", None))
 
@@ -661,6 +676,7 @@ def main(args: argparse.Namespace) -> int:
         "chunk_size": args.chunk_size,
         "budget_mode": args.budget_mode,
         "namm_selection": args.namm_selection,
+        "namm_sink_tokens": namm_net.config.sink_tokens if namm_net is not None else None,
         "max_new_tokens": args.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens),
         "dtype": dtype,
         "prompt": "chat template + answer cue" if chat else "raw prompt ending in the answer cue",
@@ -802,6 +818,8 @@ def main(args: argparse.Namespace) -> int:
         title = f"{model_name}, NAMM {ckpt.get('name') or '-'}, budget {args.budget_mode}"
         if args.namm_selection != "threshold":
             title += f", NAMM top {args.namm_selection.split(':')[1]}"
+        if namm_net is not None and namm_net.config.sink_tokens:
+            title += f", {namm_net.config.sink_tokens} sinks kept"
         if write_plot(png, rows, by_task, title) is not None:
             extra["plot"] = png.name
     path = writer.finalize(rows, by_task, extra=extra)

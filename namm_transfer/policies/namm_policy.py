@@ -104,6 +104,9 @@ class NAMMPolicy(MemoryPolicy):
                 f"NAMM produced non-finite scores at layer {state.layer} (update {state.step}); check the weights "
                 "and normalization statistics (std near 0?) of the checkpoint"
             )
+        sinks = self.namm.config.sink_tokens
+        if sinks > 0:  # protected like the newest token: +inf ranks first in keep_top too
+            scores = scores.masked_fill((state.position < sinks) & state.valid, float("inf"))
         if self.budget is not None:
             return self.keep_top(state, scores)
         keep = (scores >= self.namm.config.threshold) & state.valid
@@ -152,4 +155,5 @@ class NAMMPolicy(MemoryPolicy):
             **super().describe(),
             "threshold": self.namm.config.threshold,
             "max_tokens": self.namm.config.max_tokens,
+            "sink_tokens": self.namm.config.sink_tokens,
         }
