@@ -194,10 +194,9 @@ def test_two_local_workers_equal_a_single_process(model, tmp_path):
     assert load_namm(tmp_path / "dist" / "namm").checkpoint_info["provenance"]["generations"] == 3
 
 
-def test_cli_warm_start_evolve_and_ship(tmp_path, monkeypatch, capsys):
-    """`namm-transfer evolve --warm-start --warm-start-keep 0.8 --warm-start-calibrate ... --ship NAME` end to end on a
-    tiny host: the warm start records its settings, one generation is logged, the shipped mean loads, the card
-    tells the run's story."""
+def _cli_with_tiny_host(monkeypatch, tmp_path):
+    """The CLI's ``main`` with a tiny random Llama (byte-level tokenizer) as every model and tmp_path/weights as
+    the package's weights folder."""
     from namm_transfer.evals.video_qa.run import byte_level_tokenizer, tiny_text_config
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -210,6 +209,14 @@ def test_cli_warm_start_evolve_and_ship(tmp_path, monkeypatch, capsys):
     host = LlamaForCausalLM(LlamaConfig(**tiny_text_config(tok), attn_implementation="sdpa")).eval()
     monkeypatch.setattr(models_mod, "load_model", lambda *a, **k: (host, tok))
     monkeypatch.setattr(ckpt, "WEIGHTS_DIR", tmp_path / "weights")
+    return main
+
+
+def test_cli_warm_start_evolve_and_ship(tmp_path, monkeypatch, capsys):
+    """`namm-transfer evolve --warm-start --warm-start-keep 0.8 --warm-start-calibrate ... --ship NAME` end to end on a
+    tiny host: the warm start records its settings, one generation is logged, the shipped mean loads, the card
+    tells the run's story."""
+    main = _cli_with_tiny_host(monkeypatch, tmp_path)
     run = tmp_path / "run"
     argv = ["evolve", "--model", "tiny", "--run-dir", str(run), "--stages", "passkey:1", "--population", "4"]
     argv += ["--lengths", "400", "--pool-size", "2", "--update-interval", "64", "--chunk-size", "64"]
@@ -226,3 +233,91 @@ def test_cli_warm_start_evolve_and_ship(tmp_path, monkeypatch, capsys):
     assert "generations run: 1" in card and "| 0 | 0 |" in card
     assert "top 80% of each row by future attention are 'keep', readout bias calibrated" in card
     assert "shipped as tiny-test" in capsys.readouterr().out
+
+
+def _zero_namm():
+    namm = NAMM()
+    namm.set_normalization(torch.zeros(17), torch.ones(17))
+    return namm
+
+
+def test_bias_calibration_scores_each_offset_like_the_fitness_and_resumes(model, tmp_path):
+    """Offsets on the readout bias are scored exactly as a population would be; ties go to the smaller offset;
+    the per-prompt log resumes without re-evaluating and refuses other settings."""
+    from namm_transfer.evolution.calibrate import calibrate_bias, parse_offsets
+
+    namm = _zero_namm()
+    cfg = FitnessConfig(update_interval=16, chunk_size=8, member_batch=4, cache_weight=2.0, cache_target=0.5)
+    ev = FitnessEvaluator(model, namm, cfg)
+    prompts = _pools()["alpha"][:2] + _pools()["beta"][:1]
+    offsets = parse_offsets("-1,0,1")
+    log = tmp_path / "calibration.jsonl"
+    res = calibrate_bias(ev, namm, offsets, prompts, log)
+    thetas = torch.zeros(3, 4172)
+    thetas[:, -1] = torch.tensor(offsets)
+    ref = ev.evaluate(thetas, prompts)
+    np.testing.assert_allclose(res.fitness, ref.fitness, atol=1e-9)
+    np.testing.assert_allclose(res.retained, ref.retained, atol=1e-12)
+    # all-zero weights: the score is the bias itself, so 0 and +1 keep everything and -1 keeps only the newest
+    assert res.retained[1] == res.retained[2] == 1.0 and res.retained[0] < 0.75
+    assert res.fitness[1] == pytest.approx(0.0, abs=1e-5)  # ratio 1 minus 2 x (1.0 - 0.5)
+    expect = 0 if res.fitness[0] > res.fitness[1] else 1  # a tie between 0 and +1 goes to the smaller cache
+    assert res.best == expect and res.best_offset == offsets[expect]
+
+    # kill after the first prompt: the rerun evaluates only the two prompts left, with the same result
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2]) + "\n")
+    calls = []
+    orig = ev.member_scores
+    ev.member_scores = lambda t, p: calls.append(p.id) or orig(t, p)
+    again = calibrate_bias(ev, namm, offsets, prompts, log)
+    assert calls == [p.id for p in prompts[1:]]
+    np.testing.assert_allclose(again.fitness, res.fitness, atol=1e-9)
+    with pytest.raises(ValueError, match="other settings"):
+        calibrate_bias(ev, namm, [0.0, 2.0], prompts, log)
+    for bad in ("", "a,b", "1:2", "nan"):
+        with pytest.raises(ValueError, match="bias offsets"):
+            parse_offsets(bad)
+    assert parse_offsets("-1:1:3") == [-1.0, 0.0, 1.0]
+
+
+def test_cli_calibrates_the_bias_and_ships_the_calibrated_mean(tmp_path, monkeypatch, capsys):
+    """`namm-transfer evolve ... --calibrate-bias -2,0,2 --ship NAME`: the shipped vector is the run's mean with
+    the chosen offset added to b_out, the card shows the calibration table, a rerun resumes from the log."""
+    main = _cli_with_tiny_host(monkeypatch, tmp_path)
+    run = tmp_path / "run"
+    argv = ["evolve", "--model", "tiny", "--run-dir", str(run), "--stages", "passkey:1", "--population", "4"]
+    argv += ["--lengths", "300", "--pool-size", "2", "--update-interval", "64", "--chunk-size", "64"]
+    argv += ["--cache-weight", "1.0", "--calibrate-bias=-2,0,2", "--calibrate-prompts", "1", "--calibrate-sinks", "2"]
+    argv += ["--ship", "tiny-cal"]
+    assert main(argv) == 0
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["offsets"] == [-2.0, 0.0, 2.0] and cal["lengths"] == [300] and len(cal["prompts"]) == 1
+    base = load_namm(run / "namm").get_flat()
+    shipped = load_namm(tmp_path / "weights" / "tiny-cal").get_flat()
+    assert torch.equal(shipped[:-1], base[:-1])
+    assert shipped[-1].item() == pytest.approx(base[-1].item() + cal["best_offset"], abs=1e-6)
+    assert torch.equal(shipped, load_namm(run / "namm-calibrated").get_flat())
+    assert cal["sink_tokens"] == 2 and load_namm(tmp_path / "weights" / "tiny-cal").config.sink_tokens == 2
+    assert load_namm(run / "namm").config.sink_tokens == 0  # the run's own mean is untouched
+    card = (tmp_path / "weights" / "tiny-cal" / "README.md").read_text()
+    assert "Readout-bias calibration" in card and "(shipped)" in card and "first 2 positions always kept" in card
+    out = capsys.readouterr().out
+    assert "<- kept" in out and "shipped as tiny-cal" in out
+    # rerun: no new generation, the calibration log is complete, so nothing is evaluated again
+    log_before = (run / "calibration.jsonl").read_text()
+    assert main(argv) == 0
+    assert (run / "calibration.jsonl").read_text() == log_before
+    assert torch.equal(load_namm(tmp_path / "weights" / "tiny-cal").get_flat(), shipped)
+
+
+def test_run_with_sink_tokens_saves_them_and_refuses_other_settings(model, tmp_path):
+    from dataclasses import replace
+
+    cfg = replace(_config(gens=(1, 0)), sink_tokens=2)
+    evo = Evolution(tmp_path / "run", cfg, model, _pools())
+    assert evo.namm.config.sink_tokens == 2
+    evo.run()
+    assert load_namm(tmp_path / "run" / "namm").config.sink_tokens == 2
+    with pytest.raises(ValueError, match="sink_tokens"):
+        Evolution(tmp_path / "run", _config(gens=(1, 0)), model, _pools())

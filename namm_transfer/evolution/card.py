@@ -112,6 +112,22 @@ def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: s
             )
             + ".",
         ]
+    cal = json.loads((dest / "config.json").read_text()).get("provenance", {}).get("bias_calibration")
+    if cal:
+        lines += [
+            "",
+            "Readout-bias calibration after the generations (`evolve --calibrate-bias`): the mean evaluated with "
+            f"each bias offset on {len(cal['prompts'])} fresh training-split prompts of "
+            f"{', '.join(map(str, cal['lengths']))} tokens"
+            + (f", the first {cal['sink_tokens']} positions always kept" if cal.get("sink_tokens") else "")
+            + f"; the offset with the best fitness is shipped ({cal['best_offset']:+.3f}).",
+            "",
+            "| bias offset | fitness | retained cache (mean) |",
+            "|---|---|---|",
+        ]
+        for off, fit, ret in zip(cal["offsets"], cal["fitness"], cal["retained"], strict=True):
+            mark = " (shipped)" if off == cal["best_offset"] else ""
+            lines.append(f"| {off:+.3f}{mark} | {fit:.4f} | {ret:.3f} |")
     if curve:
         lines += ["", "![fitness](fitness.png)"]
     if eval_summary and Path(eval_summary).exists():

@@ -52,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-target", type=float, default=0.5)
     p.add_argument("--generations", type=int, default=None, help="stop after this many more generations")
     p.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every member always keeps the first N positions (NAMMConfig.sink_tokens; default 0, the paper's rule)",
+    )
+    p.add_argument(
         "--warm-start",
         action="store_true",
         help="initialize the CMA-ES mean with the supervised future-attention scorer",
@@ -76,6 +83,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="stage-1 prompts per task used for the normalization estimate and the warm start",
     )
     p.add_argument("--init", default=None, help="NAMM checkpoint to start from (mean and normalization)")
+    p.add_argument(
+        "--calibrate-bias",
+        default=None,
+        metavar="OFFSETS",
+        help="after the generations, evaluate the mean with these readout-bias offsets (comma list, or "
+        "LOW:HIGH:COUNT; write --calibrate-bias=-1:3:9 when it starts with a minus) on fresh training-split "
+        "prompts and keep the one with the best fitness (run_dir/calibration.jsonl, resumable; the result goes to "
+        "run_dir/namm-calibrated and is what --ship ships)",
+    )
+    p.add_argument("--calibrate-prompts", type=int, default=2, help="calibration prompts per task (last stage)")
+    p.add_argument(
+        "--calibrate-sinks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calibrate (and ship) with the first N positions always kept (NAMMConfig.sink_tokens; default 0: the "
+        "run's own --sink-tokens)",
+    )
+    p.add_argument(
+        "--calibrate-lengths",
+        default=None,
+        help="calibration prompt lengths (default: the longest training length)",
+    )
     p.add_argument(
         "--ship",
         default=None,
@@ -151,6 +181,7 @@ def main(args: argparse.Namespace) -> int:
         prompts_per_task=args.prompts_per_task,
         fitness=fit,
         model=args.model,
+        sink_tokens=args.sink_tokens,
     )
     init = load_namm(args.init) if args.init else None
     if args.warm_start and init is None:
@@ -167,21 +198,74 @@ def main(args: argparse.Namespace) -> int:
             fit=f"{row['fitness_mean']:.3f}", best=f"{row['fitness_best']:.3f}", cache=f"{row['retained_mean']:.2f}"
         )
 
+    start = evo.generation
     evo.run(args.generations, callback=show)
     bar.close()
-    path = evo.save_mean()
-    print(f"mean after {evo.generation} generations saved to {path}")
+    if evo.generation > start or not (evo.run_dir / "namm" / "config.json").exists():
+        path = evo.save_mean()  # (an unchanged run keeps the checkpoint it has: a replay on another machine
+        print(f"mean after {evo.generation} generations saved to {path}")  # matches it only up to rounding)
     from .card import write_card, write_curve
 
     write_curve(evo.run_dir)
+    calibrated = None
+    if args.calibrate_bias:
+        calibrated = _calibrate(args, evo, tokenizer, lengths)
     if args.ship:
-        from namm_transfer.checkpoint import WEIGHTS_DIR
+        from namm_transfer.checkpoint import WEIGHTS_DIR, save_namm
 
         dest = WEIGHTS_DIR / args.ship
-        evo.save_mean(dest, name=args.ship)
+        if calibrated is None:
+            evo.save_mean(dest, name=args.ship)
+        else:
+            net, prov = calibrated
+            save_namm(net, dest, provenance=prov, name=args.ship)
         write_card(evo.run_dir, dest, args.ship)
         print(f"shipped as {args.ship} in {dest}")
     return 0
+
+
+def _calibrate(args: argparse.Namespace, evo: Any, tokenizer: Any, lengths: list[int]) -> tuple[Any, dict[str, Any]]:
+    """Readout-bias calibration of the mean by the fitness (see ``calibrate.py``); saves run_dir/namm-calibrated."""
+    import json
+
+    import torch
+
+    from namm_transfer.checkpoint import load_namm, save_namm
+
+    from .calibrate import LOG_NAME, calibrate_bias, parse_offsets
+
+    offsets = parse_offsets(args.calibrate_bias)
+    cal_lengths = [int(x) for x in args.calibrate_lengths.split(",")] if args.calibrate_lengths else [max(lengths)]
+    tasks = evo.config.stages[-1].tasks
+    # a fresh draw of the training split (seed base 1: not the evolution's pool, never the held-out seeds)
+    pools = build_pools(tokenizer, tasks, args.calibrate_prompts, cal_lengths, split="train", seed_base=1)
+    prompts = [p for t in tasks for p in pools[t]]
+    mean = load_namm(evo.run_dir / "namm")  # the run's deployed mean, as saved
+    if args.calibrate_sinks:
+        from dataclasses import replace
+
+        mean.config = evo.namm.config = replace(evo.namm.config, sink_tokens=args.calibrate_sinks)
+    res = calibrate_bias(evo.evaluator, mean, offsets, prompts, evo.run_dir / LOG_NAME)
+    for i, off in enumerate(res.offsets):
+        mark = "  <- kept" if i == res.best else ""
+        print(f"bias offset {off:+.3f}: fitness {res.fitness[i]:.4f}, retained {res.retained[i]:.3f}{mark}")
+    theta = mean.get_flat().clone()
+    theta[-1] += res.best_offset
+    mean.set_flat(theta)
+    prov = json.loads((evo.run_dir / "namm" / "config.json").read_text()).get("provenance", {})
+    prov["bias_calibration"] = {
+        **res.to_dict(),
+        "prompts": [p.id for p in prompts],
+        "lengths": cal_lengths,
+        "sink_tokens": mean.config.sink_tokens,
+        "log": LOG_NAME,
+    }
+    path = save_namm(mean, evo.run_dir / "namm-calibrated", provenance=prov)
+    check = load_namm(path).get_flat()
+    assert torch.equal(check, mean.get_flat()), "calibrated checkpoint did not round-trip"
+    (evo.run_dir / "calibration.json").write_text(json.dumps(prov["bias_calibration"], indent=1) + "\n")
+    print(f"calibrated mean (bias offset {res.best_offset:+.3f}) saved to {path}")
+    return mean, prov
 
 
 def _warm_start(

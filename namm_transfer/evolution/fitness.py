@@ -28,7 +28,7 @@ from ..namm import NAMM
 from ..policies.namm_policy import NAMMPolicy
 from ..session import AttachedMemory, attach
 
-__all__ = ["EncodedPrompt", "FitnessConfig", "FitnessEvaluator", "answer_score"]
+__all__ = ["EncodedPrompt", "FitnessConfig", "FitnessEvaluator", "answer_score", "combine_prompt_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,23 +144,33 @@ class FitnessEvaluator:
     def evaluate(self, thetas: Tensor, prompts: list[EncodedPrompt]) -> GenerationResult:
         """Fitness of each member (P,) on ``prompts`` (all members see the same prompts)."""
         thetas = torch.as_tensor(thetas, dtype=torch.float32)
-        by_task: dict[str, list[EncodedPrompt]] = {}
+        per_prompt = []
         for pr in prompts:
-            by_task.setdefault(pr.task, []).append(pr)
-        ratios: dict[str, np.ndarray] = {}
-        retained_all = []
-        full_totals: dict[str, float] = {}
-        for task, items in sorted(by_task.items()):
-            member_sum = np.zeros(thetas.shape[0])
-            full_sum = 0.0
-            for pr in items:
-                s, r = self.member_scores(thetas, pr)
-                member_sum += s
-                full_sum += self.full_score(pr)
-                retained_all.append(r)
-            full_totals[task] = full_sum
-            ratios[task] = member_sum / full_sum if full_sum > 0 else member_sum
-        retained = np.mean(np.stack(retained_all), axis=0)
-        perf = np.mean(np.stack(list(ratios.values())), axis=0)
-        penalty = self.config.cache_weight * np.maximum(0.0, retained - self.config.cache_target)
-        return GenerationResult(fitness=perf - penalty, task_ratio=ratios, retained=retained, full_scores=full_totals)
+            s, r = self.member_scores(thetas, pr)
+            per_prompt.append((pr.task, s, self.full_score(pr), r))
+        return combine_prompt_scores(per_prompt, self.config)
+
+
+def combine_prompt_scores(
+    per_prompt: list[tuple[str, np.ndarray, float, np.ndarray]], config: FitnessConfig
+) -> GenerationResult:
+    """Fitness from per-prompt results ``(task, member scores (P,), full-cache score, retained (P,))``.
+
+    Per task: sum of member scores / sum of full-cache scores (the sum itself when the full cache scores 0);
+    averaged over tasks, minus ``cache_weight * max(0, retained - cache_target)`` with retained averaged over
+    prompts.
+    """
+    by_task: dict[str, list[tuple[np.ndarray, float]]] = {}
+    for task, scores, full, _ in per_prompt:
+        by_task.setdefault(task, []).append((np.asarray(scores, dtype=np.float64), float(full)))
+    ratios: dict[str, np.ndarray] = {}
+    full_totals: dict[str, float] = {}
+    for task, items in sorted(by_task.items()):
+        member_sum = np.sum([s for s, _ in items], axis=0)
+        full_sum = float(sum(f for _, f in items))
+        full_totals[task] = full_sum
+        ratios[task] = member_sum / full_sum if full_sum > 0 else member_sum
+    retained = np.mean(np.stack([np.asarray(r, dtype=np.float64) for *_, r in per_prompt]), axis=0)
+    perf = np.mean(np.stack(list(ratios.values())), axis=0)
+    penalty = config.cache_weight * np.maximum(0.0, retained - config.cache_target)
+    return GenerationResult(fitness=perf - penalty, task_ratio=ratios, retained=retained, full_scores=full_totals)

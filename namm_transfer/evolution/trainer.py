@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,9 @@ class EvolutionConfig:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     model: str = "unknown"
     """Recorded in checkpoints' provenance."""
+    sink_tokens: int = 0
+    """The first positions every member always keeps (``NAMMConfig.sink_tokens`` of the run's NAMM and of every
+    saved mean); 0 is the paper's rule."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,7 +128,8 @@ class Evolution:
         missing = {t for s in self.config.stages for t in s.tasks} - set(prompt_pools)
         if missing:
             raise ValueError(f"no prompts for tasks {sorted(missing)}; have {sorted(prompt_pools)}")
-        self.namm = NAMM(namm_config or (init.config if init is not None else NAMMConfig()))
+        base = namm_config or (init.config if init is not None else NAMMConfig())
+        self.namm = NAMM(replace(base, sink_tokens=self.config.sink_tokens))
         self._init_normalization_and_mean(init)
         self.evaluator = FitnessEvaluator(model, self.namm, self.config.fitness)
         self.log_path = self.run_dir / "log.jsonl"
