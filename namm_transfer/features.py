@@ -44,14 +44,7 @@ class SpectrogramStream:
         self.overlap = n_fft - hop
         self.frame_decay = gamma**hop
         self.n_bins = n_fft // 2 + 1
-        self._window: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._dft: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-    def window(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-        key = (device, dtype)
-        if key not in self._window:
-            self._window[key] = torch.hann_window(self.n_fft, periodic=True, dtype=dtype, device=device)
-        return self._window[key]
 
     def dft_matrix(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         """(2 * n_bins, n_fft): rows ``k`` give the real part, rows ``n_bins + k`` the imaginary part of bin ``k``
