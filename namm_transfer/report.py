@@ -29,6 +29,7 @@ __all__ = [
     "load_summaries",
     "render_rows",
     "render_breakdown",
+    "render_by_length",
     "render_summary",
     "update_readme",
     "add_arguments",
@@ -161,6 +162,31 @@ def render_breakdown(breakdown: Mapping[str, Any], label: str = "group") -> str:
     return title + "\n\n" + _table([label, *policies], body, [":--", *["--:"] * len(policies)])
 
 
+def render_by_length(by_length: Mapping[str, Any]) -> str:
+    """``length | policy | score | ± std | n | loglik score | retained cache`` from ``{length: rows}``.
+
+    Empty when the run has fewer than two prompt lengths (the rows table already says it all).
+    """
+    if len(by_length) < 2:
+        return ""
+    body = []
+    for length, rows in by_length.items():
+        for r in rows if isinstance(rows, list) else []:
+            body.append(
+                [
+                    _cell(length),
+                    _cell(r.get("policy")),
+                    _cell(r.get("score"), "score"),
+                    _cell(r.get("score_std"), "score_std"),
+                    _cell(r.get("n")),
+                    _cell(r.get("loglik_score"), "score"),
+                    _cell(r.get("retained_cache"), "retained_cache"),
+                ]
+            )
+    header = ["prompt tokens", "policy", "score", "± std", "n", "loglik score", "retained cache"]
+    return "**By prompt length**\n\n" + _table(header, body, [":--", ":--", *["--:"] * 5])
+
+
 def _is_mechanics_only(summary: Mapping[str, Any]) -> bool:
     settings = summary.get("settings") or {}
     if isinstance(settings, Mapping) and settings.get("mechanics_only"):
@@ -210,6 +236,11 @@ def render_summary(summary: Mapping[str, Any], name: str | None = None) -> str:
     bd = render_breakdown(summary.get("breakdown") or {}, label=label)
     if bd:
         parts.append(bd)
+    by_length = summary.get("by_length")
+    if isinstance(by_length, Mapping):
+        bl = render_by_length(by_length)
+        if bl:
+            parts.append(bl)
     return "\n\n".join(parts)
 
 

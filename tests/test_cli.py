@@ -211,6 +211,24 @@ def test_report_rebuilds_readme_section(tmp_path, capsys):
     assert MECHANICS_NOTE in readme.read_text()
 
 
+def test_report_renders_the_by_length_table_when_a_run_has_two_lengths():
+    from namm_transfer.report import render_by_length, render_summary
+
+    row = {"policy": "namm", "score": 12.0, "score_std": 4.0, "n": 10, "loglik_score": 14.875, "retained_cache": 0.6871}
+    full = {"policy": "full", "score": 42.0, "score_std": 5.0, "n": 10, "loglik_score": 53.7, "retained_cache": 1.0}
+    two = {"2048": [dict(row, score=20.0)], "4096": [row, full]}
+    table = render_by_length(two)
+    assert table.startswith("**By prompt length**")
+    assert "| prompt tokens | policy | score | ± std | n | loglik score | retained cache |" in table
+    assert "| 2048 | namm | 20.00 | 4.00 | 10 | 14.88 | 68.7% |" in table
+    assert "| 4096 | namm | 12.00 | 4.00 | 10 | 14.88 | 68.7% |" in table
+    assert "| 4096 | full | 42.00 | 5.00 | 10 | 53.70 | 100.0% |" in table
+    assert render_by_length({"2048": [row]}) == ""  # one length: the rows table already is the breakdown
+    summary = {"rows": [row], "breakdown": {}, "by_length": two}
+    assert "**By prompt length**" in render_summary(summary)
+    assert "**By prompt length**" not in render_summary({"rows": [row], "by_length": {"2048": [row]}})
+
+
 def test_report_merge(tmp_path, capsys):
     out = tmp_path / "lang.json"
     for rank in range(2):
