@@ -66,8 +66,10 @@ sessions. Measured for SmolLM2-135M in float32 on this project's CPU machine (CP
 thread, update interval and chunk 256): a 2048-token prefill (2070 tokens with the chat template)
 takes 18.6 s with the full cache, 18.7 s with H2O at half the cache, 16.4 s with a NAMM; a
 4096-token prefill (4118) 45.3 s full, 38.5 s H2O; a decoding step 0.17-0.25 s. With the per-task
-decoding budgets (16-64 tokens) that is about 70 CPU-minutes, roughly 35-45 minutes on two idle
-cores; the machine's other jobs stretch wall time (3-6x was seen). ``--limit`` runs a smoke test.
+decoding budgets (16-64 tokens) that was estimated at about 70 CPU-minutes; the committed default run
+(results/language.json, session 7) took 98 minutes of session wall time summed over its 120 sessions, as two
+one-thread shards side by side (``RANK=0/1 WORLD_SIZE=2``, 48 and 52 minutes), so about 50 minutes on two cores.
+``--limit`` runs a smoke test.
 
 Imports nothing heavy at import time (``--help`` stays torch-free).
 """
@@ -210,8 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"Defaults: model {DEFAULT_MODEL}, the shipped default NAMM, float32."
     )
     parser.epilog = (
-        "The default size (5 tasks x 4 samples at 2048 and 4096 tokens, all six policies: about 70 CPU-minutes "
-        "on one thread, measured) finishes in roughly 35-45 minutes on 2 idle CPU cores; --limit N gives a smoke "
+        "The default size (5 tasks x 4 samples at 2048 and 4096 tokens, all six policies: about 100 minutes on "
+        "one thread, measured) takes about 50 minutes on 2 CPU cores as two shards (RANK=0 and RANK=1 with "
+        "WORLD_SIZE=2, then `namm-transfer report --merge`); --limit N gives a smoke "
         "test; on a GPU raise --n and --lengths (held-out lengths go up to 8192). For Gemma 3 "
         "(--model gemma3-270m, the base model: raw prompts) the managed layers are its "
         "global-attention layers; write it to another file, e.g. --output results/language-gemma3.json."
