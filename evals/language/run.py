@@ -67,9 +67,10 @@ thread, update interval and chunk 256): a 2048-token prefill (2070 tokens with t
 takes 18.6 s with the full cache, 18.7 s with H2O at half the cache, 16.4 s with a NAMM; a
 4096-token prefill (4118) 45.3 s full, 38.5 s H2O; a decoding step 0.17-0.25 s. With the per-task
 decoding budgets (16-64 tokens) that was estimated at about 70 CPU-minutes; the committed default run
-(results/language.json, session 7) took 98 minutes of session wall time summed over its 120 sessions, as two
-one-thread shards side by side (``RANK=0/1 WORLD_SIZE=2``, 48 and 52 minutes), so about 50 minutes on two cores.
-``--limit`` runs a smoke test.
+(results/language.json, session 7) took 98 minutes of session wall time summed over its 120 sessions, as
+two one-thread shards side by side (``RANK=0/1 WORLD_SIZE=2``, 46 and 52 minutes), so about 50 minutes
+on two cores; Gemma 3 270M's (results/language-gemma3.json) took 33 and 35 minutes. ``--limit`` runs a
+smoke test.
 
 Imports nothing heavy at import time (``--help`` stays torch-free).
 """
