@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["KERNEL_NAME", "route_attention", "unroute_attention", "HFCacheRouting"]
+__all__ = ["KERNEL_NAME", "route_attention", "unroute_attention", "HFCacheRouting", "make_growing_cache"]
 
 KERNEL_NAME = "namm_transfer"
 _ENGINE_ATTR = "_namm_engine"
@@ -103,9 +103,7 @@ class HFCacheRouting:
     _saved: Any = None
 
     def make_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
+        return make_growing_cache(self.config)
 
     def get_kv(self, cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         lyr = cache.layers[layer]
@@ -122,3 +120,114 @@ class HFCacheRouting:
     def uninstall(self, engine: Any) -> None:
         unroute_attention(self.attn_modules, self._saved or [])
         self._saved = None
+
+
+# ----- a KV cache that appends in place -----------------------------------------------------------------
+_GROWING_LAYER: Any = None
+
+
+def _growing_layer_class() -> Any:
+    """``DynamicLayer`` with spare capacity: appends write into it instead of concatenating (built lazily, so
+    importing this module does not import transformers)."""
+    global _GROWING_LAYER
+    if _GROWING_LAYER is not None:
+        return _GROWING_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):  # type: ignore[misc]
+        """A full-attention cache layer whose ``keys`` / ``values`` are views of the first ``n`` slots of
+        buffers with room to spare.
+
+        ``DynamicLayer.update`` concatenates, which copies the whole layer for every chunk and every decoded
+        token; here an append writes only the new slots, and the buffers grow by ``growth`` when full (each
+        token is copied a bounded number of times). Assigning ``keys`` / ``values`` (the engine's compaction,
+        ``crop``, batch edits) writes into the existing buffer when the new tensor fits and has the same
+        batch, head and feature sizes, and otherwise adopts it as the new buffer.
+        """
+
+        growth = 1.25
+
+        def __init__(self, **kwargs: Any) -> None:
+            self._buf: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
+            self._len: dict[str, int] = {"keys": 0, "values": 0}
+            self._empty: dict[str, torch.Tensor] = {}
+            super().__init__(**kwargs)
+
+        def _get(self, name: str) -> torch.Tensor | None:
+            buf = self._buf[name]
+            return self._empty.get(name) if buf is None else buf[:, :, : self._len[name]]
+
+        def _set(self, name: str, t: torch.Tensor | None) -> None:
+            if t is None or t.dim() != 4:  # None (reset) or DynamicLayer's empty placeholder tensor
+                self._buf[name], self._len[name] = None, 0
+                if t is None:
+                    self._empty.pop(name, None)
+                else:
+                    self._empty[name] = t
+                return
+            buf, n = self._buf[name], t.shape[-2]
+            fits = (
+                buf is not None
+                and buf.shape[:2] == t.shape[:2]
+                and buf.shape[-1] == t.shape[-1]
+                and buf.shape[-2] >= n
+                and buf.dtype == t.dtype
+                and buf.device == t.device
+            )
+            if fits:
+                assert buf is not None
+                prefix = buf[:, :, :n]
+                if t.data_ptr() != prefix.data_ptr() or t.stride() != prefix.stride():
+                    if t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+                        t = t.clone()  # another view of the same buffer: copy it out before overwriting
+                    prefix.copy_(t)
+            else:
+                buf = t
+            self._buf[name], self._len[name] = buf, n
+
+        keys = property(lambda self: self._get("keys"), lambda self, t: self._set("keys", t))
+        values = property(lambda self: self._get("values"), lambda self, t: self._set("values", t))
+
+        def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
+            buf, n, q = self._buf[name], self._len[name], new.shape[-2]
+            if buf is None or buf.shape[:2] != new.shape[:2] or buf.shape[-1] != new.shape[-1]:
+                if n:
+                    held = tuple(self._get(name).shape)  # type: ignore[union-attr]
+                    raise RuntimeError(f"cannot append {tuple(new.shape)} to a cache holding {held}")
+                buf = None
+            if buf is None or buf.shape[-2] < n + q:
+                cap = max(n + q, int(n * self.growth) + q)
+                grown = new.new_empty(*new.shape[:2], cap, new.shape[-1])
+                if n:
+                    assert buf is not None
+                    grown[:, :, :n].copy_(buf[:, :, :n])
+                buf = grown
+            buf[:, :, n : n + q].copy_(new)
+            self._buf[name], self._len[name] = buf, n + q
+            return buf[:, :, : n + q]
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            return self._append("keys", key_states), self._append("values", value_states)
+
+        def capacity(self) -> int:
+            buf = self._buf["keys"]
+            return 0 if buf is None else buf.shape[-2]
+
+    _GROWING_LAYER = GrowingLayer
+    return GrowingLayer
+
+
+def make_growing_cache(config: Any) -> Any:
+    """``DynamicCache(config=config)`` with every plain full-attention layer replaced by one that appends in
+    place (sliding-window and other special layers are left as transformers builds them)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    growing = _growing_layer_class()
+    cache.layers = [growing() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache

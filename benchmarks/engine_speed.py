@@ -20,9 +20,14 @@ Memory. ``peak`` is the highest memory above what the process held after the mod
 
 * CPU: the kernel's resident-set high-water mark. Before each measurement the script returns freed
   heap to the OS (``malloc_trim``), resets the mark (writing ``5`` to ``/proc/self/clear_refs``) and
-  reads ``VmRSS``; afterwards it reads ``VmHWM``. At start it fixes glibc's mmap threshold at 128 KiB
-  so that freed tensors leave the resident set at once. Where ``clear_refs`` cannot be written,
-  a thread samples the RSS with psutil every millisecond instead (the report says which).
+  reads ``VmRSS``; afterwards it reads ``VmHWM``. The timed runs keep glibc's allocator as it comes
+  (what a user's process does: large tensors are served by fresh mmaps that fault their pages in, smaller
+  ones are recycled from the heap), so their peak is what the process really held. Only the feature
+  table, which measures memory and nothing else, first fixes glibc's mmap threshold at 128 KiB so that
+  every freed tensor leaves the resident set at once (that setting slows the allocation-heavy runs: at
+  8k tokens the unmodified model decoded 1.5x slower with it, which is why the timed runs do without).
+  Where ``clear_refs`` cannot be written, a thread samples the RSS with psutil every millisecond
+  instead (the report says which).
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
   allocated before the run.
 
@@ -32,10 +37,11 @@ the same shape, prefill only, at a fixed chunk size over growing prompt lengths:
 * measured: peak of a NAMM that keeps every token (``collect_statistics=True``: same cache as the
   full policy) minus the peak of ``engine-full``;
 * accounted: the largest sum, over the run, of the bytes of every policy per-token tensor
-  (``engine.states[layer].tokens``, all layers) plus the attention-row tensors of one layer's chunk:
-  the float32 scores / probabilities the engine materializes (up to 3 live copies of
-  B x query heads x chunk x cache x 4 bytes during the softmax) and the head-averaged rows handed
-  to the policy (B x KV heads x chunk x cache x 4 bytes).
+  (``engine.states[layer].tokens``, all layers) plus the attention-row tensors of one query tile of
+  one layer: the float32 scores the engine materializes (B x query heads x tile x cache x 4 bytes,
+  turned into probabilities in place on CPU, a second copy elsewhere) and the head-averaged rows
+  handed to the policy (B x KV heads x tile x cache x 4 bytes). The engine sizes its tiles to about
+  ``EvictionEngine.tile_bytes`` (12 MiB) of scores, so at long contexts a tile is smaller than the chunk.
 
 Timing noise: configurations run interleaved at each length (order reversed on every other round)
 and the fastest of ``--repeats`` rounds is kept; the load average is recorded before and after.
@@ -241,6 +247,7 @@ class Run:
     final_cache_tokens: float = 0.0
     state_peak_bytes: int = 0
     rows_peak_bytes: int = 0
+    rows_tile: int = 0
     tokens: list[int] = field(default_factory=list, repr=False)
     same_tokens_as_unmodified: bool | None = None
     load_1min: float = 0.0
@@ -262,13 +269,18 @@ class FeatureProbe:
         self.n_q_heads = n_q_heads
         self.state_peak = 0
         self.rows_peak = 0
+        self.tile = 0  # the most queries in one call of the policy's observe
         policy = engine.policy
         inner = policy.observe
 
         def observe(state: Any, rows: torch.Tensor) -> None:
+            # the engine hands rows over per query tile: that tile's float32 scores (softmax in place on CPU, a
+            # second copy for the probabilities elsewhere) plus the head-averaged rows themselves
             b, _, q, s = rows.shape
+            copies = 1 if rows.device.type == "cpu" else 2
+            self.tile = max(self.tile, q)
             self.rows_peak = max(
-                self.rows_peak, 3 * b * self.n_q_heads * q * s * 4 + rows.numel() * rows.element_size()
+                self.rows_peak, copies * b * self.n_q_heads * q * s * 4 + rows.numel() * rows.element_size()
             )
             inner(state, rows)
             self._state()
@@ -344,6 +356,7 @@ def run_engine(
         stats = mem.stats
         if probe is not None:
             run.state_peak_bytes, run.rows_peak_bytes = probe.state_peak, probe.rows_peak
+            run.rows_tile = probe.tile
             probe.detach()
     run.prefill_s, run.decode_s = t1 - t0, t2 - t1
     run.tokens = torch.cat(out, dim=1)[0].tolist()
@@ -421,6 +434,7 @@ def feature_runs(args: argparse.Namespace, meter: PeakMeter, namm: Any) -> list[
             row = {
                 "length": length,
                 "chunk": chunk,
+                "tile": nk.rows_tile,
                 "layers": args.feature_layers,
                 "full_peak_mib": peaks["engine-full"] / MIB,
                 "namm_peak_mib": peaks["namm-keep-all"] / MIB,
@@ -553,14 +567,16 @@ def render_section(result: dict[str, Any]) -> str:
             f"Feature memory ({feats[0]['layers']} layers of the same shape, prefill only, NAMM keeping every token "
             "vs the full cache, so both hold the same cache):",
             "",
-            "| T | chunk | full-cache peak MiB | NAMM peak MiB | measured extra MiB | accounted: per-token state MiB | "
-            "accounted: attention rows MiB | accounted / (chunk x T) bytes | T x T float32 map per layer MiB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| T | chunk | largest query tile | full-cache peak MiB | NAMM peak MiB | measured extra MiB | "
+            "accounted: per-token state MiB | accounted: attention rows MiB | accounted / (tile x T) bytes | "
+            "T x T float32 map per layer MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for f in feats:
-            per = f["accounted_mib"] * MIB / (f["chunk"] * f["length"])
+            tile = f.get("tile") or f["chunk"]  # files written before the engine tiled its queries
+            per = f["accounted_mib"] * MIB / (tile * f["length"])
             lines.append(
-                f"| {f['length']} | {f['chunk']} | {f['full_peak_mib']:.1f} | {f['namm_peak_mib']:.1f} | "
+                f"| {f['length']} | {f['chunk']} | {tile} | {f['full_peak_mib']:.1f} | {f['namm_peak_mib']:.1f} | "
                 f"{f['measured_extra_mib']:.1f} | {f['state_mib']:.2f} | {f['rows_mib']:.1f} | {per:.0f} | "
                 f"{f['txt_per_layer_mib']:.0f} |"
             )
@@ -661,7 +677,6 @@ def main(argv: list[str] | None = None) -> int:
             write_markdown(Path(args.out), stored, PREAMBLE.replace("{{dev}}", dev))
         return 0
     command = "python " + shlex.join([os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)])
-    malloc_fixed = args.torch_device.type == "cpu" and fix_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     meter = PeakMeter(args.torch_device)
@@ -682,8 +697,14 @@ def main(argv: list[str] | None = None) -> int:
     del model
     gc.collect()
     log("feature memory table")
+    # memory only from here on: fixing the threshold is process-wide and cannot be undone
+    malloc_fixed = bool(args.feature_lengths) and args.torch_device.type == "cpu" and fix_malloc()
     feats = feature_runs(args, meter, namm) if args.feature_lengths else []
-    method = meter.method + ("; glibc mmap threshold fixed at 128 KiB" if malloc_fixed else "")
+    method = meter.method + (
+        "; timed runs with glibc's default allocator, the feature table with its mmap threshold fixed at 128 KiB"
+        if malloc_fixed
+        else ""
+    )
     result = {
         "command": command,
         "args": {k: v for k, v in vars(args).items() if not k.startswith("torch_")},

@@ -349,6 +349,13 @@ class EvictionEngine:
         st = self.states.get(layer)
         if st is not None:
             self._append(st, q, s)
+        need_rows = st is not None and self.policy.needs_attention
+        if need_rows and softcap is None:
+            assert st is not None
+            fast = self._attend_with_rows(st, query, key, value, scaling)
+            if fast is not None:
+                return fast
+        if st is not None:
             mask = self._managed_mask(st, q)  # (B, H, Q, S)
         else:
             mask = self._clock_mask(q, s, sliding_window)  # (B, 1, Q, S)
@@ -356,7 +363,6 @@ class EvictionEngine:
         # outputs are never used and this keeps every value finite
         mask = mask | ~mask.any(-1, keepdim=True)
         qg = query.reshape(b, h, g * q, d)
-        need_rows = st is not None and self.policy.needs_attention
         if need_rows or softcap is not None:
             # explicit float32 attention, the probabilities shared by the output and the policy's rows; the
             # (B, H, Q, S) mask is broadcast over the query groups and applied in place (no g-fold copies)
@@ -383,6 +389,59 @@ class EvictionEngine:
             mg = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, q, s).reshape(mask.shape[0], -1, g * q, s)
             out = F.scaled_dot_product_attention(qg, key, value, attn_mask=mg, scale=scaling)
         return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
+
+    # bytes of float32 scores per query tile of the explicit attention (kept under glibc's largest mmap
+    # threshold, 32 MiB, so tiles are recycled from the heap instead of faulting in fresh pages every time)
+    tile_bytes: int = 12 * 1024 * 1024
+
+    def _attend_with_rows(
+        self, st: LayerState, query: Tensor, key: Tensor, value: Tensor, scaling: float
+    ) -> Tensor | None:
+        """Explicit float32 attention of a managed layer, in query tiles, handing each tile's rows to the policy.
+
+        The scores of one tile (B x query heads x tile x S) are computed, masked, turned into probabilities in
+        place, multiplied with the values and averaged over the query heads of each KV head; the policy gets
+        those rows tile by tile (consecutive queries, in order). The mask is never materialized as
+        (B, H, Q, S): the cached part is one (B, H, S_old) row of live slots, applied only if some slot is
+        dead, and the chunk's own part is (B, H, Q, Q). Returns None when some query sees no slot at all
+        (left padding before the first real token), which the general path handles.
+        """
+        chunk = self._chunk
+        assert chunk is not None
+        b, hq, q, d = query.shape
+        h, s = key.shape[1], key.shape[2]
+        g, old = hq // h, s - q
+        valid_old, valid_new = st.valid[..., :old], st.valid[..., old:]  # (B, H, S_old), (B, H, Q)
+        sees = torch.cumsum(valid_new, -1) > 0
+        if old:
+            sees |= valid_old.any(-1, keepdim=True)
+        if not bool(sees.all()):
+            return None
+        dead_old = ~valid_old.view(b, h, 1, 1, old) if old and not bool(valid_old.all()) else None
+        causal = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
+        dead_new = ~(causal.view(1, 1, q, q) & valid_new.view(b, h, 1, q))  # (B, H, Q, Q)
+        weight = chunk["valid"].to(torch.float32).div_(g)  # (B, Q): 1/g for real queries, 0 for padding
+        qs = (query.float() * scaling).view(b, h, g, q, d)
+        kt = key.float().transpose(-1, -2)
+        tile = min(q, max(16, self.tile_bytes // max(1, 4 * b * hq * s) // 16 * 16))  # queries per tile
+        out = torch.empty(b, h, g, q, d, dtype=value.dtype, device=query.device)
+        for t0 in range(0, q, tile):
+            t1 = min(q, t0 + tile)
+            n = t1 - t0
+            scores = torch.matmul(qs[:, :, :, t0:t1].reshape(b, h, g * n, d), kt)  # (B, H, g*n, S)
+            s5 = scores.view(b, h, g, n, s)
+            if dead_old is not None:
+                s5[..., :old].masked_fill_(dead_old, float("-inf"))
+            s5[..., old:].masked_fill_(dead_new[:, :, None, t0:t1], float("-inf"))
+            if scores.device.type == "cpu" and not scores.requires_grad:  # in place: no second tile of memory
+                probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+            else:
+                probs = torch.softmax(scores, dim=-1)
+            out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), value).view(b, h, g, n, d)
+            rows = probs.view(b, h, g, n, s).sum(2).mul_(weight[:, None, t0:t1, None])
+            del scores, probs, s5
+            self.policy.observe(st, rows)
+        return out.view(b, hq, q, d).transpose(1, 2).contiguous()
 
     def _append(self, st: LayerState, q: int, s: int) -> None:
         chunk = self._chunk

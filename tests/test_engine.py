@@ -112,6 +112,140 @@ def test_eviction_equals_masked_reference(model):
     torch.testing.assert_close(got, ref[:, 16:], atol=1e-5, rtol=0)
 
 
+class ScriptedWithRows(Scripted):
+    """The same evictions, but asking for attention rows: the engine takes its explicit, tiled path."""
+
+    name = "scripted-rows"
+    needs_attention = True
+
+    def init_layer(self, state: LayerState) -> None:
+        self.row_sums: dict[int, list[torch.Tensor]] = {}
+
+    def observe(self, state: LayerState, rows: torch.Tensor) -> None:
+        assert torch.isfinite(rows).all()
+        self.row_sums.setdefault(state.layer, []).append(rows.sum(-1))  # each real query's row sums to 1
+
+
+@pytest.mark.parametrize("tile_bytes", [1, 1 << 30], ids=["16-query-tiles", "one-tile"])
+def test_eviction_equals_masked_reference_on_the_explicit_attention_path(model, tile_bytes):
+    """The explicit float32 attention (policies that read rows), split into query tiles or not, computes the
+    same attention as the unmodified model with the evicted tokens masked out, and hands over one row per
+    query that sums to 1 (0 for padding queries)."""
+    ids, mask = _batch(2, 64, pad=(0, 5), seed=1)
+    evict = {0: {0, 3, 4, 9, 20}, 1: {1, 2, 7, 25}}
+    policy = ScriptedWithRows(evict)
+    with attach(model, policy, update_interval=32, chunk_size=32) as mem:
+        mem.engine.tile_bytes = tile_bytes
+        tail = mem.prefill(ids, mask, logits_to_keep=32)  # the second chunk runs after the eviction at 32
+        steps = [tail]
+        toks = [tail[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(3):
+            steps.append(mem.step(toks[-1]))
+            toks.append(steps[-1][:, -1].argmax(-1, keepdim=True))
+    full_ids = torch.cat([ids, *toks[:-1]], dim=1)
+    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+    ref = _reference_masked(model, full_ids, full_mask, evict, t_evict=32)
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref[:, 32:], atol=1e-5, rtol=0)
+    for layer, sums in policy.row_sums.items():
+        if layer not in mem.engine.states:
+            continue
+        got = torch.cat(sums, dim=-1)  # (B, H, queries fed)
+        want = full_mask[:, None, :].float().expand_as(got)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["h2o", "namm"])
+def test_query_tiles_give_the_same_policy_state(name):
+    """Rows handed over in 16-query tiles fold into the same H2O scores / NAMM spectrogram EMA, and the same
+    tokens are kept, as rows handed over a chunk at a time."""
+    model = tiny_decoder("llama")
+    ids, mask = _batch(2, 96, pad=(0, 9), seed=4)
+    results = []
+    for tile_bytes in (1, 1 << 30):
+        policy = NAMMPolicy(_namm(torch.randn(4172, generator=torch.Generator().manual_seed(3)) * 0.1), budget=0.5)
+        if name == "h2o":
+            policy = create_policy("h2o", budget=0.5)
+        with attach(model, policy, update_interval=32, chunk_size=32) as mem:
+            mem.engine.tile_bytes = tile_bytes
+            logits = mem.prefill(ids, mask, logits_to_keep=4)
+            state = {k: v.clone() for st in mem.engine.states.values() for k, v in st.tokens.items()}
+            results.append(
+                (logits, state, mem.stats.kept_counts, [st.position.clone() for st in mem.engine.states.values()])
+            )
+    (l1, s1, k1, p1), (l2, s2, k2, p2) = results
+    assert k1 == k2
+    for a, b in zip(p1, p2, strict=True):
+        assert torch.equal(a, b)
+    assert s1.keys() == s2.keys()
+    for key in s1:
+        torch.testing.assert_close(s1[key], s2[key], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
+
+
+# ----- the engine's cache: appends in place -------------------------------------------------------------------
+def test_engine_cache_appends_in_place_and_matches_a_dynamic_cache(model):
+    """Managed layers use a cache layer that writes new tokens into spare capacity (no copy of the whole layer
+    per token); sliding-window layers stay as transformers builds them; what it holds equals a DynamicCache."""
+    import inspect
+
+    from namm_transfer.adapters.hf_attention import _growing_layer_class
+    from transformers import DynamicCache
+
+    ids, mask = _batch(1, 40, pad=(0,), seed=2)
+    with attach(model, "full", update_interval=16, chunk_size=8) as mem:
+        mem.prefill(ids, mask)
+        cache = mem.engine.cache
+        for i, lyr in enumerate(cache.layers):
+            assert isinstance(lyr, _growing_layer_class()) == (i in mem.engine.states)
+        managed = next(iter(mem.engine.states))
+        lyr = cache.layers[managed]
+        before = lyr.keys.data_ptr()
+        grew = 0
+        for _ in range(6):
+            cap = lyr.capacity()
+            mem.step(ids[:, :1])
+            assert lyr.keys.shape[-2] == 40 + _ + 1
+            grew += lyr.capacity() != cap
+            assert lyr.keys.data_ptr() == before or lyr.capacity() != cap  # same buffer unless it had to grow
+            before = lyr.keys.data_ptr()
+        assert grew <= 1
+        keys, values = lyr.keys.clone(), lyr.values.clone()
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model(input_ids=torch.cat([ids, ids[:, :1].repeat(1, 6)], 1), **{kw: ref}, use_cache=True)
+    torch.testing.assert_close(keys, ref.layers[managed].keys, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, ref.layers[managed].values, atol=1e-5, rtol=0)
+
+
+def test_growing_cache_layer_behaves_like_a_dynamic_layer():
+    from namm_transfer.adapters.hf_attention import _growing_layer_class
+    from transformers.cache_utils import DynamicLayer
+
+    grow, plain = _growing_layer_class()(), DynamicLayer()
+    g = torch.Generator().manual_seed(0)
+    for q in (5, 1, 1, 7, 1):
+        k, v = torch.randn(2, 3, q, 4, generator=g), torch.randn(2, 3, q, 4, generator=g)
+        a, b = grow.update(k, v), plain.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert grow.get_seq_length() == plain.get_seq_length() == 15
+    assert grow.capacity() >= 15
+    # assignment (the engine's compaction) writes into the same buffer when it fits
+    ptr = grow.keys.data_ptr()
+    grow.keys, grow.values = grow.keys[:, :, ::2].clone(), grow.values[:, :, ::2].clone()
+    plain.keys, plain.values = plain.keys[:, :, ::2].clone(), plain.values[:, :, ::2].clone()
+    assert grow.keys.data_ptr() == ptr and torch.equal(grow.keys, plain.keys) and torch.equal(grow.values, plain.values)
+    for layer in (grow, plain):
+        layer.crop(-2)
+        layer.batch_repeat_interleave(2)
+    assert torch.equal(grow.keys, plain.keys) and torch.equal(grow.values, plain.values)
+    k, v = torch.randn(4, 3, 2, 4, generator=g), torch.randn(4, 3, 2, 4, generator=g)
+    a, b = grow.update(k, v), plain.update(k, v)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    grow.reset()
+    assert grow.get_seq_length() == 0 and not grow.is_initialized
+
+
 # ----- NAMM as a policy ------------------------------------------------------------------------------------
 def _namm(flat=None):
     net = NAMM()

@@ -206,8 +206,9 @@ class MemoryPolicy:
 
     * ``name``: registry name.
     * ``needs_attention``: the engine computes attention probability rows of the recent queries
-      (averaged over the query heads of each KV head) and passes them to :meth:`observe` after
-      every chunk. Rows are only ever (chunk x cache), never (T x T).
+      (averaged over the query heads of each KV head) and passes them to :meth:`observe` for
+      every chunk, in one call or in several calls over consecutive query tiles of it. Rows are
+      only ever (chunk x cache), never (T x T).
     * ``needs_keys``: :meth:`select` reads ``state.keys``.
     """
 
@@ -227,7 +228,11 @@ class MemoryPolicy:
         """Create per-token tensors (with S = current length) and per-layer meta at session start."""
 
     def observe(self, state: LayerState, rows: Tensor) -> None:
-        """Fold attention rows (B, H, Q, S) of the chunk's Q queries (S includes the chunk)."""
+        """Fold attention rows (B, H, Q, S) of Q consecutive queries of the chunk (S includes the whole chunk).
+
+        The engine may split a chunk into several calls (query tiles, in order); ``rows`` may be reused after
+        the call returns, so keep a copy of what is needed later.
+        """
 
     def select(self, state: LayerState) -> Tensor:
         """Return (B, H, S) bool: which slots to keep. Invalid slots are dropped whatever is returned."""
