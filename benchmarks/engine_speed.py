@@ -41,7 +41,7 @@ the same shape, prefill only, at a fixed chunk size over growing prompt lengths:
   one layer: the float32 scores the engine materializes (B x query heads x tile x cache x 4 bytes,
   turned into probabilities in place on CPU, a second copy elsewhere) and the head-averaged rows
   handed to the policy (B x KV heads x tile x cache x 4 bytes). The engine sizes its tiles to about
-  ``EvictionEngine.tile_bytes`` (12 MiB) of scores, so at long contexts a tile is smaller than the chunk.
+  ``EvictionEngine.tile_bytes`` (8 MiB on CPU) of scores, so at long contexts a tile is smaller than the chunk.
 
 Timing noise: configurations run interleaved at each length (order reversed on every other round)
 and the fastest of ``--repeats`` rounds is kept; the load average is recorded before and after.
@@ -248,6 +248,8 @@ class Run:
     state_peak_bytes: int = 0
     rows_peak_bytes: int = 0
     rows_tile: int = 0
+    policy_observe_s: float = 0.0
+    policy_select_s: float = 0.0
     tokens: list[int] = field(default_factory=list, repr=False)
     same_tokens_as_unmodified: bool | None = None
     load_1min: float = 0.0
@@ -295,6 +297,26 @@ class FeatureProbe:
         self.engine.policy.__dict__.pop("observe", None)
 
 
+class PolicyTimer:
+    """Wall time spent inside the policy's ``observe`` (folding attention rows) and ``select`` (choosing what to keep,
+    at update steps), the policy's own share of a run; on CUDA each call is synchronized before and after."""
+
+    def __init__(self, policy: Any, device: torch.device) -> None:
+        self.seconds = {"observe": 0.0, "select": 0.0}
+        for name in self.seconds:
+            inner = getattr(policy, name)
+
+            def timed(*a: Any, _inner: Any = inner, _name: str = name) -> Any:
+                _sync(device)
+                t = time.perf_counter()
+                out = _inner(*a)
+                _sync(device)
+                self.seconds[_name] += time.perf_counter() - t
+                return out
+
+            setattr(policy, name, timed)
+
+
 def run_unmodified(model: Any, ids: torch.Tensor, new_tokens: int, chunk: int | None, device: torch.device) -> Run:
     """Greedy decoding with the model as it is: SDPA and a DynamicCache, positions from the cache length."""
     from transformers import DynamicCache
@@ -340,6 +362,7 @@ def run_engine(
     run = Run(config, ids.shape[1], new_tokens)
     policy = make_policy(config, namm)
     with attach(model, policy, update_interval=update_interval, chunk_size=chunk) as mem:
+        timer = PolicyTimer(policy, device)
         probe = FeatureProbe(mem.engine, model.config.num_attention_heads) if policy.needs_attention else None
         _sync(device)
         t0 = time.perf_counter()
@@ -359,6 +382,7 @@ def run_engine(
             run.rows_tile = probe.tile
             probe.detach()
     run.prefill_s, run.decode_s = t1 - t0, t2 - t1
+    run.policy_observe_s, run.policy_select_s = timer.seconds["observe"], timer.seconds["select"]
     run.tokens = torch.cat(out, dim=1)[0].tolist()
     run.retained_cache = stats.retained_cache()
     run.final_cache_tokens = float(stats.cache_tokens[-1].mean()) if stats.cache_tokens else 0.0
@@ -517,9 +541,9 @@ def render_section(result: dict[str, Any]) -> str:
     lines += [
         "",
         "| T | configuration | prefill s | decode ms/token | total s | peak MiB above weights | "
-        "of which policy state / attention rows MiB (accounted) | retained cache | cache at end | "
-        "same tokens as unmodified | load (1 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "of which policy state / attention rows MiB (accounted) | time in the policy s (observe / select) | "
+        "retained cache | cache at end | same tokens as unmodified | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for length in sorted(by):
         for config in CONFIGS:
@@ -534,9 +558,15 @@ def render_section(result: dict[str, Any]) -> str:
                 if r["state_peak_bytes"] or r["rows_peak_bytes"]
                 else "-"
             )
+            in_policy = (
+                f"{r['policy_observe_s']:.2f} / {r['policy_select_s']:.2f}"
+                if r.get("policy_observe_s") or r.get("policy_select_s")  # absent from files of older runs
+                else "-"
+            )
             lines.append(
                 f"| {length} | {config} | {r['prefill_s']:.2f} | {per_tok:.0f} | {total:.2f} | "
-                f"{r['peak_bytes'] / MIB:.0f} | {feat} | {r['retained_cache']:.3f} | {r['final_cache_tokens']:.0f} | "
+                f"{r['peak_bytes'] / MIB:.0f} | {feat} | {in_policy} | {r['retained_cache']:.3f} | "
+                f"{r['final_cache_tokens']:.0f} | "
                 f"{same} | {r['load_1min']:.1f} |"
             )
     lines += ["", "Ratios (same run, same machine state):", ""]
@@ -568,16 +598,15 @@ def render_section(result: dict[str, Any]) -> str:
             "vs the full cache, so both hold the same cache):",
             "",
             "| T | chunk | largest query tile | full-cache peak MiB | NAMM peak MiB | measured extra MiB | "
-            "accounted: per-token state MiB | accounted: attention rows MiB | accounted / (tile x T) bytes | "
+            "accounted: per-token state MiB | accounted: attention rows of one tile MiB | "
             "T x T float32 map per layer MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for f in feats:
             tile = f.get("tile") or f["chunk"]  # files written before the engine tiled its queries
-            per = f["accounted_mib"] * MIB / (tile * f["length"])
             lines.append(
                 f"| {f['length']} | {f['chunk']} | {tile} | {f['full_peak_mib']:.1f} | {f['namm_peak_mib']:.1f} | "
-                f"{f['measured_extra_mib']:.1f} | {f['state_mib']:.2f} | {f['rows_mib']:.1f} | {per:.0f} | "
+                f"{f['measured_extra_mib']:.1f} | {f['state_mib']:.2f} | {f['rows_mib']:.1f} | "
                 f"{f['txt_per_layer_mib']:.0f} |"
             )
     return "\n".join(lines)

@@ -390,9 +390,10 @@ class EvictionEngine:
             out = F.scaled_dot_product_attention(qg, key, value, attn_mask=mg, scale=scaling)
         return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
 
-    # bytes of float32 scores per query tile of the explicit attention (kept under glibc's largest mmap
-    # threshold, 32 MiB, so tiles are recycled from the heap instead of faulting in fresh pages every time)
-    tile_bytes: int = 12 * 1024 * 1024
+    tile_bytes: int | None = None
+    """Bytes of float32 scores per query tile of the explicit attention; None: 8 MiB on the CPU (under glibc's
+    largest mmap threshold, 32 MiB, so tiles are recycled from the heap instead of faulting in fresh pages each
+    time, and they stay near the cache), 256 MiB on accelerators (fewer, larger kernels)."""
 
     def _attend_with_rows(
         self, st: LayerState, query: Tensor, key: Tensor, value: Tensor, scaling: float
@@ -420,10 +421,12 @@ class EvictionEngine:
         dead_old = ~valid_old.view(b, h, 1, 1, old) if old and not bool(valid_old.all()) else None
         causal = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
         dead_new = ~(causal.view(1, 1, q, q) & valid_new.view(b, h, 1, q))  # (B, H, Q, Q)
-        weight = chunk["valid"].to(torch.float32).div_(g)  # (B, Q): 1/g for real queries, 0 for padding
+        padded = not bool(chunk["valid"].all())
+        real = chunk["valid"].to(torch.float32)  # (B, Q): 1 for real queries, 0 for padding
         qs = (query.float() * scaling).view(b, h, g, q, d)
         kt = key.float().transpose(-1, -2)
-        tile = min(q, max(16, self.tile_bytes // max(1, 4 * b * hq * s) // 16 * 16))  # queries per tile
+        budget = self.tile_bytes or (8 if query.device.type == "cpu" else 256) * 1024 * 1024
+        tile = min(q, max(16, budget // max(1, 4 * b * hq * s) // 16 * 16))  # queries per tile
         out = torch.empty(b, h, g, q, d, dtype=value.dtype, device=query.device)
         for t0 in range(0, q, tile):
             t1 = min(q, t0 + tile)
@@ -438,7 +441,9 @@ class EvictionEngine:
             else:
                 probs = torch.softmax(scores, dim=-1)
             out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), value).view(b, h, g, n, d)
-            rows = probs.view(b, h, g, n, s).sum(2).mul_(weight[:, None, t0:t1, None])
+            rows = probs.view(b, h, g, n, s).mean(2)  # (B, H, n, S)
+            if padded:
+                rows.mul_(real[:, None, t0:t1, None])
             del scores, probs, s5
             self.policy.observe(st, rows)
         return out.view(b, hq, q, d).transpose(1, 2).contiguous()
