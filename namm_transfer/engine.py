@@ -8,8 +8,13 @@ through :meth:`EvictionEngine.attention`, which
 * builds the attention mask itself from the engine's bookkeeping (live slots of each cache row,
   left padding, causality inside the chunk, sliding windows of unmanaged layers),
 * computes the attention probability rows of the chunk's queries against the current cache only
-  when the policy asks for them (chunk x cache, never T x T), and hands them to the policy,
+  when the policy asks for them (chunk x cache, never T x T), in query tiles of bounded size, and
+  hands them to the policy tile by tile,
 * and otherwise calls PyTorch's fused SDPA.
+
+The cache of every managed layer appends in place (``adapters.hf_attention.make_growing_cache``):
+new tokens go into spare capacity instead of a concatenation that copies the whole layer, and
+compaction writes the kept slots back into the same buffer.
 
 After each chunk, when the clock (rows fed, padding included) reaches a multiple of
 ``update_interval``, every managed layer asks the policy which slots to keep and the engine
@@ -104,6 +109,11 @@ class EvictionStats:
 
 class EvictionEngine:
     """Owns the cache bookkeeping of one attached model. Create through :func:`namm_transfer.attach`."""
+
+    tile_bytes: int | None = None
+    """Bytes of float32 scores per query tile of the explicit attention; None: 8 MiB on the CPU (under glibc's
+    largest mmap threshold, 32 MiB, so tiles are recycled from the heap instead of faulting in fresh pages each
+    time, and they stay near the cache), 256 MiB on accelerators (fewer, larger kernels)."""
 
     def __init__(self, adapter: Any, policy: MemoryPolicy, config: EngineConfig | None = None) -> None:
         self.adapter = adapter
@@ -364,8 +374,9 @@ class EvictionEngine:
         mask = mask | ~mask.any(-1, keepdim=True)
         qg = query.reshape(b, h, g * q, d)
         if need_rows or softcap is not None:
-            # explicit float32 attention, the probabilities shared by the output and the policy's rows; the
-            # (B, H, Q, S) mask is broadcast over the query groups and applied in place (no g-fold copies)
+            # explicit float32 attention in one piece (a softcap, or a chunk where some query sees no slot, e.g. left
+            # padding): the probabilities are shared by the output and the policy's rows; the (B, H, Q, S) mask is
+            # broadcast over the query groups and applied in place (no g-fold copies)
             scores = torch.matmul(qg.float(), key.float().transpose(-1, -2)).mul_(scaling)
             if softcap is not None:
                 scores.div_(softcap).tanh_().mul_(softcap)
@@ -389,11 +400,6 @@ class EvictionEngine:
             mg = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, q, s).reshape(mask.shape[0], -1, g * q, s)
             out = F.scaled_dot_product_attention(qg, key, value, attn_mask=mg, scale=scaling)
         return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
-
-    tile_bytes: int | None = None
-    """Bytes of float32 scores per query tile of the explicit attention; None: 8 MiB on the CPU (under glibc's
-    largest mmap threshold, 32 MiB, so tiles are recycled from the heap instead of faulting in fresh pages each
-    time, and they stay near the cache), 256 MiB on accelerators (fewer, larger kernels)."""
 
     def _attend_with_rows(
         self, st: LayerState, query: Tensor, key: Tensor, value: Tensor, scaling: float
