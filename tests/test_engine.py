@@ -243,7 +243,10 @@ def test_growing_cache_layer_behaves_like_a_dynamic_layer():
     a, b = grow.update(k, v), plain.update(k, v)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     grow.reset()
-    assert grow.get_seq_length() == 0 and not grow.is_initialized
+    plain.reset()  # transformers >= 5.18 drops the tensors; 5.17 zeroes them in place
+    assert grow.get_seq_length() == plain.get_seq_length() and grow.is_initialized == plain.is_initialized
+    if plain.is_initialized:
+        assert torch.equal(grow.keys, plain.keys) and torch.equal(grow.values, plain.values)
 
 
 # ----- NAMM as a policy ------------------------------------------------------------------------------------
