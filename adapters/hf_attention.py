@@ -150,7 +150,7 @@ def _growing_layer_class() -> Any:
         def __init__(self, **kwargs: Any) -> None:
             self._buf: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
             self._len: dict[str, int] = {"keys": 0, "values": 0}
-            self._empty: dict[str, torch.Tensor] = {}
+            self._empty: dict[str, torch.Tensor | None] = {}  # what was assigned while no buffer is held
             super().__init__(**kwargs)
 
         def _get(self, name: str) -> torch.Tensor | None:
@@ -159,11 +159,7 @@ def _growing_layer_class() -> Any:
 
         def _set(self, name: str, t: torch.Tensor | None) -> None:
             if t is None or t.dim() != 4:  # None (reset) or DynamicLayer's empty placeholder tensor
-                self._buf[name], self._len[name] = None, 0
-                if t is None:
-                    self._empty.pop(name, None)
-                else:
-                    self._empty[name] = t
+                self._buf[name], self._len[name], self._empty[name] = None, 0, t
                 return
             buf, n = self._buf[name], t.shape[-2]
             fits = (

@@ -427,8 +427,8 @@ class EvictionEngine:
         dead_old = ~valid_old.view(b, h, 1, 1, old) if old and not bool(valid_old.all()) else None
         causal = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
         dead_new = ~(causal.view(1, 1, q, q) & valid_new.view(b, h, 1, q))  # (B, H, Q, Q)
-        padded = not bool(chunk["valid"].all())
-        real = chunk["valid"].to(torch.float32)  # (B, Q): 1 for real queries, 0 for padding
+        # (B, Q): 1 for real queries, 0 for padding; None when every query is real
+        real = None if bool(chunk["valid"].all()) else chunk["valid"].to(torch.float32)
         qs = (query.float() * scaling).view(b, h, g, q, d)
         kt = key.float().transpose(-1, -2)
         budget = self.tile_bytes or (8 if query.device.type == "cpu" else 256) * 1024 * 1024
@@ -448,7 +448,7 @@ class EvictionEngine:
                 probs = torch.softmax(scores, dim=-1)
             out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), value).view(b, h, g, n, d)
             rows = probs.view(b, h, g, n, s).mean(2)  # (B, H, n, S)
-            if padded:
+            if real is not None:
                 rows.mul_(real[:, None, t0:t1, None])
             del scores, probs, s5
             self.policy.observe(st, rows)
