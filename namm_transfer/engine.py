@@ -133,6 +133,12 @@ class EvictionEngine:
         self._attached = False
         self._chunk: dict[str, Any] | None = None
         self.batch_size = 0
+        # host-side mirrors, so that the per-layer path needs no device synchronization (on a GPU, a read of a
+        # device value stalls the host until the queue drains): live slots per (sequence, head) row of every
+        # managed layer, whether all heads of a sequence hold the same slot pattern, real tokens seen
+        self._live: dict[int, np.ndarray] = {}
+        self._alike: dict[int, bool] = {}
+        self._n_seen_host = np.zeros(0, dtype=np.int64)
 
     # ----- session ---------------------------------------------------------------------------
     def reset(self, batch_size: int, device: torch.device | str | None = None) -> None:
@@ -149,6 +155,9 @@ class EvictionEngine:
         self.update_step = 0
         h = self.host.n_kv_heads
         self.states = {}
+        self._live = {layer: np.zeros((batch_size, h), dtype=np.int64) for layer in self.host.managed_layers}
+        self._alike = dict.fromkeys(self.host.managed_layers, True)
+        self._n_seen_host = np.zeros(batch_size, dtype=np.int64)
         for layer in self.host.managed_layers:
             empty_i = torch.zeros(batch_size, h, 0, dtype=torch.int64, device=device)
             st = LayerState(
@@ -184,6 +193,8 @@ class EvictionEngine:
         for st in self.states.values():
             st.valid, st.position, st.arrival = rep(st.valid), rep(st.position), rep(st.arrival)
             st.tokens = {k: rep(v) for k, v in st.tokens.items()}
+        self._live = {layer: np.repeat(a, repeats, axis=0) for layer, a in self._live.items()}
+        self._n_seen_host = np.repeat(self._n_seen_host, repeats)
         self.batch_size *= repeats
         s = self.stats
         s.n_seen = [np.repeat(a, repeats, axis=0) for a in s.n_seen]
@@ -229,10 +240,12 @@ class EvictionEngine:
             raise ValueError("empty chunk")
         if attention_mask is None:
             chunk_valid = torch.ones(b, q, dtype=torch.bool, device=self.device)
+            n_real_host = np.full(b, q, dtype=np.int64)
         else:
             if attention_mask.shape != (b, q):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, q)}")
             chunk_valid = attention_mask.to(device=self.device, dtype=torch.bool)
+            n_real_host = chunk_valid.sum(1).cpu().numpy().astype(np.int64)  # the chunk's one synchronization
         offsets = torch.cumsum(chunk_valid.to(torch.int64), dim=1) - 1
         position = self.next_position[:, None] + offsets.clamp_min(0)
         self._chunk = {
@@ -240,6 +253,9 @@ class EvictionEngine:
             "position": position,
             "clock0": self.clock,
             "q": q,
+            "n_real": n_real_host,
+            "all_real": bool((n_real_host == q).all()),
+            "masks": {},  # masks shared by the layers of this chunk, by kind and cache length
         }
         self.pad_history = torch.cat([self.pad_history, chunk_valid], dim=1)
         try:
@@ -257,6 +273,7 @@ class EvictionEngine:
         self.clock += q
         n_real = chunk_valid.sum(1)
         self.n_seen += n_real
+        self._n_seen_host = self._n_seen_host + n_real_host
         self.next_position += n_real
         has = n_real > 0
         self.newest_position = torch.where(has, self.next_position - 1, self.newest_position)
@@ -269,9 +286,8 @@ class EvictionEngine:
         """Ask the policy which tokens every managed layer keeps, then prune caches and state."""
         step = self.update_step
         self.stats.update_clock.append(self.clock)
-        self.stats.update_n_seen.append(self.n_seen.tolist())
-        counts_step: dict[int, list[list[int]]] = {}
-        live_step: dict[int, list[list[int]]] = {}
+        self.stats.update_n_seen.append(self._n_seen_host.tolist())
+        decided: list[tuple[int, LayerState, Tensor, Tensor, Tensor]] = []
         for layer, st in self.states.items():
             if st.valid.shape[-1] == 0:
                 continue
@@ -290,25 +306,40 @@ class EvictionEngine:
                 )
             keep = keep & st.valid
             keep[..., -1] |= st.valid[..., -1]  # the newest token is always kept
-            counts_step[layer] = keep.sum(-1).tolist()
-            live_step[layer] = st.valid.sum(-1).tolist()
+            decided.append((layer, st, keep, keys, values))
+        # every layer's kept counts reach the host in one transfer (one synchronization per update)
+        counts_dev = torch.stack([keep.sum(-1) for _, _, keep, _, _ in decided]) if decided else None
+        counts_host = counts_dev.cpu().numpy() if counts_dev is not None else None
+        counts_step: dict[int, list[list[int]]] = {}
+        live_step: dict[int, list[list[int]]] = {}
+        for i, (layer, st, keep, keys, values) in enumerate(decided):
+            assert counts_dev is not None and counts_host is not None
+            counts_step[layer] = counts_host[i].tolist()
+            live_step[layer] = self._live[layer].tolist()
             if self.config.record_kept:
                 pos = st.position.cpu()
                 km = keep.cpu()
                 self.stats.kept_positions.setdefault(step, {})[layer] = [
                     [pos[bi, hi][km[bi, hi]].numpy() for hi in range(km.shape[1])] for bi in range(km.shape[0])
                 ]
-            self._compact(layer, st, keep, keys, values)
+            self._compact(layer, st, keep, keys, values, counts_dev[i], counts_host[i])
         self.stats.kept_counts[step] = counts_step
         self.stats.live_counts[step] = live_step
         self.update_step += 1
 
-    def _compact(self, layer: int, st: LayerState, keep: Tensor, keys: Tensor, values: Tensor) -> None:
-        counts = keep.sum(-1)  # (B, H)
-        new_len = int(counts.max().item()) if counts.numel() else 0
+    def _compact(
+        self, layer: int, st: LayerState, keep: Tensor, keys: Tensor, values: Tensor, counts: Tensor, n_kept: np.ndarray
+    ) -> None:
+        """Keep the slots of ``keep`` (B, H, S); ``counts`` (B, H) is ``keep.sum(-1)``, ``n_kept`` the same on the
+        host."""
+        new_len = int(n_kept.max()) if n_kept.size else 0
         s = keep.shape[-1]
-        if new_len == s and bool(keep.all()):
+        if new_len == s and bool((n_kept == s).all()):
             return
+        # the kept slots become a right-aligned suffix of each row: rows of a sequence hold the same pattern
+        # exactly when they keep the same number of slots
+        self._live[layer] = n_kept.astype(np.int64)
+        self._alike[layer] = bool((n_kept == n_kept[:, :1]).all())
         # stable sort puts dropped slots first and kept slots after them, both in arrival order
         order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[..., s - new_len :]  # (B, H, L)
         ar = torch.arange(new_len, device=keep.device)
@@ -322,10 +353,10 @@ class EvictionEngine:
     def _record_call(self) -> None:
         if not self.states:
             return
-        per_layer = torch.stack([st.valid.sum(-1).float().mean(-1) for st in self.states.values()])  # (L, B)
+        per_layer = np.stack([self._live[layer].mean(-1) for layer in self.states]).astype(np.float32)  # (L, B)
         self.stats.clock.append(self.clock)
-        self.stats.n_seen.append(self.n_seen.cpu().numpy().copy())
-        self.stats.cache_tokens.append(per_layer.cpu().numpy())
+        self.stats.n_seen.append(self._n_seen_host.copy())
+        self.stats.cache_tokens.append(per_layer)
 
     # ----- attention (called by the adapter's attention hook) -----------------------------------
     def attention(
@@ -357,30 +388,27 @@ class EvictionEngine:
             raise ValueError(f"{hq} query heads cannot be grouped over {h} KV heads")
         g = hq // h
         st = self.states.get(layer)
+        all_live = False  # every slot of every row live (no mask beyond causality inside the chunk)
         if st is not None:
             self._append(st, q, s)
+            all_live = bool((self._live[layer] == s).all())
         need_rows = st is not None and self.policy.needs_attention
         if need_rows and softcap is None:
             assert st is not None
-            fast = self._attend_with_rows(st, query, key, value, scaling)
+            fast = self._attend_with_rows(st, query, key, value, scaling, all_live)
             if fast is not None:
                 return fast
-        if st is not None:
-            mask = self._managed_mask(st, q)  # (B, H, Q, S)
-        else:
-            mask = self._clock_mask(q, s, sliding_window)  # (B, 1, Q, S)
-        # rows of queries that see nothing (padding before any real token): let them see all; their
-        # outputs are never used and this keeps every value finite
-        mask = mask | ~mask.any(-1, keepdim=True)
+        mask = self._mask(layer, st, q, s, sliding_window, all_live)  # (B or 1, H or 1, Q, S) or None
         qg = query.reshape(b, h, g * q, d)
         if need_rows or softcap is not None:
             # explicit float32 attention in one piece (a softcap, or a chunk where some query sees no slot, e.g. left
-            # padding): the probabilities are shared by the output and the policy's rows; the (B, H, Q, S) mask is
-            # broadcast over the query groups and applied in place (no g-fold copies)
+            # padding): the probabilities are shared by the output and the policy's rows; the mask is broadcast
+            # over the query groups and applied in place (no g-fold copies)
             scores = torch.matmul(qg.float(), key.float().transpose(-1, -2)).mul_(scaling)
             if softcap is not None:
                 scores.div_(softcap).tanh_().mul_(softcap)
-            scores.view(b, h, g, q, s).masked_fill_(~mask.unsqueeze(2), float("-inf"))
+            if mask is not None:
+                scores.view(b, h, g, q, s).masked_fill_(~mask.unsqueeze(2), float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             del scores
             out = torch.matmul(probs.to(value.dtype), value)
@@ -388,13 +416,11 @@ class EvictionEngine:
                 assert st is not None
                 rows = probs.view(b, h, g, q, s).mean(2).mul_(chunk["valid"].view(b, 1, q, 1))
                 self.policy.observe(st, rows)
-        elif st is None or bool((st.valid == st.valid[:, :1]).all()):
+        elif mask is None or mask.shape[1] == 1:
             # the same mask for every head (unmanaged layers' clock mask; managed layers whose heads hold the same
             # slots, always with the full cache): broadcast it over the query heads and let SDPA group them, no
             # g-fold copy of the mask (BENCHMARKS.md, 8k in 512-token chunks: full-cache prefill 108 -> 87 s)
-            out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask[:, :1], scale=scaling, enable_gqa=g > 1
-            )
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=g > 1)
             return out.transpose(1, 2).contiguous()
         else:
             mg = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, q, s).reshape(mask.shape[0], -1, g * q, s)
@@ -402,7 +428,7 @@ class EvictionEngine:
         return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
 
     def _attend_with_rows(
-        self, st: LayerState, query: Tensor, key: Tensor, value: Tensor, scaling: float
+        self, st: LayerState, query: Tensor, key: Tensor, value: Tensor, scaling: float, all_live: bool
     ) -> Tensor | None:
         """Explicit float32 attention of a managed layer, in query tiles, handing each tile's rows to the policy.
 
@@ -411,7 +437,8 @@ class EvictionEngine:
         those rows tile by tile (consecutive queries, in order). The mask is never materialized as
         (B, H, Q, S): the cached part is one (B, H, S_old) row of live slots, applied only if some slot is
         dead, and the chunk's own part is (B, H, Q, Q). Returns None when some query sees no slot at all
-        (left padding before the first real token), which the general path handles.
+        (left padding before the first real token), which the general path handles. ``all_live``: every slot of
+        the layer is live (then no mask but causality inside the chunk).
         """
         chunk = self._chunk
         assert chunk is not None
@@ -419,16 +446,20 @@ class EvictionEngine:
         h, s = key.shape[1], key.shape[2]
         g, old = hq // h, s - q
         valid_old, valid_new = st.valid[..., :old], st.valid[..., old:]  # (B, H, S_old), (B, H, Q)
-        sees = torch.cumsum(valid_new, -1) > 0
-        if old:
-            sees |= valid_old.any(-1, keepdim=True)
-        if not bool(sees.all()):
-            return None
-        dead_old = ~valid_old.view(b, h, 1, 1, old) if old and not bool(valid_old.all()) else None
-        causal = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
-        dead_new = ~(causal.view(1, 1, q, q) & valid_new.view(b, h, 1, q))  # (B, H, Q, Q)
+        all_real = chunk["all_real"]
+        if not all_real:  # with every query real, each sees at least itself
+            sees = torch.cumsum(valid_new, -1) > 0
+            if old:
+                sees |= valid_old.any(-1, keepdim=True)
+            if not bool(sees.all()):
+                return None
+        dead_old = None if all_live or not old else ~valid_old.view(b, h, 1, 1, old)
+        if all_real:  # (1, 1, Q, Q), shared by the layers of this chunk
+            dead_new = self._shared(("dead_causal", q), lambda: ~self._causal(q).view(1, 1, q, q))
+        else:
+            dead_new = ~(self._causal(q).view(1, 1, q, q) & valid_new.view(b, h, 1, q))  # (B, H, Q, Q)
         # (B, Q): 1 for real queries, 0 for padding; None when every query is real
-        real = None if bool(chunk["valid"].all()) else chunk["valid"].to(torch.float32)
+        real = None if all_real else chunk["valid"].to(torch.float32)
         qs = (query.float() * scaling).view(b, h, g, q, d)
         kt = key.float().transpose(-1, -2)
         budget = self.tile_bytes or (8 if query.device.type == "cpu" else 256) * 1024 * 1024
@@ -464,6 +495,7 @@ class EvictionEngine:
                 "was the cache modified outside the engine?"
             )
         b, h = st.valid.shape[:2]
+        self._live[st.layer] = self._live[st.layer] + chunk["n_real"][:, None]
         st.valid = torch.cat([st.valid, chunk["valid"][:, None, :].expand(b, h, q)], dim=-1)
         st.position = torch.cat([st.position, chunk["position"][:, None, :].expand(b, h, q)], dim=-1)
         arr = torch.arange(chunk["clock0"], chunk["clock0"] + q, device=st.valid.device)
@@ -472,15 +504,53 @@ class EvictionEngine:
             pad = torch.zeros(*t.shape[:2], q, *t.shape[3:], dtype=t.dtype, device=t.device)
             st.tokens[name] = torch.cat([t, pad], dim=2)
 
-    def _managed_mask(self, st: LayerState, q: int) -> Tensor:
+    def _shared(self, key: tuple[Any, ...], build: Any) -> Tensor:
+        """A tensor that every layer of the current chunk would build alike, built once per chunk."""
         chunk = self._chunk
         assert chunk is not None
-        s = st.valid.shape[-1]
+        masks = chunk["masks"]
+        if key not in masks:
+            masks[key] = build()
+        return masks[key]
+
+    def _causal(self, q: int) -> Tensor:
+        return self._shared(("causal", q), lambda: torch.ones(q, q, dtype=torch.bool, device=self.device).tril())
+
+    def _mask(
+        self, layer: int, st: LayerState | None, q: int, s: int, sliding_window: int | None, all_live: bool
+    ) -> Tensor | None:
+        """The boolean mask (True: attend) of a chunk's queries against a layer's S slots: (1, 1, Q, S) when every
+        slot is live, (B, 1, Q, S) when all heads of a sequence see the same slots, else (B, H, Q, S); None when
+        nothing is masked (one query, every slot live). Masks that depend only on the chunk and S are built once
+        per chunk and shared by the layers."""
+        chunk = self._chunk
+        assert chunk is not None
+        if st is not None and all_live:
+            if q == 1:
+                return None
+            old = s - q
+            return self._shared(
+                ("live", s),
+                lambda: torch.cat(
+                    [torch.ones(q, old, dtype=torch.bool, device=self.device), self._causal(q)], dim=-1
+                ).view(1, 1, q, s),
+            )
+        if st is None:
+            return self._shared(
+                ("clock", s, sliding_window), lambda: self._see_something(self._clock_mask(q, s, sliding_window))
+            )
+        valid = st.valid[:, :1] if self._alike[layer] else st.valid
         old = s - q
-        causal = torch.ones(q, q, dtype=torch.bool, device=st.valid.device).tril()
-        new_part = causal.view(1, 1, q, q) & st.valid[:, :, None, old:]
-        old_part = st.valid[:, :, None, :old].expand(-1, -1, q, -1)
-        return torch.cat([old_part, new_part], dim=-1)
+        new_part = self._causal(q).view(1, 1, q, q) & valid[:, :, None, old:]
+        old_part = valid[:, :, None, :old].expand(-1, -1, q, -1)
+        return self._see_something(torch.cat([old_part, new_part], dim=-1))
+
+    def _see_something(self, mask: Tensor) -> Tensor:
+        """Queries that see nothing (padding before any real token) see everything instead: their outputs are
+        never used, and this keeps every value finite. Only chunks with padding can hold such queries."""
+        chunk = self._chunk
+        assert chunk is not None
+        return mask if chunk["all_real"] else mask | ~mask.any(-1, keepdim=True)
 
     def _clock_mask(self, q: int, s: int, sliding_window: int | None) -> Tensor:
         chunk = self._chunk

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB, tiny_decoder
@@ -491,3 +492,109 @@ def test_fork_after_shared_prefix_equals_separate_runs(model):
         direct = mem.prefill(ids.repeat(3, 1))
         assert mem.stats.kept_counts == forked_counts
     torch.testing.assert_close(forked, direct, atol=1e-5, rtol=0)
+
+
+# ----- the host-side mirrors: live slots per row, heads alike, masks shared per chunk -------------------------
+class ScriptedPerHead(Scripted):
+    """Evict fixed positions per (sequence, KV head) at the first update; heads of a sequence differ."""
+
+    name = "scripted-per-head"
+
+    def select(self, state: LayerState) -> torch.Tensor:
+        keep = state.valid.clone()
+        if state.step == 0:
+            for (b, h), positions in self.evict.items():
+                for p in positions:
+                    keep[b, h] &= state.position[b, h] != p
+        return keep
+
+
+class ScriptedPerHeadWithRows(ScriptedPerHead):
+    name = "scripted-per-head-rows"
+    needs_attention = True
+
+    def observe(self, state: LayerState, rows: torch.Tensor) -> None:
+        pass
+
+
+def _assert_mirrors(engine):
+    """The engine's host-side counts equal what the device tensors hold."""
+    for layer, st in engine.states.items():
+        assert engine._live[layer].tolist() == st.valid.sum(-1).tolist()
+        assert engine._alike[layer] == bool((st.valid == st.valid[:, :1]).all())
+    assert engine._n_seen_host.tolist() == engine.n_seen.tolist()
+
+
+@pytest.mark.parametrize("policy_cls", [Scripted, ScriptedWithRows], ids=["fused", "rows"])
+def test_equal_evictions_without_padding_equal_masked_reference(model, policy_cls):
+    """Sequences that evict as many tokens each leave every slot live after compaction: the engine then masks
+    nothing but causality inside the chunk (one mask shared by the layers), and still equals the reference."""
+    ids, mask = _batch(2, 40, pad=(0, 0), seed=2)
+    evict = {0: {0, 3, 9}, 1: {2, 5, 6}}
+    with attach(model, policy_cls(evict), update_interval=16, chunk_size=8) as mem:
+        tail = mem.prefill(ids, mask, logits_to_keep=24)
+        steps, toks = [tail], [tail[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(3):
+            steps.append(mem.step(toks[-1]))
+            toks.append(steps[-1][:, -1].argmax(-1, keepdim=True))
+        for layer, st in mem.engine.states.items():
+            assert bool(st.valid.all()), layer  # the path under test: every slot live
+        _assert_mirrors(mem.engine)
+    full_ids = torch.cat([ids, *toks[:-1]], dim=1)
+    ref = _reference_masked(model, full_ids, torch.ones_like(full_ids), evict, t_evict=16)
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref[:, 16:], atol=1e-5, rtol=0)
+
+
+def test_per_head_evictions_agree_between_the_fused_and_the_explicit_path(model):
+    """Heads of one sequence holding different slots (a mask per head) give the same logits through SDPA as
+    through the explicit attention that reads every head's live slots directly."""
+    if model.config.num_key_value_heads < 2:
+        pytest.skip("needs two KV heads")
+    ids, mask = _batch(2, 40, pad=(0, 5), seed=3)
+    evict = {(0, 0): {0, 3, 9}, (0, 1): {1}, (1, 1): {2, 6, 7, 8}}
+    outs = []
+    for policy_cls in (ScriptedPerHead, ScriptedPerHeadWithRows):
+        with attach(model, policy_cls(evict), update_interval=16, chunk_size=8) as mem:
+            steps = [mem.prefill(ids, mask, logits_to_keep=24)]
+            for _ in range(3):
+                steps.append(mem.step(steps[-1][:, -1].argmax(-1, keepdim=True)))
+            _assert_mirrors(mem.engine)
+            assert not any(mem.engine._alike.values())
+            outs.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
+class CoinFlips(MemoryPolicy):
+    """Keeps each live slot with probability 0.7 at every update: counts differ per head and per update."""
+
+    name = "coin-flips"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(0)
+
+    def select(self, state: LayerState) -> torch.Tensor:
+        return state.valid & (torch.rand(state.valid.shape, generator=self.gen) < 0.7)
+
+
+@pytest.mark.parametrize("pad", [(0, 0), (0, 11)], ids=["no-padding", "padding"])
+def test_host_mirrors_follow_the_cache_through_evictions(pad):
+    """Live counts, heads alike and tokens seen, kept on the host so that the per-layer path never reads the
+    device, stay equal to the device tensors through prefill, evictions that differ per head, decoding and
+    forking; the statistics come from them."""
+    model = tiny_decoder("qwen2")
+    ids, mask = _batch(2, 72, pad=pad, seed=5)
+    with attach(model, CoinFlips(), update_interval=16, chunk_size=8) as mem:
+        out = mem.prefill(ids, mask)
+        _assert_mirrors(mem.engine)
+        heads_differ = not all(mem.engine._alike.values())
+        for _ in range(20):
+            out = mem.step(out[:, -1].argmax(-1, keepdim=True))
+            _assert_mirrors(mem.engine)
+            heads_differ |= not all(mem.engine._alike.values())
+        assert heads_differ  # the per-head mask path was exercised
+        want = np.stack([st.valid.sum(-1).float().mean(-1).numpy() for st in mem.engine.states.values()])
+        np.testing.assert_allclose(mem.stats.cache_tokens[-1], want)
+        assert mem.stats.n_seen[-1].tolist() == mem.engine.n_seen.tolist()
+        mem.engine.fork(2)
+        _assert_mirrors(mem.engine)

@@ -96,6 +96,14 @@ stage)
   fi
   ls -la "$STAGE"
   ;;
+bench)
+  # bench [engine_speed options]: benchmarks/engine_speed.py on the GPU (bfloat16) with the package laid out as pip
+  # would install it, e.g. bash training/device.sh bench --lengths 2048,8192,32768 --repeats 2 --json FILE
+  device_env
+  install_package
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  python3 benchmarks/engine_speed.py --device cuda --dtype bfloat16 "$@"
+  ;;
 evolve-start)
   # evolve-start NAME SCRIPT [extra options]: SCRIPT (a training/evolve-*.sh) with RUN_DIR=/tmp/evolve-NAME on cuda,
   # in the background; with EVOLVE_FROM (a run folder in the tree) that run is copied there first and resumed

@@ -255,7 +255,7 @@ class MemoryPolicy:
         b, h, s = state.shape
         target = budget.target(state).clamp(min=1).clamp(max=state.n_valid())  # (B, H)
         score = score.to(torch.float64)
-        if torch.isnan(score[state.valid]).any():
+        if bool((torch.isnan(score) & state.valid).any()):  # no boolean indexing: one device read, no nonzero
             raise FloatingPointError(f"policy {self.name!r} produced NaN scores at layer {state.layer}")
         # protected tokens may score +inf: squash to a finite ceiling so that the newest slot (+inf) ranks
         # first of all; ties break toward newer slots; invalid slots rank last

@@ -98,8 +98,7 @@ class NAMMPolicy(MemoryPolicy):
             )
         scores = self.scores(state)
         self.last_scores[state.layer] = scores
-        live_scores = scores[state.valid]
-        if not torch.isfinite(live_scores).all():
+        if not bool((torch.isfinite(scores) | ~state.valid).all()):
             raise FloatingPointError(
                 f"NAMM produced non-finite scores at layer {state.layer} (update {state.step}); check the weights "
                 "and normalization statistics (std near 0?) of the checkpoint"
