@@ -741,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     plan = [(length, args.configs) for length in args.lengths]
     plan += [(length, args.key_configs) for length in args.key_lengths if length not in args.lengths]
+
     def result(feats: list[dict[str, Any]], method: str) -> dict[str, Any]:
         return {
             "command": command,
