@@ -287,7 +287,7 @@ class EvictionEngine:
         step = self.update_step
         self.stats.update_clock.append(self.clock)
         self.stats.update_n_seen.append(self._n_seen_host.tolist())
-        decided: list[tuple[int, LayerState, Tensor, Tensor, Tensor]] = []
+        layers: list[tuple[int, LayerState, Tensor, Tensor]] = []
         for layer, st in self.states.items():
             if st.valid.shape[-1] == 0:
                 continue
@@ -297,8 +297,16 @@ class EvictionEngine:
             st.newest_position = self.newest_position
             st.step = step
             st.clock = self.clock
-            keep = self.policy.select(st)
-            st.keys = None
+            layers.append((layer, st, keys, values))
+        try:
+            keeps = self.policy.select_layers([st for _, st, _, _ in layers])  # one call: the policy may batch
+        finally:
+            for _, st, _, _ in layers:
+                st.keys = None
+        if len(keeps) != len(layers):
+            raise ValueError(f"policy {self.policy.name!r} returned {len(keeps)} keep masks for {len(layers)} layers")
+        decided: list[tuple[int, LayerState, Tensor, Tensor, Tensor]] = []
+        for (layer, st, keys, values), keep in zip(layers, keeps, strict=True):
             if keep.shape != st.valid.shape or keep.dtype != torch.bool:
                 raise ValueError(
                     f"policy {self.policy.name!r} returned a keep mask of shape {tuple(keep.shape)} "

@@ -598,3 +598,89 @@ def test_host_mirrors_follow_the_cache_through_evictions(pad):
         assert mem.stats.n_seen[-1].tolist() == mem.engine.n_seen.tolist()
         mem.engine.fork(2)
         _assert_mirrors(mem.engine)
+
+
+# ----- policies choose for every layer of an update in one call ---------------------------------------------
+def _run_policy(model, policy, ids, mask):
+    with attach(model, policy, update_interval=16, chunk_size=8) as mem:
+        logits = mem.prefill(ids, mask, logits_to_keep=4)
+        for _ in range(17):  # decoding crosses one more update
+            logits = mem.step(logits[:, -1:].argmax(-1))
+        positions = [st.position.clone() for st in mem.engine.states.values()]
+        stats = mem.stats
+        evicted = [
+            np.array(stats.live_counts[step][layer]) - np.array(kept[layer])
+            for step, kept in stats.kept_counts.items()
+            for layer in kept
+        ]
+        assert any((e > 0).any() for e in evicted), "nothing was evicted: the test would prove nothing"
+        return logits, stats.kept_counts, positions
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: NAMMPolicy(_namm(torch.randn(4172, generator=torch.Generator().manual_seed(11)) * 0.3)),
+        lambda: NAMMPolicy(_namm(torch.randn(4172, generator=torch.Generator().manual_seed(12)) * 0.3), budget=0.5),
+        lambda: create_policy("h2o", budget=0.5),
+        lambda: create_policy("streaming", budget=0.4),
+        lambda: create_policy("l2", budget="12t"),
+        lambda: create_policy("random", budget=0.5),
+    ],
+    ids=["namm-threshold", "namm-budget", "h2o", "streaming", "l2", "random"],
+)
+def test_batched_select_over_layers_equals_layer_by_layer(make):
+    """``select_layers`` (every layer of an update in one call of the network / one ranking) keeps exactly what
+    asking layer by layer keeps, with padding, a population of NAMM weights and groups cut by size."""
+    model = tiny_decoder("llama", layers=3)
+    ids, mask = _batch(2, 40, pad=(0, 6), seed=8)
+    batched = make()
+    one_by_one = make()
+    one_by_one.select_layers = lambda states, _p=one_by_one: [type(_p).select_layers(_p, [st])[0] for st in states]
+    runs = [_run_policy(model, p, ids, mask) for p in (batched, one_by_one)]
+    (l1, k1, p1), (l2, k2, p2) = runs
+    assert k1 == k2
+    for a, b in zip(p1, p2, strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
+    if isinstance(batched, NAMMPolicy):
+        for layer, sc in batched.last_scores.items():
+            torch.testing.assert_close(sc, one_by_one.last_scores[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_namm_population_scored_over_layers_in_groups_equals_layer_by_layer():
+    """A population (one weight vector per sequence) batched over layers, also when ``batch_bytes`` cuts the
+    layers into groups of one, keeps what the layer-by-layer scoring keeps."""
+    model = tiny_decoder("qwen2", layers=3)
+    ids, mask = _batch(2, 40, pad=(0, 3), seed=9)
+    theta = torch.randn(2, 4172, generator=torch.Generator().manual_seed(13)) * 0.3
+    results = []
+    for mode in ("batched", "groups-of-one", "per-layer"):
+        policy = NAMMPolicy(_namm())
+        policy.set_population(theta, torch.tensor([0, 1]))
+        if mode == "groups-of-one":
+            policy.batch_bytes = 1
+        if mode == "per-layer":
+            policy.select_layers = lambda states, _p=policy: [NAMMPolicy.select_layers(_p, [st])[0] for st in states]
+        results.append(_run_policy(model, policy, ids, mask))
+    (l0, k0, p0) = results[0]
+    for logits, kept, positions in results[1:]:
+        assert kept == k0
+        for a, b in zip(positions, p0, strict=True):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(logits, l0, atol=1e-5, rtol=0)
+
+
+def test_a_subclass_that_overrides_select_alone_is_asked_per_layer():
+    calls = []
+
+    class Logged(create_policy("h2o", budget=0.5).__class__):
+        def select(self, state):
+            calls.append(state.layer)
+            return super().select(state)
+
+    model = tiny_decoder("llama", layers=3)
+    ids, mask = _batch(1, 32, pad=(0,), seed=2)
+    with attach(model, Logged(budget=0.5), update_interval=16, chunk_size=16) as mem:
+        mem.prefill(ids, mask)
+    assert calls == [0, 1, 2, 0, 1, 2]

@@ -238,6 +238,14 @@ class MemoryPolicy:
         """Return (B, H, S) bool: which slots to keep. Invalid slots are dropped whatever is returned."""
         raise NotImplementedError
 
+    def select_layers(self, states: list[LayerState]) -> list[Tensor]:
+        """:meth:`select` for every managed layer at one update (the engine's call, layers in order).
+
+        The default asks layer by layer. A policy may batch the layers instead: on a GPU a small model's
+        time goes to launching operations, so one call for all layers costs about what one layer costs.
+        """
+        return [self.select(st) for st in states]
+
     def describe(self) -> dict[str, Any]:
         """Settings recorded in results files."""
         return {"policy": self.name, "budget": self.budget.describe() if self.budget else None}
@@ -249,18 +257,31 @@ class MemoryPolicy:
         Ties break toward newer tokens. The newest token is always kept by the engine; it is given
         top priority here so the budget is not exceeded by that rule.
         """
+        return self.keep_top_layers([state], [score], budget)[0]
+
+    def keep_top_layers(
+        self, states: list[LayerState], scores: list[Tensor], budget: Budget | None = None
+    ) -> list[Tensor]:
+        """:meth:`keep_top` for several layers: one batched ranking for all of them when their shapes agree
+        (the budget's targets are still taken layer by layer)."""
         budget = budget or self.budget
         if budget is None:
-            return state.valid.clone()
-        b, h, s = state.shape
-        target = budget.target(state).clamp(min=1).clamp(max=state.n_valid())  # (B, H)
-        score = score.to(torch.float64)
-        if bool((torch.isnan(score) & state.valid).any()):  # no boolean indexing: one device read, no nonzero
-            raise FloatingPointError(f"policy {self.name!r} produced NaN scores at layer {state.layer}")
+            return [st.valid.clone() for st in states]
+        if len({tuple(st.valid.shape) for st in states}) > 1:
+            return [self.keep_top_layers([st], [sc], budget)[0] for st, sc in zip(states, scores, strict=True)]
+        valid = torch.stack([st.valid for st in states])  # (L, B, H, S)
+        target = torch.stack([budget.target(st) for st in states])  # (L, B, H)
+        score = torch.stack(scores).to(torch.float64)
+        nan = torch.isnan(score) & valid
+        if bool(nan.any()):  # no boolean indexing: one device read, no nonzero
+            layer = states[int(nan.flatten(1).any(1).int().argmax())].layer
+            raise FloatingPointError(f"policy {self.name!r} produced NaN scores at layer {layer}")
+        target = target.clamp(min=1).clamp(max=valid.sum(-1))
+        s = score.shape[-1]
         # protected tokens may score +inf: squash to a finite ceiling so that the newest slot (+inf) ranks
         # first of all; ties break toward newer slots; invalid slots rank last
         order_key = score.clamp(-1e300, 1e300) + torch.linspace(0, 1e-9, s, dtype=torch.float64, device=score.device)
         order_key[..., -1] = float("inf")
-        order_key = order_key.masked_fill(~state.valid, float("-inf"))
+        order_key = order_key.masked_fill(~valid, float("-inf"))
         rank = torch.argsort(torch.argsort(order_key, dim=-1, descending=True, stable=True), dim=-1)
-        return (rank < target.unsqueeze(-1)) & state.valid
+        return list(((rank < target.unsqueeze(-1)) & valid).unbind(0))

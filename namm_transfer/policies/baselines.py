@@ -32,10 +32,24 @@ class FullCache(MemoryPolicy):
 
 
 class _Budgeted(MemoryPolicy):
+    """Keeps the budget's number of live tokens with the highest :meth:`score` per row."""
+
     def __init__(self, budget: Budget | str | float | int | None = 0.5) -> None:
         super().__init__(budget)
         if self.budget is None:
             raise ValueError(f"policy {self.name!r} needs a budget (ratio, tokens or replay)")
+
+    def score(self, state: LayerState) -> Tensor:  # pragma: no cover - interface
+        """(B, H, S) float64, higher is kept first; +inf protects a slot."""
+        raise NotImplementedError
+
+    def select(self, state: LayerState) -> Tensor:
+        return self.keep_top(state, self.score(state))
+
+    def select_layers(self, states: list[LayerState]) -> list[Tensor]:
+        if type(self).select is not _Budgeted.select:  # a subclass that decides per layer is asked per layer
+            return [self.select(st) for st in states]
+        return self.keep_top_layers(states, [self.score(st) for st in states])
 
 
 class StreamingLLM(_Budgeted):
@@ -47,10 +61,9 @@ class StreamingLLM(_Budgeted):
         super().__init__(budget)
         self.sinks = sinks
 
-    def select(self, state: LayerState) -> Tensor:
+    def score(self, state: LayerState) -> Tensor:
         pos = state.position.to(torch.float64)
-        score = torch.where(state.position < self.sinks, torch.full_like(pos, float("inf")), pos)
-        return self.keep_top(state, score)
+        return torch.where(state.position < self.sinks, torch.full_like(pos, float("inf")), pos)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "sinks": self.sinks}
@@ -78,7 +91,7 @@ class H2O(_Budgeted):
     def observe(self, state: LayerState, rows: Tensor) -> None:
         state.tokens["h2o_acc"] = state.tokens["h2o_acc"] + rows.sum(-2)
 
-    def select(self, state: LayerState) -> Tensor:
+    def score(self, state: LayerState) -> Tensor:
         assert self.budget is not None
         target = self.budget.target(state).clamp(min=1).clamp(max=state.n_valid())  # (B, H)
         n_recent = torch.floor(target.to(torch.float64) * self.recent_fraction).to(torch.int64)
@@ -86,8 +99,7 @@ class H2O(_Budgeted):
         s = state.shape[2]
         from_end = torch.arange(s - 1, -1, -1, device=state.valid.device).view(1, 1, -1)
         recent = state.valid & (from_end < n_recent.unsqueeze(-1))
-        score = state.tokens["h2o_acc"].to(torch.float64).masked_fill(recent, float("inf"))
-        return self.keep_top(state, score)
+        return state.tokens["h2o_acc"].to(torch.float64).masked_fill(recent, float("inf"))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "recent_fraction": self.recent_fraction}
@@ -99,9 +111,9 @@ class L2Norm(_Budgeted):
     name: ClassVar[str] = "l2"
     needs_keys: ClassVar[bool] = True
 
-    def select(self, state: LayerState) -> Tensor:
+    def score(self, state: LayerState) -> Tensor:
         assert state.keys is not None
-        return self.keep_top(state, -state.keys.float().norm(dim=-1).to(torch.float64))
+        return -state.keys.float().norm(dim=-1).to(torch.float64)
 
 
 class RandomEviction(_Budgeted):
@@ -118,11 +130,10 @@ class RandomEviction(_Budgeted):
         if state.layer == min(self.host.managed_layers if self.host else (state.layer,)):
             self._gen = torch.Generator().manual_seed(self.seed)
 
-    def select(self, state: LayerState) -> Tensor:
+    def score(self, state: LayerState) -> Tensor:
         if self._gen is None:
             self._gen = torch.Generator().manual_seed(self.seed)
-        score = torch.rand(state.valid.shape, generator=self._gen, dtype=torch.float64).to(state.valid.device)
-        return self.keep_top(state, score)
+        return torch.rand(state.valid.shape, generator=self._gen, dtype=torch.float64).to(state.valid.device)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "seed": self.seed}

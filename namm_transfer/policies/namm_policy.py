@@ -84,45 +84,87 @@ class NAMMPolicy(MemoryPolicy):
         state.meta["namm_clock"] += q
 
     def select(self, state: LayerState) -> Tensor:
-        ema = state.tokens["namm_ema"]
+        return self.select_layers([state])[0]
+
+    def select_layers(self, states: list[LayerState]) -> list[Tensor]:
+        """Score every layer of the update in as few calls of the network as the shapes and
+        :attr:`batch_bytes` allow (consecutive layers of one shape go together), then keep by threshold
+        (or budget). A subclass that overrides :meth:`select` alone is asked layer by layer."""
+        if type(self).select is not NAMMPolicy.select:
+            return [self.select(st) for st in states]
         if self.collect_statistics:
-            live = ema[state.valid].to(torch.float64)
-            self._stat_sum += live.sum(0).cpu()
-            self._stat_sq += (live**2).sum(0).cpu()
-            self._stat_n += live.shape[0]
-            return state.valid.clone()
+            return [self._collect(st) for st in states]
         if not bool(self.namm.normalization_ready):
             raise RuntimeError(
                 "this NAMM has no normalization statistics: load a trained checkpoint (load_namm), or estimate "
                 "them first with NAMMPolicy(namm, collect_statistics=True) and finalize_statistics()"
             )
-        scores = self.scores(state)
-        self.last_scores[state.layer] = scores
-        if not bool((torch.isfinite(scores) | ~state.valid).all()):
+        keeps: list[Tensor] = []
+        group: list[LayerState] = []
+        row_bytes = 4 * self.namm.config.d_in  # float32 scorer inputs per token
+        for st in states:
+            b, h, s = st.shape
+            if group and (group[0].shape != st.shape or (len(group) + 1) * b * h * s * row_bytes > self.batch_bytes):
+                keeps += self._select_group(group)
+                group = []
+            group.append(st)
+        if group:
+            keeps += self._select_group(group)
+        return keeps
+
+    batch_bytes: ClassVar[int] = 256 * 1024 * 1024
+    """At most this many bytes of scorer inputs (float32) per call of the network when layers are batched."""
+
+    def _collect(self, state: LayerState) -> Tensor:
+        live = state.tokens["namm_ema"][state.valid].to(torch.float64)
+        self._stat_sum += live.sum(0).cpu()
+        self._stat_sq += (live**2).sum(0).cpu()
+        self._stat_n += live.shape[0]
+        return state.valid.clone()
+
+    def _select_group(self, states: list[LayerState]) -> list[Tensor]:
+        scores = self.scores_layers(states)  # (L, B, H, S)
+        for st, sc in zip(states, scores, strict=True):
+            self.last_scores[st.layer] = sc
+        valid = _stack([st.valid for st in states])
+        bad = ~torch.isfinite(scores) & valid
+        if bool(bad.any()):  # one device read for the group
+            st = states[int(bad.flatten(1).any(1).int().argmax())]
             raise FloatingPointError(
-                f"NAMM produced non-finite scores at layer {state.layer} (update {state.step}); check the weights "
+                f"NAMM produced non-finite scores at layer {st.layer} (update {st.step}); check the weights "
                 "and normalization statistics (std near 0?) of the checkpoint"
             )
         sinks = self.namm.config.sink_tokens
         if sinks > 0:  # protected like the newest token: +inf ranks first in keep_top too
-            scores = scores.masked_fill((state.position < sinks) & state.valid, float("inf"))
+            position = _stack([st.position for st in states])
+            scores = scores.masked_fill((position < sinks) & valid, float("inf"))
         if self.budget is not None:
-            return self.keep_top(state, scores)
-        keep = (scores >= self.namm.config.threshold) & state.valid
+            return self.keep_top_layers(states, list(scores.unbind(0)))
+        keep = (scores >= self.namm.config.threshold) & valid
         cap = self.namm.config.max_tokens
         if cap is not None:
             from .base import TokenBudget
 
-            capped = self.keep_top(state, scores, TokenBudget(cap))
-            keep = keep & capped
-        return keep
+            capped = self.keep_top_layers(states, list(scores.unbind(0)), TokenBudget(cap))
+            keep = keep & _stack(capped)
+        return list(keep.unbind(0))
 
     def scores(self, state: LayerState) -> Tensor:
         """(B, H, S) float32 scores; invalid slots get -inf."""
-        b, h, s = state.shape
-        assert state.newest_position is not None
-        age = (state.newest_position.view(b, 1, 1) - state.position).clamp_min(0)
-        x = self.namm.features(state.tokens["namm_ema"], age).reshape(b * h, s, -1)
+        return self.scores_layers([state])[0]
+
+    def scores_layers(self, states: list[LayerState]) -> Tensor:
+        """(L, B, H, S) float32 scores of layers of one shape, in one call of the network; invalid slots get
+        -inf."""
+        b, h, s = states[0].shape
+        n_layers = len(states)
+        newest = [st.newest_position for st in states]
+        if any(t is None for t in newest):
+            raise RuntimeError("the engine sets newest_position before select")
+        newest_t = _stack([t for t in newest if t is not None])  # (L, B)
+        age = (newest_t.view(n_layers, b, 1, 1) - _stack([st.position for st in states])).clamp_min(0)
+        ema = _stack([st.tokens["namm_ema"] for st in states])
+        x = self.namm.features(ema, age).reshape(n_layers * b * h, s, -1)
         theta = None
         if self._theta is not None:
             member = self._member
@@ -132,10 +174,12 @@ class NAMMPolicy(MemoryPolicy):
                 member = torch.zeros(b, dtype=torch.long)
             if member.shape[0] != b:
                 raise ValueError(f"member_of_sequence has {member.shape[0]} entries, the batch has {b} sequences")
-            theta = self._theta.to(x.device)[member.to(x.device)].repeat_interleave(h, dim=0)  # (B*H, D)
+            rows = self._theta.to(x.device)[member.to(x.device)].repeat_interleave(h, dim=0)  # (B*H, D)
+            theta = rows.repeat(n_layers, 1)  # (L*B*H, D), rows in (layer, sequence, head) order
+        valid = _stack([st.valid for st in states]).reshape(n_layers * b * h, s)
         with torch.no_grad():
-            scores = self.namm.score(x, state.valid.reshape(b * h, s), theta)
-        return scores.view(b, h, s)
+            scores = self.namm.score(x, valid, theta)
+        return scores.view(n_layers, b, h, s)
 
     # ----- normalization estimate ------------------------------------------------------------------
     def finalize_statistics(self) -> tuple[Tensor, Tensor]:
@@ -156,3 +200,8 @@ class NAMMPolicy(MemoryPolicy):
             "max_tokens": self.namm.config.max_tokens,
             "sink_tokens": self.namm.config.sink_tokens,
         }
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack`` that makes no copy for a single tensor."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
