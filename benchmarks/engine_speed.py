@@ -298,13 +298,15 @@ class FeatureProbe:
 
 
 class PolicyTimer:
-    """Wall time spent inside the policy's ``observe`` (folding attention rows) and ``select`` (choosing what to keep,
-    at update steps), the policy's own share of a run; on CUDA each call is synchronized before and after."""
+    """Wall time spent inside the policy's ``observe`` (folding attention rows) and ``select_layers`` (choosing what
+    to keep for every layer, at update steps), the policy's own share of a run; on CUDA each call is synchronized
+    before and after."""
 
     def __init__(self, policy: Any, device: torch.device) -> None:
         self.seconds = {"observe": 0.0, "select": 0.0}
-        for name in self.seconds:
-            inner = getattr(policy, name)
+        # the engine asks for every layer of an update in one select_layers call (which may batch the layers)
+        for name, method in (("observe", "observe"), ("select", "select_layers")):
+            inner = getattr(policy, method)
 
             def timed(*a: Any, _inner: Any = inner, _name: str = name) -> Any:
                 _sync(device)
@@ -314,7 +316,7 @@ class PolicyTimer:
                 self.seconds[_name] += time.perf_counter() - t
                 return out
 
-            setattr(policy, name, timed)
+            setattr(policy, method, timed)
 
 
 def run_unmodified(model: Any, ids: torch.Tensor, new_tokens: int, chunk: int | None, device: torch.device) -> Run:
