@@ -102,9 +102,12 @@ class NAMMPolicy(MemoryPolicy):
         keeps: list[Tensor] = []
         group: list[LayerState] = []
         row_bytes = 4 * self.namm.config.d_in  # float32 scorer inputs per token
+        limit = self.batch_bytes
+        if limit is None:
+            limit = (4 if states and states[0].valid.device.type == "cpu" else 256) * 1024 * 1024
         for st in states:
             b, h, s = st.shape
-            if group and (group[0].shape != st.shape or (len(group) + 1) * b * h * s * row_bytes > self.batch_bytes):
+            if group and (group[0].shape != st.shape or (len(group) + 1) * b * h * s * row_bytes > limit):
                 keeps += self._select_group(group)
                 group = []
             group.append(st)
@@ -112,8 +115,11 @@ class NAMMPolicy(MemoryPolicy):
             keeps += self._select_group(group)
         return keeps
 
-    batch_bytes: ClassVar[int] = 256 * 1024 * 1024
-    """At most this many bytes of scorer inputs (float32) per call of the network when layers are batched."""
+    batch_bytes: int | None = None
+    """At most this many bytes of scorer inputs (float32) per call of the network when layers are batched (the
+    call's temporaries are about ten times that). None: 4 MiB on the CPU, where batching saves little and a group's
+    temporaries would add to the peak memory, 256 MiB on accelerators, where each call costs the host far more
+    than its arithmetic."""
 
     def _collect(self, state: LayerState) -> Tensor:
         live = state.tokens["namm_ema"][state.valid].to(torch.float64)
