@@ -1,0 +1,66 @@
+"""Host-side work of each configuration: tensors allocated and device reads per run, on a model too small for the
+arithmetic to matter.
+
+    python benchmarks/engine_ops.py                      # about a minute on the CPU
+
+On a GPU, a small model's time goes to the host launching operations (BENCHMARKS.md, GPU section), so the number
+of operations per layer, and every read of a device value (which stalls the host until the GPU's queue drains),
+is what the engine and its policies must keep small. This counts them where no GPU is needed: a 30-layer model of
+SmolLM2-135M's layout with hidden size 64 (one KV head), a 2,048-token prompt in 256-token chunks with an update
+after each (8 updates), then one greedy token, under ``torch.profiler``: ``aten::empty`` / ``empty_strided``
+calls (tensors allocated) and ``aten::_local_scalar_dense`` calls (a Python read of a tensor value: ``.item()``,
+``bool(t)``; a ``.cpu()`` copy is not counted, being free on the CPU). Times are the fastest of three runs, one
+thread; they are noisy and only indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine_speed as es  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, vocab_size=512)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="unmodified-chunked,engine-full,h2o-50,namm-50")
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--chunk-size", type=int, default=256, help="also the update interval")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    es.SMOLLM2_135M.update(TINY)
+    dev = torch.device("cpu")
+    model = es.build_model(30, dev, torch.float32)
+    namm = es.random_namm()
+    ids = torch.randint(3, TINY["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(0))
+
+    def run(config: str, new_tokens: int) -> es.Run:
+        if config.startswith("unmodified"):
+            return es.run_unmodified(model, ids, new_tokens, args.chunk_size, dev)
+        return es.run_engine(model, ids, new_tokens, config, namm, args.chunk_size, args.chunk_size, dev)
+
+    print("| configuration | prefill ms | decode ms/token | tensors allocated | device reads |")
+    print("|---|---|---|---|---|")
+    for config in args.configs.split(","):
+        run(config, 2)  # warm-up
+        prefill = min(run(config, 1).prefill_s for _ in range(3))
+        decode = min(run(config, 17).decode_s for _ in range(2)) / 16
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(config, 1)
+        counts = {e.key: e.count for e in prof.key_averages()}
+        allocs = counts.get("aten::empty", 0) + counts.get("aten::empty_strided", 0)
+        reads = counts.get("aten::_local_scalar_dense", 0)
+        print(f"| {config} | {prefill * 1000:.0f} | {decode * 1000:.1f} | {allocs} | {reads} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
