@@ -316,12 +316,15 @@ class EvictionEngine:
             keep[..., -1] |= st.valid[..., -1]  # the newest token is always kept
             decided.append((layer, st, keep, keys, values))
         # every layer's kept counts reach the host in one transfer (one synchronization per update)
-        counts_dev = torch.stack([keep.sum(-1) for _, _, keep, _, _ in decided]) if decided else None
-        counts_host = counts_dev.cpu().numpy() if counts_dev is not None else None
+        counts_dev = (
+            torch.stack([keep.sum(-1) for _, _, keep, _, _ in decided])
+            if decided
+            else torch.zeros(0, self.batch_size, self.host.n_kv_heads, dtype=torch.int64)
+        )
+        counts_host = counts_dev.cpu().numpy()
         counts_step: dict[int, list[list[int]]] = {}
         live_step: dict[int, list[list[int]]] = {}
         for i, (layer, st, keep, keys, values) in enumerate(decided):
-            assert counts_dev is not None and counts_host is not None
             counts_step[layer] = counts_host[i].tolist()
             live_step[layer] = self._live[layer].tolist()
             if self.config.record_kept:

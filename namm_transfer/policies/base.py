@@ -32,6 +32,7 @@ __all__ = [
     "TokenBudget",
     "ReplayBudget",
     "parse_budget",
+    "stack_layers",
 ]
 
 
@@ -269,9 +270,9 @@ class MemoryPolicy:
             return [st.valid.clone() for st in states]
         if len({tuple(st.valid.shape) for st in states}) > 1:
             return [self.keep_top_layers([st], [sc], budget)[0] for st, sc in zip(states, scores, strict=True)]
-        valid = torch.stack([st.valid for st in states])  # (L, B, H, S)
-        target = torch.stack([budget.target(st) for st in states])  # (L, B, H)
-        score = torch.stack(scores).to(torch.float64)
+        valid = stack_layers([st.valid for st in states])  # (L, B, H, S)
+        target = stack_layers([budget.target(st) for st in states])  # (L, B, H)
+        score = stack_layers(scores).to(torch.float64)
         nan = torch.isnan(score) & valid
         if bool(nan.any()):  # no boolean indexing: one device read, no nonzero
             layer = states[int(nan.flatten(1).any(1).int().argmax())].layer
@@ -285,3 +286,8 @@ class MemoryPolicy:
         order_key = order_key.masked_fill(~valid, float("-inf"))
         rank = torch.argsort(torch.argsort(order_key, dim=-1, descending=True, stable=True), dim=-1)
         return list(((rank < target.unsqueeze(-1)) & valid).unbind(0))
+
+
+def stack_layers(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack`` along a new leading layer dimension that makes no copy for a single layer."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)

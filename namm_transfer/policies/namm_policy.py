@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..features import SpectrogramStream
 from ..namm import NAMM
-from .base import Budget, LayerState, MemoryPolicy
+from .base import Budget, LayerState, MemoryPolicy, stack_layers
 
 __all__ = ["NAMMPolicy"]
 
@@ -132,7 +132,7 @@ class NAMMPolicy(MemoryPolicy):
         scores = self.scores_layers(states)  # (L, B, H, S)
         for st, sc in zip(states, scores, strict=True):
             self.last_scores[st.layer] = sc
-        valid = _stack([st.valid for st in states])
+        valid = stack_layers([st.valid for st in states])
         bad = ~torch.isfinite(scores) & valid
         if bool(bad.any()):  # one device read for the group
             st = states[int(bad.flatten(1).any(1).int().argmax())]
@@ -142,7 +142,7 @@ class NAMMPolicy(MemoryPolicy):
             )
         sinks = self.namm.config.sink_tokens
         if sinks > 0:  # protected like the newest token: +inf ranks first in keep_top too
-            position = _stack([st.position for st in states])
+            position = stack_layers([st.position for st in states])
             scores = scores.masked_fill((position < sinks) & valid, float("inf"))
         if self.budget is not None:
             return self.keep_top_layers(states, list(scores.unbind(0)))
@@ -152,7 +152,7 @@ class NAMMPolicy(MemoryPolicy):
             from .base import TokenBudget
 
             capped = self.keep_top_layers(states, list(scores.unbind(0)), TokenBudget(cap))
-            keep = keep & _stack(capped)
+            keep = keep & stack_layers(capped)
         return list(keep.unbind(0))
 
     def scores(self, state: LayerState) -> Tensor:
@@ -167,9 +167,9 @@ class NAMMPolicy(MemoryPolicy):
         newest = [st.newest_position for st in states]
         if any(t is None for t in newest):
             raise RuntimeError("the engine sets newest_position before select")
-        newest_t = _stack([t for t in newest if t is not None])  # (L, B)
-        age = (newest_t.view(n_layers, b, 1, 1) - _stack([st.position for st in states])).clamp_min(0)
-        ema = _stack([st.tokens["namm_ema"] for st in states])
+        newest_t = stack_layers([t for t in newest if t is not None])  # (L, B)
+        age = (newest_t.view(n_layers, b, 1, 1) - stack_layers([st.position for st in states])).clamp_min(0)
+        ema = stack_layers([st.tokens["namm_ema"] for st in states])
         x = self.namm.features(ema, age).reshape(n_layers * b * h, s, -1)
         theta = None
         if self._theta is not None:
@@ -182,7 +182,7 @@ class NAMMPolicy(MemoryPolicy):
                 raise ValueError(f"member_of_sequence has {member.shape[0]} entries, the batch has {b} sequences")
             rows = self._theta.to(x.device)[member.to(x.device)].repeat_interleave(h, dim=0)  # (B*H, D)
             theta = rows.repeat(n_layers, 1)  # (L*B*H, D), rows in (layer, sequence, head) order
-        valid = _stack([st.valid for st in states]).reshape(n_layers * b * h, s)
+        valid = stack_layers([st.valid for st in states]).reshape(n_layers * b * h, s)
         with torch.no_grad():
             scores = self.namm.score(x, valid, theta)
         return scores.view(n_layers, b, h, s)
@@ -206,8 +206,3 @@ class NAMMPolicy(MemoryPolicy):
             "max_tokens": self.namm.config.max_tokens,
             "sink_tokens": self.namm.config.sink_tokens,
         }
-
-
-def _stack(tensors: list[Tensor]) -> Tensor:
-    """``torch.stack`` that makes no copy for a single tensor."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
