@@ -255,7 +255,7 @@ class EvictionEngine:
             "q": q,
             "n_real": n_real_host,
             "all_real": bool((n_real_host == q).all()),
-            "masks": {},  # masks shared by the layers of this chunk, by kind and cache length
+            "masks": {},  # tensors shared by the layers of this chunk (masks, arrival clock), by kind and length
         }
         self.pad_history = torch.cat([self.pad_history, chunk_valid], dim=1)
         try:
@@ -519,8 +519,9 @@ class EvictionEngine:
         self._live[st.layer] = self._live[st.layer] + chunk["n_real"][:, None]
         st.valid = torch.cat([st.valid, chunk["valid"][:, None, :].expand(b, h, q)], dim=-1)
         st.position = torch.cat([st.position, chunk["position"][:, None, :].expand(b, h, q)], dim=-1)
-        arr = torch.arange(chunk["clock0"], chunk["clock0"] + q, device=st.valid.device)
-        st.arrival = torch.cat([st.arrival, arr.view(1, 1, q).expand(b, h, q)], dim=-1)
+        c0 = chunk["clock0"]
+        arr = self._shared(("arrival",), lambda: torch.arange(c0, c0 + q, device=st.valid.device).view(1, 1, q))
+        st.arrival = torch.cat([st.arrival, arr.expand(b, h, q)], dim=-1)
         for name, t in st.tokens.items():
             pad = torch.zeros(*t.shape[:2], q, *t.shape[3:], dtype=t.dtype, device=t.device)
             st.tokens[name] = torch.cat([t, pad], dim=2)

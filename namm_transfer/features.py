@@ -38,7 +38,12 @@ __all__ = ["SpectrogramStream"]
 class SpectrogramStream:
     """Stateless helper that advances the spectrogram state of one layer by a chunk of rows."""
 
-    def __init__(self, n_fft: int = 32, hop: int = 16, gamma: float = 0.99) -> None:
+    def __init__(self, n_fft: int = 32, hop: int = 16, gamma: float = 0.99, one_product: bool | None = None) -> None:
+        # transform all (sequence, head) rows in one matrix product (one launch, the frames copied into a batch)
+        # rather than one product per row over strided frames (no copy). None: per row on the CPU, where the copy
+        # costs more than the calls; one product elsewhere, where each call costs the host more than its work (a
+        # NAMM evolution batch holds hundreds of rows)
+        self.one_product = one_product
         self.n_fft = n_fft
         self.hop = hop
         self.overlap = n_fft - hop
@@ -91,11 +96,16 @@ class SpectrogramStream:
         buf = torch.cat([rows.transpose(-1, -2), new_rows.transpose(-1, -2).to(rows.dtype)], dim=-2)
         b, h, t, s = buf.shape
         nb = self.n_bins
-        dft = self.dft_matrix(buf.device, buf.dtype).expand(n_frames, 2 * nb, self.n_fft)
-        spec = torch.empty(b * h, n_frames, 2 * nb, s, device=buf.device, dtype=buf.dtype)
-        for i, x in enumerate(buf.view(b * h, t, s)):
-            # the overlapping frames as a strided view (F, n_fft, S): one batched GEMM per (sequence, head), no copy
-            torch.bmm(dft, x.unfold(0, self.n_fft, self.hop)[:n_frames].transpose(-1, -2), out=spec[i])
+        one = self.one_product if self.one_product is not None else buf.device.type != "cpu"
+        if one:
+            frames = buf.view(b * h, t, s).unfold(1, self.n_fft, self.hop)[:, :n_frames]  # (B*H, F, S, n_fft)
+            spec = torch.matmul(self.dft_matrix(buf.device, buf.dtype), frames.transpose(-1, -2))
+        else:
+            dft = self.dft_matrix(buf.device, buf.dtype).expand(n_frames, 2 * nb, self.n_fft)
+            spec = torch.empty(b * h, n_frames, 2 * nb, s, device=buf.device, dtype=buf.dtype)
+            for i, x in enumerate(buf.view(b * h, t, s)):
+                # the overlapping frames as a strided view (F, n_fft, S): one batched GEMM per (sequence, head)
+                torch.bmm(dft, x.unfold(0, self.n_fft, self.hop)[:n_frames].transpose(-1, -2), out=spec[i])
         spec = spec.view(b, h, n_frames, 2 * nb, s).square_()
         mag = spec[..., :nb, :].add_(spec[..., nb:, :]).sqrt_()  # (B, H, F, bins, S) magnitudes
         del spec

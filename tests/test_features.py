@@ -38,8 +38,9 @@ def direct_ema(cols: torch.Tensor, arrival: torch.Tensor, interval: int, gamma: 
     return out
 
 
+@pytest.mark.parametrize("one_product", [False, True], ids=["per-row", "one-product"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_stream_equals_direct_formula(seed):
+def test_stream_equals_direct_formula(seed, one_product):
     torch.manual_seed(seed)
     interval, n_updates, k = 64, 4, 40
     t_total = interval * n_updates
@@ -48,7 +49,7 @@ def test_stream_equals_direct_formula(seed):
     cols = torch.rand(t_total, k)
     for tok in range(k):
         cols[: arrival[tok], tok] = 0.0
-    stream = SpectrogramStream(32, 16, 0.99)
+    stream = SpectrogramStream(32, 16, 0.99, one_product=one_product)
     rows = stream.empty_rows(1, 1, k, torch.device("cpu"))
     ema = torch.zeros(1, 1, k, 17)
     start, clock = stream.initial_start(), 0
@@ -95,3 +96,26 @@ def test_frame_rule_excludes_rows_before_arrival():
     # frames starting at 16 and 32 qualify (F = 4 frames: starts -16, 0, 16, 32)
     expected_dc = (1 - g) * g * dc + (1 - g) * dc
     assert ema[0, 0, 0, 0].item() == pytest.approx(expected_dc, rel=1e-5)
+
+
+def test_one_product_equals_one_product_per_row():
+    """All (sequence, head) rows transformed in one matrix product (the accelerator path) give the state of one
+    product per row (the CPU path), with several sequences and heads and chunks that complete no frame."""
+    gen = torch.Generator().manual_seed(5)
+    b, h, k = 2, 3, 24
+    arrival = torch.randint(0, 40, (b, h, k), generator=gen)
+    states = []
+    for one in (False, True):
+        stream = SpectrogramStream(one_product=one)
+        rows = stream.empty_rows(b, h, k, torch.device("cpu"))
+        ema = torch.zeros(b, h, k, 17)
+        start, clock = stream.initial_start(), 0
+        for q in (5, 40, 3, 64, 12):
+            new = torch.rand(b, h, k, q, generator=torch.Generator().manual_seed(clock))
+            rows, ema, start = stream.advance(rows, ema, arrival, new, start, clock)
+            clock += q
+        states.append((rows, ema, start))
+    (r0, e0, s0), (r1, e1, s1) = states
+    assert s0 == s1 and torch.equal(r0, r1)
+    assert e0.abs().sum() > 0
+    torch.testing.assert_close(e1, e0, atol=1e-6, rtol=1e-5)
