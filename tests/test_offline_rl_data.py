@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 
 import h5py
 import numpy as np
@@ -341,6 +342,9 @@ def test_collect_smoke_and_resume(tmp_path, monkeypatch):
     from namm_transfer.evals.offline_rl.collect import collect
 
     monkeypatch.setenv("NAMM_TRANSFER_CACHE", str(tmp_path))
+    scratch = tmp_path / "tmp"  # the system temporary folder, watched for training's log folders
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     tiny = PPOConfig(n_steps=512, batch_size=256, n_epochs=1, net_arch=(32, 32))
     common = dict(target_band=None, eval_episodes=2, round_steps=1024, ppo_config=tiny, torch_threads=1)
     path = collect("hopper", "medium", episodes=2, max_steps=1024, max_episode_steps=50, **common)
@@ -380,6 +384,7 @@ def test_collect_smoke_and_resume(tmp_path, monkeypatch):
     cont = ~done[:-1]
     np.testing.assert_array_equal(replay["next_observations"][:-1][cont], replay["observations"][1:][cont])
     assert done[1023]
+    assert list(scratch.glob("SB3-*")) == []  # no stable-baselines3 log folders (new run and resumed run)
 
 
 @pytest.mark.slow

@@ -510,6 +510,7 @@ class BehaviourRun:
     def load_or_create(self) -> None:
         """Load ``latest.zip`` (+ statistics) to resume, or create a fresh PPO model."""
         from stable_baselines3 import PPO
+        from stable_baselines3.common.logger import Logger
         from stable_baselines3.common.vec_env import VecNormalize
 
         if self.model is not None:
@@ -546,6 +547,8 @@ class BehaviourRun:
                 logger.warning("%s: history without a model; starting the run over", self.dir)
                 self.history = []
             logger.info("%s: new PPO run in %s", self.env_name, self.dir)
+        # A logger with no outputs: without one, every learn() call makes an empty /tmp/SB3-<time> folder.
+        self.model.set_logger(Logger(folder=None, output_formats=[]))
 
     def current_policy(self) -> BehaviourPolicy:
         """The model's current policy with the current normalization statistics."""
