@@ -111,9 +111,9 @@ class EvictionEngine:
     """Owns the cache bookkeeping of one attached model. Create through :func:`namm_transfer.attach`."""
 
     tile_bytes: int | None = None
-    """Bytes of float32 scores per query tile of the explicit attention; None: 8 MiB on the CPU (under glibc's
-    largest mmap threshold, 32 MiB, so tiles are recycled from the heap instead of faulting in fresh pages each
-    time, and they stay near the cache), 256 MiB on accelerators (fewer, larger kernels)."""
+    """Bytes of float32 scores per query tile of the explicit attention; None: 8 MiB on the CPU (a quarter of the
+    last-level cache of the machines measured in BENCHMARKS.md; the tile's scores live in one scratch buffer the
+    engine keeps, so no tile faults in fresh pages), 256 MiB on accelerators (fewer, larger kernels)."""
 
     def __init__(self, adapter: Any, policy: MemoryPolicy, config: EngineConfig | None = None) -> None:
         self.adapter = adapter
@@ -139,6 +139,10 @@ class EvictionEngine:
         self._live: dict[int, np.ndarray] = {}
         self._alike: dict[int, bool] = {}
         self._n_seen_host = np.zeros(0, dtype=np.int64)
+        # CPU only: the explicit attention's scores and output tile are written into this flat float32 buffer,
+        # reused by every tile, layer and chunk (a fresh multi-MiB tensor per tile costs page faults and zeroing
+        # by the kernel: 12-15% of the explicit attention at 8k, runs/BENCHMARKS.md)
+        self._scratch: Tensor | None = None
 
     # ----- session ---------------------------------------------------------------------------
     def reset(self, batch_size: int, device: torch.device | str | None = None) -> None:
@@ -146,6 +150,7 @@ class EvictionEngine:
         device = torch.device(device) if device is not None else self.adapter.device
         self.device = device
         self.batch_size = batch_size
+        self._scratch = None
         self.cache = self.adapter.make_cache()
         self.clock = 0
         self.n_seen = torch.zeros(batch_size, dtype=torch.int64, device=device)
@@ -426,7 +431,10 @@ class EvictionEngine:
             if need_rows:
                 assert st is not None
                 rows = probs.view(b, h, g, q, s).mean(2).mul_(chunk["valid"].view(b, 1, q, 1))
-                self.policy.observe(st, rows)
+                if self.policy.observes_sums:
+                    self.policy.observe_sums(st, rows.sum(-2))
+                else:
+                    self.policy.observe(st, rows)
         elif mask is None or mask.shape[1] == 1:
             # the same mask for every head (unmanaged layers' clock mask; managed layers whose heads hold the same
             # slots, always with the full cache): broadcast it over the query heads and let SDPA group them, no
@@ -453,9 +461,11 @@ class EvictionEngine:
     ) -> Tensor | None:
         """Explicit float32 attention of a managed layer, in query tiles, handing each tile's rows to the policy.
 
-        The scores of one tile (B x query heads x tile x S) are computed, masked, turned into probabilities in
-        place, multiplied with the values and averaged over the query heads of each KV head; the policy gets
-        those rows tile by tile (consecutive queries, in order). The mask is never materialized as
+        The scores of one tile (B x query heads x tile x the slots up to the tile's last query: later slots of
+        the chunk are in the future of every query of the tile) are computed, masked, turned into probabilities
+        in place, multiplied with the values and averaged over the query heads of each KV head; the policy gets
+        those rows tile by tile (consecutive queries, in order; zeros for the slots left out), or, if it
+        ``observes_sums``, their sum over the chunk's queries once at the end. The mask is never materialized as
         (B, H, Q, S): the cached part is one (B, H, S_old) row of live slots, applied only if some slot is
         dead, and the chunk's own part is (B, H, Q, Q). Returns None when some query sees no slot at all
         (left padding before the first real token), which the general path handles. ``all_live``: every slot of
@@ -486,25 +496,74 @@ class EvictionEngine:
         budget = self.tile_bytes or (8 if query.device.type == "cpu" else 256) * 1024 * 1024
         tile = min(q, max(16, budget // max(1, 4 * b * hq * s) // 16 * 16))  # queries per tile
         out = torch.empty(b, h, g, q, d, dtype=value.dtype, device=query.device)
+        # CPU without autograd: scores, probabilities (softmax in place) and the output tile in the scratch buffer
+        in_place = query.device.type == "cpu" and not (query.requires_grad or key.requires_grad or value.requires_grad)
+        n_scores, n_out = b * hq * tile * s, (b * hq * tile * d if value.dtype == torch.float32 else 0)
+        scratch = self._scratch_buffer(n_scores + n_out, query.device) if in_place else None
+        # a policy that needs only column sums (H2O) gets them once per chunk: no per-query rows are built
+        sums = torch.zeros(b, h, s, device=query.device) if self.policy.observes_sums else None
         for t0 in range(0, q, tile):
             t1 = min(q, t0 + tile)
             n = t1 - t0
-            scores = torch.matmul(qs[:, :, :, t0:t1].reshape(b, h, g * n, d), kt)  # (B, H, g*n, S)
-            s5 = scores.view(b, h, g, n, s)
+            # the chunk's slots from old + t1 on are in every query's future: left out of the products (the rows
+            # get zeros there); of the chunk's own slots only [t0, t1) need the causal mask when every query is
+            # real, all of [0, t1) when padding slots must be hidden too
+            w = old + t1
+            q_tile = qs[:, :, :, t0:t1].reshape(b, h, g * n, d)
+            if scratch is not None:
+                scores = torch.matmul(q_tile, kt[..., :w], out=scratch[: b * hq * n * w].view(b, h, g * n, w))
+            else:
+                scores = torch.matmul(q_tile, kt[..., :w])  # (B, H, g*n, w)
+            s5 = scores.view(b, h, g, n, w)
             if dead_old is not None:
                 s5[..., :old].masked_fill_(dead_old, float("-inf"))
-            s5[..., old:].masked_fill_(dead_new[:, :, None, t0:t1], float("-inf"))
-            if scores.device.type == "cpu" and not scores.requires_grad:  # in place: no second tile of memory
+            if all_real:
+                s5[..., old + t0 :].masked_fill_(dead_new[:, :, None, t0:t1, t0:t1], float("-inf"))
+            else:
+                s5[..., old:].masked_fill_(dead_new[:, :, None, t0:t1, :t1], float("-inf"))
+            if scratch is not None:
                 probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
             else:
                 probs = torch.softmax(scores, dim=-1)
-            out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), value).view(b, h, g, n, d)
-            rows = probs.view(b, h, g, n, s).mean(2)  # (B, H, n, S)
+            v_tile = value[:, :, :w]
+            if scratch is not None and n_out:
+                o = scratch[n_scores : n_scores + b * hq * n * d].view(b, h, g * n, d)
+                out[:, :, :, t0:t1] = torch.matmul(probs, v_tile, out=o).view(b, h, g, n, d)
+            else:
+                out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), v_tile).view(b, h, g, n, d)
+            if sums is not None:  # sum over the tile's queries and the group's query heads (mean taken below)
+                if real is None:
+                    sums[..., :w] += probs.view(b, h, g * n, w).sum(2)
+                else:  # padding queries weigh 0
+                    weight = real[:, t0:t1].repeat(1, g).view(b, 1, 1, g * n)
+                    sums[..., :w] += torch.matmul(weight, probs).view(b, h, w)
+                del scores, probs, s5
+                continue
+            # (B, H, n, S), a tensor of its own (the policy may keep it)
+            if w == s:
+                rows = probs.view(b, h, g, n, s).mean(2)
+            else:
+                rows = torch.empty(b, h, n, s, device=query.device)
+                rows[..., w:].zero_()
+                torch.mean(probs.view(b, h, g, n, w), 2, out=rows[..., :w])
             if real is not None:
                 rows.mul_(real[:, None, t0:t1, None])
             del scores, probs, s5
             self.policy.observe(st, rows)
+        if sums is not None:
+            self.policy.observe_sums(st, sums.div_(g))
         return out.view(b, hq, q, d).transpose(1, 2).contiguous()
+
+    def _scratch_buffer(self, numel: int, device: torch.device) -> Tensor:
+        """The engine's flat float32 scratch buffer, at least ``numel`` long (grown by half at least, so that a cache
+        growing one token per decoded step does not reallocate it every step; never shrunk until reset)."""
+        buf = self._scratch
+        if buf is None or buf.device != device:
+            buf = self._scratch = torch.empty(numel, dtype=torch.float32, device=device)
+        elif buf.numel() < numel:
+            self._scratch = None  # release before allocating the larger one
+            buf = self._scratch = torch.empty(max(numel, buf.numel() * 3 // 2), dtype=torch.float32, device=device)
+        return buf
 
     def _append(self, st: LayerState, q: int, s: int) -> None:
         chunk = self._chunk
@@ -597,6 +656,7 @@ class EvictionEngine:
         if self._attached:
             self.adapter.uninstall(self)
             self._attached = False
+        self._scratch = None
 
     @property
     def attached(self) -> bool:

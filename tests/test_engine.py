@@ -183,6 +183,112 @@ def test_query_tiles_give_the_same_policy_state(name):
     torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tile_bytes", [1, 1 << 30], ids=["16-query-tiles", "one-tile"])
+def test_h2o_column_sums_equal_its_rows(tile_bytes):
+    """H2O asks for column sums (observes_sums): the engine sums each chunk's attention over queries and query
+    heads itself. The accumulated scores, the tokens kept and the logits equal those of the same policy fed
+    per-query rows, through padding (the first chunk's padding queries, which see nothing, take the general
+    path; padding queries of a later chunk, which see the cache, the tiled one), several chunks, query tiles
+    and decoding."""
+    from namm_transfer.policies.baselines import H2O
+
+    class H2OFromRows(H2O):
+        observes_sums = False
+
+    model = tiny_decoder("llama")
+    ids, mask = _batch(2, 96, pad=(0, 9), seed=5)
+    more, more_mask = _batch(2, 24, pad=(0, 0), seed=6)
+    more_mask[1, 3:10] = 0  # padding queries inside a later chunk: they see the cache, and must weigh 0
+    results = []
+    for policy in (H2O(budget=0.5), H2OFromRows(budget=0.5)):
+        with attach(model, policy, update_interval=32, chunk_size=32) as mem:
+            mem.engine.tile_bytes = tile_bytes
+            logits = [mem.prefill(ids, mask, logits_to_keep=4)]
+            logits.append(mem.prefill(more, more_mask, logits_to_keep=4, reset=False))
+            tok = logits[-1][:, -1].argmax(-1, keepdim=True)
+            for _ in range(40):  # past the next update (clock 128)
+                logits.append(mem.step(tok))
+                tok = logits[-1][:, -1].argmax(-1, keepdim=True)
+            acc = [st.tokens["h2o_acc"].clone() for st in mem.engine.states.values()]
+            pos = [st.position.clone() for st in mem.engine.states.values()]
+            results.append((torch.cat(logits, 1), acc, pos, mem.stats.kept_counts))
+    (l1, a1, p1, k1), (l2, a2, p2, k2) = results
+    assert k1 == k2 and len(k1) >= 4
+    assert any(c < 64 for step in k1.values() for layer in step.values() for row in layer for c in row)  # evicted
+    for x, y in zip(p1, p2, strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip(a1, a2, strict=True):
+        assert x.abs().max() > 1.0
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
+
+
+class KeepsRows(ScriptedWithRows):
+    """Keeps the very row tensors it is handed (no copy), and a copy of each to compare with later."""
+
+    def init_layer(self, state: LayerState) -> None:
+        super().init_layer(state)
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.shared_checked = 0
+
+    def observe(self, state: LayerState, rows: torch.Tensor) -> None:
+        super().observe(state, rows)
+        scratch = self.engine._scratch
+        if scratch is not None:  # not a view of the engine's scratch buffer
+            assert rows.untyped_storage().data_ptr() != scratch.untyped_storage().data_ptr()
+            self.shared_checked += 1
+        self.kept.append((rows, rows.clone()))
+
+
+def test_scratch_buffer_is_reused_and_rows_handed_over_stay_intact():
+    """On the CPU the explicit attention writes scores and output tiles into one scratch buffer reused by every
+    tile, layer and chunk (grown by half at least when a larger tile needs it); the rows a policy is handed are
+    tensors of their own, so a policy that keeps them (a NAMM keeps its last rows) never sees them overwritten by
+    a later tile."""
+    model = tiny_decoder("llama")
+    ids, mask = _batch(2, 64, pad=(0, 5), seed=2)
+    policy = KeepsRows({0: {1, 5}, 1: {2}})
+    with attach(model, policy, update_interval=32, chunk_size=16) as mem:
+        engine = mem.engine
+        engine.tile_bytes = 1  # 16-query tiles: several tiles per chunk
+        policy.engine = engine
+        buffers = set()
+        calls = []
+        original = engine._scratch_buffer
+
+        def recording(numel, device):
+            buf = original(numel, device)
+            buffers.add(buf.data_ptr())
+            calls.append(numel)
+            return buf
+
+        engine._scratch_buffer = recording
+        mem.prefill(ids, mask, logits_to_keep=1)
+        for _ in range(8):
+            mem.step(ids[:, :1])
+        assert engine._scratch is not None
+    assert engine._scratch is None  # released on detach
+    assert len(calls) >= 10 * len(engine.states) and len(buffers) <= 4
+    assert len(policy.kept) >= len(calls) and policy.shared_checked >= len(calls)
+    for rows, copy in policy.kept:  # nothing a later tile wrote reached the rows kept
+        assert torch.equal(rows, copy)
+
+
+def test_explicit_attention_in_bfloat16_agrees_with_the_fused_path():
+    """A bfloat16 model (value tensors not float32: the output tile is not written into the float32 scratch) gets
+    the same logits through the explicit path as through SDPA, up to bfloat16 rounding."""
+    model = tiny_decoder("llama").to(torch.bfloat16)
+    ids, mask = _batch(2, 48, pad=(0, 5), seed=3)
+    evict = {0: {0, 3, 4, 9}, 1: {1, 2, 7}}
+    outs = []
+    for policy in (Scripted(evict), ScriptedWithRows(evict)):
+        with attach(model, policy, update_interval=16, chunk_size=16) as mem:
+            mem.engine.tile_bytes = 1
+            outs.append(mem.prefill(ids, mask, logits_to_keep=32).float())
+    assert outs[0].abs().max() > 0.1
+    torch.testing.assert_close(outs[1], outs[0], atol=3e-2, rtol=3e-2)
+
+
 # ----- the engine's cache: appends in place -------------------------------------------------------------------
 def test_engine_cache_appends_in_place_and_matches_a_dynamic_cache(model):
     """Managed layers use a cache layer that writes new tokens into spare capacity (no copy of the whole layer

@@ -210,11 +210,15 @@ class MemoryPolicy:
       (averaged over the query heads of each KV head) and passes them to :meth:`observe` for
       every chunk, in one call or in several calls over consecutive query tiles of it. Rows are
       only ever (chunk x cache), never (T x T).
+    * ``observes_sums``: with ``needs_attention``, the policy needs only the attention each slot received
+      summed over the chunk's queries (H2O's accumulated attention): the engine calls :meth:`observe_sums`
+      once per chunk instead of :meth:`observe`, and never builds the per-query rows.
     * ``needs_keys``: :meth:`select` reads ``state.keys``.
     """
 
     name: ClassVar[str] = "base"
     needs_attention: ClassVar[bool] = False
+    observes_sums: ClassVar[bool] = False
     needs_keys: ClassVar[bool] = False
 
     def __init__(self, budget: Budget | str | float | int | None = None) -> None:
@@ -234,6 +238,11 @@ class MemoryPolicy:
         The engine may split a chunk into several calls (query tiles, in order); ``rows`` may be reused after
         the call returns, so keep a copy of what is needed later.
         """
+
+    def observe_sums(self, state: LayerState, sums: Tensor) -> None:
+        """(``observes_sums`` policies) Fold (B, H, S) float32: the rows :meth:`observe` would get, summed over
+        every query of the chunk (padding queries count 0). ``sums`` may be reused after the call returns."""
+        raise NotImplementedError(f"{type(self).__name__} sets observes_sums but does not define observe_sums")
 
     def select(self, state: LayerState) -> Tensor:
         """Return (B, H, S) bool: which slots to keep. Invalid slots are dropped whatever is returned."""

@@ -77,6 +77,7 @@ class H2O(_Budgeted):
 
     name: ClassVar[str] = "h2o"
     needs_attention: ClassVar[bool] = True
+    observes_sums: ClassVar[bool] = True  # the engine hands over column sums, never per-query rows
 
     def __init__(self, budget: Budget | str | float | int | None = 0.5, recent_fraction: float = 0.5) -> None:
         super().__init__(budget)
@@ -89,7 +90,10 @@ class H2O(_Budgeted):
         state.tokens["h2o_acc"] = torch.zeros(b, h, s, device=state.valid.device)
 
     def observe(self, state: LayerState, rows: Tensor) -> None:
-        state.tokens["h2o_acc"] = state.tokens["h2o_acc"] + rows.sum(-2)
+        self.observe_sums(state, rows.sum(-2))
+
+    def observe_sums(self, state: LayerState, sums: Tensor) -> None:
+        state.tokens["h2o_acc"] = state.tokens["h2o_acc"] + sums
 
     def score(self, state: LayerState) -> Tensor:
         assert self.budget is not None
