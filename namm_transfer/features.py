@@ -50,6 +50,17 @@ class SpectrogramStream:
         self.frame_decay = gamma**hop
         self.n_bins = n_fft // 2 + 1
         self._dft: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        # CPU: the time-major rows, the transform and its magnitudes go into one flat buffer reused by every call
+        # (layers and tiles in turn); fresh multi-MiB tensors per call made page faults most of the work
+        self._scratch: Tensor | None = None
+
+    def _scratch_buffer(self, numel: int, like: Tensor) -> Tensor:
+        buf = self._scratch
+        if buf is None or buf.device != like.device or buf.dtype != like.dtype or buf.numel() < numel:
+            grown = numel if buf is None else max(numel, buf.numel() * 3 // 2)
+            self._scratch = None  # release before allocating the larger one
+            buf = self._scratch = torch.empty(grown, dtype=like.dtype, device=like.device)
+        return buf
 
     def dft_matrix(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         """(2 * n_bins, n_fft): rows ``k`` give the real part, rows ``n_bins + k`` the imaginary part of bin ``k``
@@ -93,21 +104,29 @@ class SpectrogramStream:
         if n_frames == 0:
             return torch.cat([rows, new_rows.to(rows.dtype)], dim=-1), ema, start
         # time-major buffer (B, H, T, S): the engine's rows arrive as a transposed view of (B, H, Q, S)
-        buf = torch.cat([rows.transpose(-1, -2), new_rows.transpose(-1, -2).to(rows.dtype)], dim=-2)
-        b, h, t, s = buf.shape
+        b, h, s, r = rows.shape
+        t = r + new_rows.shape[-1]
         nb = self.n_bins
-        one = self.one_product if self.one_product is not None else buf.device.type != "cpu"
+        one = self.one_product if self.one_product is not None else rows.device.type != "cpu"
+        parts = [rows.transpose(-1, -2), new_rows.transpose(-1, -2).to(rows.dtype)]
         if one:
+            buf = torch.cat(parts, dim=-2)
             frames = buf.view(b * h, t, s).unfold(1, self.n_fft, self.hop)[:, :n_frames]  # (B*H, F, S, n_fft)
             spec = torch.matmul(self.dft_matrix(buf.device, buf.dtype), frames.transpose(-1, -2))
+            spec = spec.view(b, h, n_frames, 2 * nb, s)
+            mag = torch.hypot(spec[..., :nb, :], spec[..., nb:, :])  # (B, H, F, bins, S) magnitudes
         else:
+            n_buf, n_spec = b * h * t * s, b * h * n_frames * 2 * nb * s
+            scratch = self._scratch_buffer(n_buf + n_spec + n_spec // 2, rows)
+            buf = torch.cat(parts, dim=-2, out=scratch[:n_buf].view(b, h, t, s))
             dft = self.dft_matrix(buf.device, buf.dtype).expand(n_frames, 2 * nb, self.n_fft)
-            spec = torch.empty(b * h, n_frames, 2 * nb, s, device=buf.device, dtype=buf.dtype)
+            spec = scratch[n_buf : n_buf + n_spec].view(b * h, n_frames, 2 * nb, s)
             for i, x in enumerate(buf.view(b * h, t, s)):
                 # the overlapping frames as a strided view (F, n_fft, S): one batched GEMM per (sequence, head)
                 torch.bmm(dft, x.unfold(0, self.n_fft, self.hop)[:n_frames].transpose(-1, -2), out=spec[i])
-        spec = spec.view(b, h, n_frames, 2 * nb, s).square_()
-        mag = spec[..., :nb, :].add_(spec[..., nb:, :]).sqrt_()  # (B, H, F, bins, S) magnitudes
+            spec = spec.view(b, h, n_frames, 2 * nb, s)
+            mag = scratch[n_buf + n_spec : n_buf + n_spec + n_spec // 2].view(b, h, n_frames, nb, s)
+            torch.hypot(spec[..., :nb, :], spec[..., nb:, :], out=mag)
         del spec
         frame_start = start + self.hop * torch.arange(n_frames, device=buf.device)  # (F,)
         qualifies = frame_start.view(1, 1, -1, 1) >= arrival.unsqueeze(-2)  # (B, H, F, S)

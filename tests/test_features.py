@@ -119,3 +119,30 @@ def test_one_product_equals_one_product_per_row():
     assert s0 == s1 and torch.equal(r0, r1)
     assert e0.abs().sum() > 0
     torch.testing.assert_close(e1, e0, atol=1e-6, rtol=1e-5)
+
+
+def test_one_stream_shared_by_layers_of_different_sizes():
+    """A NAMM policy keeps one stream for all its layers: on the CPU the stream's scratch buffer serves calls
+    of different shapes in turn (grown when needed). Interleaved calls for two layers give the states of a
+    separate stream per layer."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = {"small": (1, 2, 30), "large": (2, 3, 300)}  # (B, H, tokens)
+    arrival = {n: torch.randint(0, 40, s, generator=gen) for n, s in shapes.items()}
+    shared = SpectrogramStream(one_product=False)
+    own = {n: SpectrogramStream(one_product=False) for n in shapes}
+    state = {(n, who): None for n in shapes for who in ("shared", "own")}
+    for n, (b, h, k) in shapes.items():
+        for who in ("shared", "own"):
+            state[n, who] = (shared.empty_rows(b, h, k, torch.device("cpu")), torch.zeros(b, h, k, 17), -16)
+    clock = 0
+    for q in (48, 7, 64, 33, 96):
+        for n, (b, h, k) in shapes.items():
+            new = torch.rand(b, h, k, q, generator=torch.Generator().manual_seed(clock + k))
+            for who, stream in (("shared", shared), ("own", own[n])):
+                rows, ema, start = state[n, who]
+                state[n, who] = stream.advance(rows, ema, arrival[n], new, start, clock)
+        clock += q
+    for n in shapes:
+        (r0, e0, s0), (r1, e1, s1) = state[n, "shared"], state[n, "own"]
+        assert s0 == s1 and torch.equal(r0, r1) and torch.equal(e0, e1)
+        assert e0.abs().sum() > 0
