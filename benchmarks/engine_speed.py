@@ -288,6 +288,19 @@ class FeatureProbe:
             self._state()
 
         policy.observe = observe
+        if policy.observes_sums:
+            # column sums instead of rows (H2O): the tile's scores live in the engine's scratch buffer (CPU; on a
+            # GPU in tensors of their own, not counted here)
+            inner_sums = policy.observe_sums
+
+            def observe_sums(state: Any, sums: torch.Tensor) -> None:
+                scratch = getattr(engine, "_scratch", None)
+                held = 0 if scratch is None else scratch.numel() * scratch.element_size()
+                self.rows_peak = max(self.rows_peak, held + sums.numel() * sums.element_size())
+                inner_sums(state, sums)
+                self._state()
+
+            policy.observe_sums = observe_sums
 
     def _state(self) -> None:
         total = sum(t.numel() * t.element_size() for st in self.engine.states.values() for t in st.tokens.values())
@@ -295,17 +308,18 @@ class FeatureProbe:
 
     def detach(self) -> None:
         self.engine.policy.__dict__.pop("observe", None)
+        self.engine.policy.__dict__.pop("observe_sums", None)
 
 
 class PolicyTimer:
-    """Wall time spent inside the policy's ``observe`` (folding attention rows) and ``select_layers`` (choosing what
-    to keep for every layer, at update steps), the policy's own share of a run; on CUDA each call is synchronized
-    before and after."""
+    """Wall time spent inside the policy's ``observe`` or ``observe_sums`` (folding attention rows or their column
+    sums) and ``select_layers`` (choosing what to keep for every layer, at update steps), the policy's own share
+    of a run; on CUDA each call is synchronized before and after."""
 
     def __init__(self, policy: Any, device: torch.device) -> None:
         self.seconds = {"observe": 0.0, "select": 0.0}
         # the engine asks for every layer of an update in one select_layers call (which may batch the layers)
-        for name, method in (("observe", "observe"), ("select", "select_layers")):
+        for name, method in (("observe", "observe"), ("observe", "observe_sums"), ("select", "select_layers")):
             inner = getattr(policy, method)
 
             def timed(*a: Any, _inner: Any = inner, _name: str = name) -> Any:
