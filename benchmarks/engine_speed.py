@@ -288,7 +288,7 @@ class FeatureProbe:
             self._state()
 
         policy.observe = observe
-        if policy.observes_sums:
+        if getattr(policy, "observes_sums", False):
             # column sums instead of rows (H2O): the tile's scores live in the engine's scratch buffer (CPU; on a
             # GPU in tensors of their own, not counted here)
             inner_sums = policy.observe_sums
@@ -320,7 +320,9 @@ class PolicyTimer:
         self.seconds = {"observe": 0.0, "select": 0.0}
         # the engine asks for every layer of an update in one select_layers call (which may batch the layers)
         for name, method in (("observe", "observe"), ("observe", "observe_sums"), ("select", "select_layers")):
-            inner = getattr(policy, method)
+            inner = getattr(policy, method, None)
+            if inner is None:  # observe_sums: engines before session 10 have none
+                continue
 
             def timed(*a: Any, _inner: Any = inner, _name: str = name) -> Any:
                 _sync(device)
