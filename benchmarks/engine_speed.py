@@ -294,7 +294,7 @@ class FeatureProbe:
             inner_sums = policy.observe_sums
 
             def observe_sums(state: Any, sums: torch.Tensor) -> None:
-                scratch = getattr(engine, "_scratch", None)
+                scratch = engine.scratch.buffer
                 held = 0 if scratch is None else scratch.numel() * scratch.element_size()
                 self.rows_peak = max(self.rows_peak, held + sums.numel() * sums.element_size())
                 inner_sums(state, sums)

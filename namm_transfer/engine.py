@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .policies.base import HostInfo, LayerState, MemoryPolicy
+from .scratch import Scratch
 
 __all__ = ["EngineConfig", "EvictionEngine", "EvictionStats"]
 
@@ -139,10 +140,9 @@ class EvictionEngine:
         self._live: dict[int, np.ndarray] = {}
         self._alike: dict[int, bool] = {}
         self._n_seen_host = np.zeros(0, dtype=np.int64)
-        # CPU only: the explicit attention's scores and output tile are written into this flat float32 buffer,
-        # reused by every tile, layer and chunk (a fresh multi-MiB tensor per tile costs page faults and zeroing
-        # by the kernel: 12-15% of the explicit attention at 8k, runs/BENCHMARKS.md)
-        self._scratch: Tensor | None = None
+        # CPU only: the explicit attention's scores and output tile are written into this buffer, reused by every
+        # tile, layer and chunk (a fresh multi-MiB tensor per tile costs page faults and zeroing by the kernel)
+        self.scratch = Scratch()
 
     # ----- session ---------------------------------------------------------------------------
     def reset(self, batch_size: int, device: torch.device | str | None = None) -> None:
@@ -150,7 +150,7 @@ class EvictionEngine:
         device = torch.device(device) if device is not None else self.adapter.device
         self.device = device
         self.batch_size = batch_size
-        self._scratch = None
+        self.scratch.release()
         self.cache = self.adapter.make_cache()
         self.clock = 0
         self.n_seen = torch.zeros(batch_size, dtype=torch.int64, device=device)
@@ -499,7 +499,7 @@ class EvictionEngine:
         # CPU without autograd: scores, probabilities (softmax in place) and the output tile in the scratch buffer
         in_place = query.device.type == "cpu" and not (query.requires_grad or key.requires_grad or value.requires_grad)
         n_scores, n_out = b * hq * tile * s, (b * hq * tile * d if value.dtype == torch.float32 else 0)
-        scratch = self._scratch_buffer(n_scores + n_out, query.device) if in_place else None
+        scratch = self.scratch.get(n_scores + n_out, torch.float32, query.device) if in_place else None
         # a policy that needs only column sums (H2O) gets them once per chunk: no per-query rows are built
         sums = torch.zeros(b, h, s, device=query.device) if self.policy.observes_sums else None
         for t0 in range(0, q, tile):
@@ -553,17 +553,6 @@ class EvictionEngine:
         if sums is not None:
             self.policy.observe_sums(st, sums.div_(g))
         return out.view(b, hq, q, d).transpose(1, 2).contiguous()
-
-    def _scratch_buffer(self, numel: int, device: torch.device) -> Tensor:
-        """The engine's flat float32 scratch buffer, at least ``numel`` long (grown by half at least, so that a cache
-        growing one token per decoded step does not reallocate it every step; never shrunk until reset)."""
-        buf = self._scratch
-        if buf is None or buf.device != device:
-            buf = self._scratch = torch.empty(numel, dtype=torch.float32, device=device)
-        elif buf.numel() < numel:
-            self._scratch = None  # release before allocating the larger one
-            buf = self._scratch = torch.empty(max(numel, buf.numel() * 3 // 2), dtype=torch.float32, device=device)
-        return buf
 
     def _append(self, st: LayerState, q: int, s: int) -> None:
         chunk = self._chunk
@@ -656,7 +645,7 @@ class EvictionEngine:
         if self._attached:
             self.adapter.uninstall(self)
             self._attached = False
-        self._scratch = None
+        self.scratch.release()
 
     @property
     def attached(self) -> bool:

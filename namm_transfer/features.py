@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .scratch import Scratch
+
 __all__ = ["SpectrogramStream"]
 
 
@@ -50,17 +52,9 @@ class SpectrogramStream:
         self.frame_decay = gamma**hop
         self.n_bins = n_fft // 2 + 1
         self._dft: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        # CPU: the time-major rows, the transform and its magnitudes go into one flat buffer reused by every call
-        # (layers and tiles in turn); fresh multi-MiB tensors per call made page faults most of the work
-        self._scratch: Tensor | None = None
-
-    def _scratch_buffer(self, numel: int, like: Tensor) -> Tensor:
-        buf = self._scratch
-        if buf is None or buf.device != like.device or buf.dtype != like.dtype or buf.numel() < numel:
-            grown = numel if buf is None else max(numel, buf.numel() * 3 // 2)
-            self._scratch = None  # release before allocating the larger one
-            buf = self._scratch = torch.empty(grown, dtype=like.dtype, device=like.device)
-        return buf
+        # CPU: the time-major rows, the transform and its magnitudes go into one buffer reused by every call
+        # (layers and tiles in turn)
+        self.scratch = Scratch()
 
     def dft_matrix(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         """(2 * n_bins, n_fft): rows ``k`` give the real part, rows ``n_bins + k`` the imaginary part of bin ``k``
@@ -117,7 +111,7 @@ class SpectrogramStream:
             mag = torch.hypot(spec[..., :nb, :], spec[..., nb:, :])  # (B, H, F, bins, S) magnitudes
         else:
             n_buf, n_spec = b * h * t * s, b * h * n_frames * 2 * nb * s
-            scratch = self._scratch_buffer(n_buf + n_spec + n_spec // 2, rows)
+            scratch = self.scratch.get(n_buf + n_spec + n_spec // 2, rows.dtype, rows.device)
             buf = torch.cat(parts, dim=-2, out=scratch[:n_buf].view(b, h, t, s))
             dft = self.dft_matrix(buf.device, buf.dtype).expand(n_frames, 2 * nb, self.n_fft)
             spec = scratch[n_buf : n_buf + n_spec].view(b * h, n_frames, 2 * nb, s)

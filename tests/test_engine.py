@@ -233,7 +233,7 @@ class KeepsRows(ScriptedWithRows):
 
     def observe(self, state: LayerState, rows: torch.Tensor) -> None:
         super().observe(state, rows)
-        scratch = self.engine._scratch
+        scratch = self.engine.scratch.buffer
         if scratch is not None:  # not a view of the engine's scratch buffer
             assert rows.untyped_storage().data_ptr() != scratch.untyped_storage().data_ptr()
             self.shared_checked += 1
@@ -254,20 +254,20 @@ def test_scratch_buffer_is_reused_and_rows_handed_over_stay_intact():
         policy.engine = engine
         buffers = set()
         calls = []
-        original = engine._scratch_buffer
+        original = engine.scratch.get
 
-        def recording(numel, device):
-            buf = original(numel, device)
+        def recording(numel, dtype, device):
+            buf = original(numel, dtype, device)
             buffers.add(buf.data_ptr())
             calls.append(numel)
             return buf
 
-        engine._scratch_buffer = recording
+        engine.scratch.get = recording
         mem.prefill(ids, mask, logits_to_keep=1)
         for _ in range(8):
             mem.step(ids[:, :1])
-        assert engine._scratch is not None
-    assert engine._scratch is None  # released on detach
+        assert engine.scratch.buffer is not None
+    assert engine.scratch.buffer is None  # released on detach
     assert len(calls) >= 10 * len(engine.states) and len(buffers) <= 4
     assert len(policy.kept) >= len(calls) and policy.shared_checked >= len(calls)
     for rows, copy in policy.kept:  # nothing a later tile wrote reached the rows kept
