@@ -223,6 +223,32 @@ def test_h2o_column_sums_equal_its_rows(tile_bytes):
     torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
 
 
+def test_a_subclass_that_overrides_observe_alone_gets_rows():
+    """A subclass of H2O that overrides observe (to read rows) but not observe_sums is handed rows, not sums;
+    it keeps what H2O keeps."""
+    from namm_transfer.policies.baselines import H2O
+
+    class RowReader(H2O):
+        def observe(self, state, rows):
+            self.shapes = getattr(self, "shapes", set()) | {rows.ndim}
+            super().observe(state, rows)
+
+    class ExplicitSums(RowReader):
+        observes_sums = True
+
+    assert H2O.observes_sums and not RowReader.observes_sums and ExplicitSums.observes_sums
+    model = tiny_decoder("llama")
+    ids, mask = _batch(2, 64, pad=(0, 5), seed=7)
+    kept = []
+    for policy in (H2O(budget=0.5), RowReader(budget=0.5)):
+        with attach(model, policy, update_interval=32, chunk_size=32) as mem:
+            mem.prefill(ids, mask)
+            kept.append([st.position.clone() for st in mem.engine.states.values()])
+    assert policy.shapes == {4}  # (B, H, Q, S) rows, every call
+    for a, b in zip(*kept, strict=True):
+        assert torch.equal(a, b)
+
+
 class KeepsRows(ScriptedWithRows):
     """Keeps the very row tensors it is handed (no copy), and a copy of each to compare with later."""
 

@@ -212,7 +212,8 @@ class MemoryPolicy:
       only ever (chunk x cache), never (T x T).
     * ``observes_sums``: with ``needs_attention``, the policy needs only the attention each slot received
       summed over the chunk's queries (H2O's accumulated attention): the engine calls :meth:`observe_sums`
-      once per chunk instead of :meth:`observe`, and never builds the per-query rows.
+      once per chunk instead of :meth:`observe`, and never builds the per-query rows. A subclass that
+      overrides :meth:`observe` but not :meth:`observe_sums` (nor sets ``observes_sums`` itself) gets rows.
     * ``needs_keys``: :meth:`select` reads ``state.keys``.
     """
 
@@ -220,6 +221,12 @@ class MemoryPolicy:
     needs_attention: ClassVar[bool] = False
     observes_sums: ClassVar[bool] = False
     needs_keys: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        if "observe" in own and "observe_sums" not in own and "observes_sums" not in own:
+            cls.observes_sums = False  # it reads rows: an inherited column-sum shortcut would bypass its observe
 
     def __init__(self, budget: Budget | str | float | int | None = None) -> None:
         self.budget = parse_budget(budget)
