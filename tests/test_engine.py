@@ -816,3 +816,21 @@ def test_a_subclass_that_overrides_select_alone_is_asked_per_layer():
     with attach(model, Logged(budget=0.5), update_interval=16, chunk_size=16) as mem:
         mem.prefill(ids, mask)
     assert calls == [0, 1, 2, 0, 1, 2]
+
+    # a NAMM subclass whose select calls the NAMM's own: asked per layer, keeps what the NAMM keeps
+    namm_calls = []
+
+    class LoggedNAMM(NAMMPolicy):
+        def select(self, state):
+            namm_calls.append(state.layer)
+            return super().select(state)
+
+    kept = []
+    for cls in (NAMMPolicy, LoggedNAMM):
+        policy = cls(_namm(torch.randn(4172, generator=torch.Generator().manual_seed(3)) * 0.1), budget=0.5)
+        with attach(model, policy, update_interval=16, chunk_size=16) as mem:
+            mem.prefill(ids, mask)
+            kept.append([st.position.clone() for st in mem.engine.states.values()])
+    assert namm_calls == [0, 1, 2, 0, 1, 2]
+    for a, b in zip(*kept, strict=True):
+        assert torch.equal(a, b)

@@ -215,6 +215,8 @@ class MemoryPolicy:
       once per chunk instead of :meth:`observe`, and never builds the per-query rows. A subclass that
       overrides :meth:`observe` but not :meth:`observe_sums` (nor sets ``observes_sums`` itself) gets rows.
     * ``needs_keys``: :meth:`select` reads ``state.keys``.
+
+    A subclass that overrides :meth:`select` but not :meth:`select_layers` is asked layer by layer.
     """
 
     name: ClassVar[str] = "base"
@@ -227,6 +229,8 @@ class MemoryPolicy:
         own = vars(cls)
         if "observe" in own and "observe_sums" not in own and "observes_sums" not in own:
             cls.observes_sums = False  # it reads rows: an inherited column-sum shortcut would bypass its observe
+        if "select" in own and "select_layers" not in own:
+            cls.select_layers = MemoryPolicy.select_layers  # type: ignore[method-assign]  # it decides per layer
 
     def __init__(self, budget: Budget | str | float | int | None = None) -> None:
         self.budget = parse_budget(budget)

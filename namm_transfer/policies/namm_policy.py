@@ -84,14 +84,15 @@ class NAMMPolicy(MemoryPolicy):
         state.meta["namm_clock"] += q
 
     def select(self, state: LayerState) -> Tensor:
-        return self.select_layers([state])[0]
+        return self._decide([state])[0]
 
     def select_layers(self, states: list[LayerState]) -> list[Tensor]:
         """Score every layer of the update in as few calls of the network as the shapes and
         :attr:`batch_bytes` allow (consecutive layers of one shape go together), then keep by threshold
         (or budget). A subclass that overrides :meth:`select` alone is asked layer by layer."""
-        if type(self).select is not NAMMPolicy.select:
-            return [self.select(st) for st in states]
+        return self._decide(states)
+
+    def _decide(self, states: list[LayerState]) -> list[Tensor]:
         if self.collect_statistics:
             return [self._collect(st) for st in states]
         if not bool(self.namm.normalization_ready):
