@@ -37,11 +37,13 @@ the same shape, prefill only, at a fixed chunk size over growing prompt lengths:
 * measured: peak of a NAMM that keeps every token (``collect_statistics=True``: same cache as the
   full policy) minus the peak of ``engine-full``;
 * accounted: the largest sum, over the run, of the bytes of every policy per-token tensor
-  (``engine.states[layer].tokens``, all layers) plus the attention-row tensors of one query tile of
-  one layer: the float32 scores the engine materializes (B x query heads x tile x cache x 4 bytes,
-  turned into probabilities in place on CPU, a second copy elsewhere) and the head-averaged rows
-  handed to the policy (B x KV heads x tile x cache x 4 bytes). The engine sizes its tiles to about
-  ``EvictionEngine.tile_bytes`` (8 MiB on CPU) of scores, so at long contexts a tile is smaller than the chunk.
+  (``engine.states[layer].tokens``, all layers) plus the attention-row tensors of one call of the
+  policy's ``observe`` for one layer: the float32 scores of one query tile (on CPU the engine's scratch
+  buffer, which also holds the tile's output, probabilities in place; elsewhere B x query heads x tile x
+  cache x 4 bytes, twice) and the head-averaged rows handed to the policy (B x KV heads x queries x cache x 4
+  bytes). The engine sizes its tiles to about ``EvictionEngine.tile_bytes`` (8 MiB on CPU) of scores, so at
+  long contexts a tile is smaller than the chunk, and gathers the rows of consecutive tiles into one call up to
+  ``EvictionEngine.rows_bytes`` (32 MiB on CPU).
 
 Timing noise: configurations run interleaved at each length (order reversed on every other round)
 and the fastest of ``--repeats`` rounds is kept; the load average is recorded before and after.
@@ -271,19 +273,23 @@ class FeatureProbe:
         self.n_q_heads = n_q_heads
         self.state_peak = 0
         self.rows_peak = 0
-        self.tile = 0  # the most queries in one call of the policy's observe
+        self.tile = 0  # the most queries in one query tile of the explicit attention
         policy = engine.policy
         inner = policy.observe
 
         def observe(state: Any, rows: torch.Tensor) -> None:
-            # the engine hands rows over per query tile: that tile's float32 scores (softmax in place on CPU, a
-            # second copy for the probabilities elsewhere) plus the head-averaged rows themselves
+            # the engine hands rows over for several query tiles at once (EvictionEngine.rows_bytes); one tile's
+            # float32 scores exist at a time: in the engine's scratch buffer on CPU (softmax in place), as scores
+            # and probabilities elsewhere
             b, _, q, s = rows.shape
-            copies = 1 if rows.device.type == "cpu" else 2
-            self.tile = max(self.tile, q)
-            self.rows_peak = max(
-                self.rows_peak, copies * b * self.n_q_heads * q * s * 4 + rows.numel() * rows.element_size()
-            )
+            tile = engine.query_tile(b, self.n_q_heads, q, s, rows.device)
+            self.tile = max(self.tile, tile)
+            if rows.device.type == "cpu":
+                scratch = engine.scratch.buffer
+                scores = 0 if scratch is None else scratch.numel() * scratch.element_size()
+            else:
+                scores = 2 * b * self.n_q_heads * tile * s * 4
+            self.rows_peak = max(self.rows_peak, scores + rows.numel() * rows.element_size())
             inner(state, rows)
             self._state()
 
@@ -631,7 +637,7 @@ def render_section(result: dict[str, Any]) -> str:
             "vs the full cache, so both hold the same cache):",
             "",
             "| T | chunk | largest query tile | full-cache peak MiB | NAMM peak MiB | measured extra MiB | "
-            "accounted: per-token state MiB | accounted: attention rows of one tile MiB | "
+            "accounted: per-token state MiB | accounted: attention rows of one observe call MiB | "
             "T x T float32 map per layer MiB |",
             "|---|---|---|---|---|---|---|---|---|",
         ]

@@ -24,7 +24,10 @@ the spec, ``sum_f (1 - g) g^(F-1-f) S_f + g^F old`` with ``g = gamma ** hop``, i
 The transform is a matmul with the windowed one-sided DFT matrix, run on the rows in the engine's own
 time-major layout (query row x token): on CPU this is faster than ``torch.fft.rfft`` over the token-major
 frames (fewer, larger BLAS calls and no copy of the chunk into the token-major buffer), and it is the same
-transform (the exactness tests compare it with a float64 ``rfft`` of the formula).
+transform (the exactness tests compare it with a float64 ``rfft`` of the formula). On the CPU it runs per
+(sequence, head) and block of tokens, so that the block's transform, magnitudes and sum over frames stay in
+the cache; for a block whose tokens all predate the update's first frame the sum over frames is one product
+with the frame weights.
 """
 
 from __future__ import annotations
@@ -76,6 +79,48 @@ class SpectrogramStream:
     def empty_rows(self, batch: int, heads: int, tokens: int, device: torch.device) -> Tensor:
         return torch.zeros(batch, heads, tokens, self.overlap, device=device)
 
+    block_floats = 1 << 19
+    """CPU: the size of one block's transform (frames x 2 n_bins x tokens floats, 2 MiB). A block's transform and
+    magnitudes stay in the cache between the product, the magnitude and the sum over frames; larger blocks save
+    calls (measured on a 2-core EPYC: 4,096 tokens x 28 frames per head, 24 ms -> 17 ms per call)."""
+
+    def _fold_in_blocks(self, parts: list[Tensor], first: Tensor, wv: Tensor, n_frames: int) -> tuple[Tensor, Tensor]:
+        """CPU path of :meth:`advance`: the time-major buffer (B, H, T, S) and the weighted sum over frames of the
+        magnitudes (B, H, bins, S), one (sequence, head) row and one block of tokens at a time. For a block where
+        every frame qualifies for every token (all but the newest tokens) the sum over frames is one product with
+        the weights; elsewhere the weights are masked per token."""
+        b, h, t, s = parts[0].shape[0], parts[0].shape[1], sum(p.shape[-2] for p in parts), parts[0].shape[-1]
+        nb = self.n_bins
+        blk = min(s, max(16, self.block_floats // (n_frames * 2 * nb)))
+        n_buf, n_spec = b * h * t * s, n_frames * 2 * nb * blk
+        scratch = self.scratch.get(n_buf + n_spec + n_spec // 2, parts[0].dtype, parts[0].device)
+        buf = torch.cat(parts, dim=-2, out=scratch[:n_buf].view(b, h, t, s))
+        dft = self.dft_matrix(buf.device, buf.dtype).expand(n_frames, 2 * nb, self.n_fft)
+        folded = torch.empty(b * h, nb, s, dtype=buf.dtype, device=buf.device)
+        first = first.reshape(b * h, s)
+        n_blocks = -(-s // blk)
+        # one host read: which (row, block) has a token for which some frame does not qualify
+        partial = torch.zeros(b * h, n_blocks * blk, dtype=torch.bool, device=buf.device)
+        partial[:, :s] = first > 0
+        partial_blocks = partial.view(b * h, n_blocks, blk).any(-1).tolist()
+        frame_idx = torch.arange(n_frames, device=buf.device).view(-1, 1)
+        for i, x in enumerate(buf.view(b * h, t, s)):
+            frames = x.unfold(0, self.n_fft, self.hop)[:n_frames]  # (F, S, n_fft), a strided view
+            for j, c0 in enumerate(range(0, s, blk)):
+                c1 = min(s, c0 + blk)
+                k = c1 - c0
+                spec = scratch[n_buf : n_buf + n_frames * 2 * nb * k].view(n_frames, 2 * nb, k)
+                torch.bmm(dft, frames[:, c0:c1].transpose(-1, -2), out=spec)
+                mag = scratch[n_buf + n_spec : n_buf + n_spec + n_frames * nb * k].view(n_frames, nb, k)
+                re, im = spec[:, :nb], spec[:, nb:]
+                torch.mul(re, re, out=mag).addcmul_(im, im).sqrt_()  # magnitudes (no overflow: |bin| <= 32)
+                if partial_blocks[i][j]:
+                    w = wv.view(-1, 1) * (frame_idx >= first[i, c0:c1]).to(wv.dtype)  # (F, k)
+                    folded[i, :, c0:c1] = mag.mul_(w.unsqueeze(1)).sum(0)
+                else:
+                    folded[i, :, c0:c1] = torch.matmul(wv.view(1, -1), mag.view(n_frames, nb * k)).view(nb, k)
+        return buf, folded.view(b, h, nb, s)
+
     @torch.no_grad()
     def advance(
         self, rows: Tensor, ema: Tensor, arrival: Tensor, new_rows: Tensor, start: int, clock: int
@@ -103,35 +148,26 @@ class SpectrogramStream:
         nb = self.n_bins
         one = self.one_product if self.one_product is not None else rows.device.type != "cpu"
         parts = [rows.transpose(-1, -2), new_rows.transpose(-1, -2).to(rows.dtype)]
+        # frames that qualify for a token are a suffix: the first is ceil((arrival - start) / hop), clamped
+        first = torch.div(arrival - start + self.hop - 1, self.hop, rounding_mode="floor").clamp_(0, n_frames)
+        g = self.frame_decay
+        # weight of frame f: (1 - g) g^(F-1-f) if it qualifies
+        expo = torch.arange(n_frames - 1, -1, -1, device=rows.device, dtype=torch.float64)
+        wv = ((1.0 - g) * torch.pow(torch.tensor(g, dtype=torch.float64), expo)).to(rows.dtype)  # (F,)
         if one:
             buf = torch.cat(parts, dim=-2)
             frames = buf.view(b * h, t, s).unfold(1, self.n_fft, self.hop)[:, :n_frames]  # (B*H, F, S, n_fft)
             spec = torch.matmul(self.dft_matrix(buf.device, buf.dtype), frames.transpose(-1, -2))
             spec = spec.view(b, h, n_frames, 2 * nb, s)
             mag = torch.hypot(spec[..., :nb, :], spec[..., nb:, :])  # (B, H, F, bins, S) magnitudes
+            del spec
+            qualifies = torch.arange(n_frames, device=buf.device).view(1, 1, -1, 1) >= first.unsqueeze(-2)
+            w = wv.view(1, 1, -1, 1) * qualifies.to(buf.dtype)  # (B, H, F, S)
+            folded = mag.mul_(w.unsqueeze(-2)).sum(2)  # (B, H, bins, S)
         else:
-            n_buf, n_spec = b * h * t * s, b * h * n_frames * 2 * nb * s
-            scratch = self.scratch.get(n_buf + n_spec + n_spec // 2, rows.dtype, rows.device)
-            buf = torch.cat(parts, dim=-2, out=scratch[:n_buf].view(b, h, t, s))
-            dft = self.dft_matrix(buf.device, buf.dtype).expand(n_frames, 2 * nb, self.n_fft)
-            spec = scratch[n_buf : n_buf + n_spec].view(b * h, n_frames, 2 * nb, s)
-            for i, x in enumerate(buf.view(b * h, t, s)):
-                # the overlapping frames as a strided view (F, n_fft, S): one batched GEMM per (sequence, head)
-                torch.bmm(dft, x.unfold(0, self.n_fft, self.hop)[:n_frames].transpose(-1, -2), out=spec[i])
-            spec = spec.view(b, h, n_frames, 2 * nb, s)
-            mag = scratch[n_buf + n_spec : n_buf + n_spec + n_spec // 2].view(b, h, n_frames, nb, s)
-            torch.hypot(spec[..., :nb, :], spec[..., nb:, :], out=mag)
-        del spec
-        frame_start = start + self.hop * torch.arange(n_frames, device=buf.device)  # (F,)
-        qualifies = frame_start.view(1, 1, -1, 1) >= arrival.unsqueeze(-2)  # (B, H, F, S)
-        g = self.frame_decay
-        # weight of frame f: (1 - g) g^(F-1-f) if it qualifies; qualifying frames are a suffix.
-        expo = torch.arange(n_frames - 1, -1, -1, device=buf.device, dtype=torch.float64)
-        w = ((1.0 - g) * torch.pow(torch.tensor(g, dtype=torch.float64), expo)).to(buf.dtype)
-        w = w.view(1, 1, -1, 1) * qualifies.to(buf.dtype)  # (B, H, F, S)
-        n_q = qualifies.sum(-2)  # (B, H, S)
+            buf, folded = self._fold_in_blocks(parts, first, wv, n_frames)
+        n_q = n_frames - first  # (B, H, S) qualifying frames
         decay = torch.pow(torch.tensor(g, dtype=torch.float64, device=buf.device), n_q.to(torch.float64))
-        folded = mag.mul_(w.unsqueeze(-2)).sum(2)  # (B, H, bins, S)
         ema = decay.to(ema.dtype).unsqueeze(-1) * ema + folded.transpose(-1, -2).to(ema.dtype)
         new_start = start + self.hop * n_frames
         return buf[..., new_start - start :, :].transpose(-1, -2).contiguous(), ema, new_start

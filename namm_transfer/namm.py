@@ -214,22 +214,32 @@ class NAMM(nn.Module):
             theta = theta.unsqueeze(0)
         # the module may stay on the CPU while the host runs on a GPU: the parameters follow the inputs
         p = self.unflatten(theta.to(device=x.device, dtype=x.dtype))  # each (N or 1, *shape)
-        h = self.config.head_dim
-        qkv = torch.matmul(x, p["W_qkv"]) + p["b_qkv"].unsqueeze(-2)  # (N, S, 3h)
-        q, k, v = qkv.split(h, dim=-1)
-        # Backward mask (token i sees j >= i) == causal attention on the reversed sequence.
+        h, d = self.config.head_dim, self.config.d_in
+        n, s, _ = x.shape
+        shared = theta.shape[0] == 1  # one vector for every row: 2-D products with the bias fused in
+
+        def linear(inp: Tensor, w: str, bias: str) -> Tensor:  # (N, S, i) -> (N, S, o)
+            if shared:
+                out = torch.addmm(p[bias][0], inp.reshape(n * s, -1), p[w][0])
+                return out.view(n, s, -1)
+            return torch.baddbmm(p[bias].unsqueeze(-2), inp, p[w])
+
+        # Backward mask (token i sees j >= i) == causal attention on the reversed sequence. Everything else is
+        # per token, so the whole scorer runs on the reversed tokens and only the scores are flipped back.
         # Invalid slots are a prefix, so after the flip they are a suffix no live token sees.
-        attn = F.scaled_dot_product_attention(
-            q.flip(-2).unsqueeze(1), k.flip(-2).unsqueeze(1), v.flip(-2).unsqueeze(1), is_causal=True
-        )
-        attn = attn.squeeze(1).flip(-2)  # (N, S, h)
-        rm = torch.matmul(attn, p["W_o"]) + p["b_o"].unsqueeze(-2)  # (N, S, 2 d_in)
-        r, m = rm.split(self.config.d_in, dim=-1)
-        hidden = x * (1.0 + m) + r
-        s = (hidden * p["w_out"].unsqueeze(-2)).sum(-1) + p["b_out"]  # (N, S)
+        xr = x.flip(-2)
+        q, k, v = linear(xr, "W_qkv", "b_qkv").unsqueeze(1).split(h, dim=-1)  # each (N, 1, S, h)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1)  # (N, S, h)
+        r, m = linear(attn, "W_o", "b_o").split(d, dim=-1)
+        hidden = torch.addcmul(r + xr, xr, m)  # x * (1 + m) + r
+        if shared:
+            sr = torch.matmul(hidden, p["w_out"][0]) + p["b_out"][0]  # (N, S)
+        else:
+            sr = torch.baddbmm(p["b_out"].unsqueeze(-1), hidden, p["w_out"].unsqueeze(-1)).squeeze(-1)
+        scores = sr.flip(-1)
         if valid is not None:
-            s = s.masked_fill(~valid, float("-inf"))
-        return s
+            scores = scores.masked_fill(~valid, float("-inf"))
+        return scores
 
     def extra_repr(self) -> str:
         return f"params={self.n_params}, config={self.config}"

@@ -300,6 +300,63 @@ def test_scratch_buffer_is_reused_and_rows_handed_over_stay_intact():
         assert torch.equal(rows, copy)
 
 
+class RecordsRows(Scripted):
+    """The scripted evictions, recording every call of observe: (layer, rows)."""
+
+    name = "records-rows"
+    needs_attention = True
+
+    def init_layer(self, state: LayerState) -> None:
+        self.calls: list[tuple[int, torch.Tensor]] = []
+
+    def observe(self, state: LayerState, rows: torch.Tensor) -> None:
+        if not hasattr(self, "calls"):
+            self.calls = []
+        self.calls.append((state.layer, rows.clone()))
+
+
+def test_rows_of_consecutive_tiles_are_handed_over_together():
+    """``rows_bytes`` gathers the rows of consecutive query tiles into one call of observe (whole tiles, queries in
+    order, never past the chunk): per layer and chunk, the rows concatenated over calls are the same whether each
+    16-query tile is its own call, two tiles go together, or the whole chunk does, with padding and evictions.
+    (The first chunk, where left padding leaves queries that see nothing, takes the general path: one call.)"""
+    model = tiny_decoder("llama")
+    b, kv = 2, model.config.num_key_value_heads
+    ids, mask = _batch(b, 96, pad=(0, 5), seed=4)
+    evict = {0: {1, 5, 30}, 1: {2, 40}}
+    seen = {}
+    for name, rows_bytes in (("tile", 1), ("two-tiles", 4 * b * kv * 96 * 32), ("chunk", 1 << 30)):
+        policy = RecordsRows(evict)
+        with attach(model, policy, update_interval=48, chunk_size=48) as mem:
+            mem.engine.tile_bytes = 1  # 16-query tiles
+            mem.engine.rows_bytes = rows_bytes  # two-tiles: 32 queries of the second chunk's ~96 slots, not 48
+            mem.prefill(ids, mask)
+            for _ in range(3):
+                mem.step(ids[:, :1])
+        layer = policy.calls[0][0]
+        seen[name] = [r for lay, r in policy.calls if lay == layer]
+    sizes = {name: [r.shape[2] for r in calls] for name, calls in seen.items()}
+    assert sizes == {
+        "tile": [48, 16, 16, 16, 1, 1, 1],
+        "two-tiles": [48, 32, 16, 1, 1, 1],
+        "chunk": [48, 48, 1, 1, 1],
+    }
+
+    def by_slots(calls):  # the calls of one chunk see the same slots
+        out = {}
+        for r in calls:
+            out.setdefault(r.shape[-1], []).append(r)
+        return {k: torch.cat(v, 2) for k, v in out.items()}
+
+    reference = by_slots(seen["tile"])
+    assert any(r[..., 0, :].sum() > 0 for r in reference.values())
+    for name in ("two-tiles", "chunk"):
+        got = by_slots(seen[name])
+        assert got.keys() == reference.keys()
+        for k in got:
+            assert torch.equal(got[k], reference[k])
+
+
 def test_explicit_attention_in_bfloat16_agrees_with_the_fused_path():
     """A bfloat16 model (value tensors not float32: the output tile is not written into the float32 scratch) gets
     the same logits through the explicit path as through SDPA, up to bfloat16 rounding."""
@@ -834,3 +891,16 @@ def test_a_subclass_that_overrides_select_alone_is_asked_per_layer():
     assert namm_calls == [0, 1, 2, 0, 1, 2]
     for a, b in zip(*kept, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("g", [1, 2, 3, 4])
+def test_mean_of_query_heads_into_a_strided_slice(g):
+    """The rows' average over the query heads sharing a KV head, written into part of a larger rows tensor (what
+    the explicit attention does per tile), equals ``mean``; the slots beside it are left alone."""
+    from namm_transfer.engine import _mean_of_heads
+
+    probs = torch.rand(2, 3, g, 5, 7, generator=torch.Generator().manual_seed(g))
+    rows = torch.full((2, 3, 9, 10), -1.0)
+    _mean_of_heads(probs, rows[:, :, 2:7, :7])
+    torch.testing.assert_close(rows[:, :, 2:7, :7], probs.mean(2), atol=1e-7, rtol=1e-6)
+    assert (rows[:, :, :2] == -1).all() and (rows[:, :, 7:] == -1).all() and (rows[..., 7:] == -1).all()

@@ -38,9 +38,14 @@ def direct_ema(cols: torch.Tensor, arrival: torch.Tensor, interval: int, gamma: 
     return out
 
 
-@pytest.mark.parametrize("one_product", [False, True], ids=["per-row", "one-product"])
+@pytest.mark.parametrize(
+    "one_product, block_floats", [(False, None), (False, 1), (True, None)], ids=["per-row", "blocks", "one-product"]
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_stream_equals_direct_formula(seed, one_product):
+def test_stream_equals_direct_formula(seed, one_product, block_floats):
+    """``blocks``: the CPU path in blocks of 16 tokens (40 tokens: 16, 16, 8), so that some blocks have only
+    tokens for which every frame counts (one product with the frame weights) and others have new tokens (the
+    weights masked per token), changing from update to update."""
     torch.manual_seed(seed)
     interval, n_updates, k = 64, 4, 40
     t_total = interval * n_updates
@@ -50,6 +55,8 @@ def test_stream_equals_direct_formula(seed, one_product):
     for tok in range(k):
         cols[: arrival[tok], tok] = 0.0
     stream = SpectrogramStream(32, 16, 0.99, one_product=one_product)
+    if block_floats is not None:
+        stream.block_floats = block_floats
     rows = stream.empty_rows(1, 1, k, torch.device("cpu"))
     ema = torch.zeros(1, 1, k, 17)
     start, clock = stream.initial_start(), 0
