@@ -43,7 +43,7 @@ the same shape, prefill only, at a fixed chunk size over growing prompt lengths:
   cache x 4 bytes, twice) and the head-averaged rows handed to the policy (B x KV heads x queries x cache x 4
   bytes). The engine sizes its tiles to about ``EvictionEngine.tile_bytes`` (8 MiB on CPU) of scores, so at
   long contexts a tile is smaller than the chunk, and gathers the rows of consecutive tiles into one call up to
-  ``EvictionEngine.rows_bytes`` (32 MiB on CPU).
+  ``EvictionEngine.rows_bytes`` (16 MiB on CPU).
 
 Timing noise: configurations run interleaved at each length (order reversed on every other round)
 and the fastest of ``--repeats`` rounds is kept; the load average is recorded before and after.

@@ -246,8 +246,9 @@ class MemoryPolicy:
     def observe(self, state: LayerState, rows: Tensor) -> None:
         """Fold attention rows (B, H, Q, S) of Q consecutive queries of the chunk (S includes the whole chunk).
 
-        The engine may split a chunk into several calls (query tiles, in order); ``rows`` may be reused after
-        the call returns, so keep a copy of what is needed later.
+        The engine may split a chunk into several calls (whole query tiles, in order, up to
+        ``EvictionEngine.rows_bytes`` per call); ``rows`` may be reused after the call returns, so keep a copy of
+        what is needed later.
         """
 
     def observe_sums(self, state: LayerState, sums: Tensor) -> None:
