@@ -35,8 +35,6 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_speed as es  # noqa: E402
 
-SCORER_LINEAR = 25 * 96 + 32 * 50 + 25  # multiply-adds per token of the scorer's linear maps
-
 
 class FlopCounter:
     """Wraps a NAMMPolicy's ``observe`` and ``select_layers``: counts their arithmetic from the shapes."""
@@ -46,6 +44,9 @@ class FlopCounter:
         self.scorer_attention = 0.0
         self.scorer_linear = 0.0
         stream = policy.stream
+        cfg = policy.namm.config
+        # multiply-adds per token of the scorer's linear maps (25 x 96 + 32 x 50 + 25 with the defaults)
+        linear = cfg.d_in * 3 * cfg.head_dim + cfg.head_dim * 2 * cfg.d_in + cfg.d_in
         observe, select_layers = policy.observe, policy.select_layers
 
         def counted_observe(state: Any, rows: torch.Tensor) -> None:
@@ -59,8 +60,8 @@ class FlopCounter:
         def counted_select(states: list[Any]) -> list[torch.Tensor]:
             for st in states:
                 b, h, s = st.shape
-                self.scorer_attention += 4.0 * 32 * b * h * s * (s + 1) / 2
-                self.scorer_linear += 2.0 * SCORER_LINEAR * b * h * s
+                self.scorer_attention += 4.0 * cfg.head_dim * b * h * s * (s + 1) / 2
+                self.scorer_linear += 2.0 * linear * b * h * s
             return select_layers(states)
 
         policy.observe, policy.select_layers = counted_observe, counted_select
