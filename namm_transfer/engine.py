@@ -509,7 +509,11 @@ class EvictionEngine:
         n_scores, n_out = b * hq * tile * s, (b * hq * tile * d if value.dtype == torch.float32 else 0)
         scratch = self.scratch.get(n_scores + n_out, torch.float32, query.device) if in_place else None
         # a policy that needs only column sums (H2O) gets them once per chunk: no per-query rows are built
-        sums = torch.zeros(b, h, s, device=query.device) if self.policy.observes_sums else None
+        want_sums, sums = self.policy.observes_sums, None
+        # one tile for the whole chunk (decoding, short chunks, accelerators): its output is written where the caller
+        # reads it (the tile copy is left out); not under autograd, which refuses products with `out=`
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        direct = tile >= q and not grad
         # otherwise the rows of consecutive tiles go into one tensor (B, H, n, S) handed over when full: `per_call`
         # queries (whole tiles), starting at query `p0`
         rows_budget = self.rows_bytes or (16 if query.device.type == "cpu" else 256) * 1024 * 1024
@@ -532,7 +536,8 @@ class EvictionEngine:
             if dead_old is not None:
                 s5[..., :old].masked_fill_(dead_old, float("-inf"))
             if all_real:
-                s5[..., old + t0 :].masked_fill_(dead_new[:, :, None, t0:t1, t0:t1], float("-inf"))
+                if n > 1:  # a single query sees itself: nothing of its chunk to hide
+                    s5[..., old + t0 :].masked_fill_(dead_new[:, :, None, t0:t1, t0:t1], float("-inf"))
             else:
                 s5[..., old:].masked_fill_(dead_new[:, :, None, t0:t1, :t1], float("-inf"))
             if scratch is not None:
@@ -540,25 +545,34 @@ class EvictionEngine:
             else:
                 probs = torch.softmax(scores, dim=-1)
             v_tile = value[:, :, :w]
-            if scratch is not None and n_out:
+            if direct:
+                torch.matmul(probs.to(value.dtype), v_tile, out=out.view(b, h, g * q, d))
+            elif scratch is not None and n_out:
                 o = scratch[n_scores : n_scores + b * hq * n * d].view(b, h, g * n, d)
                 out[:, :, :, t0:t1] = torch.matmul(probs, v_tile, out=o).view(b, h, g, n, d)
             else:
                 out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), v_tile).view(b, h, g, n, d)
-            if sums is not None:  # sum over the tile's queries and the group's query heads (mean taken below)
+            if want_sums:  # sum over the tile's queries and the group's query heads (mean taken below)
                 if real is None:
-                    sums[..., :w] += probs.view(b, h, g * n, w).sum(2)
+                    tile_sums = probs.view(b, h, g * n, w).sum(2)
                 else:  # padding queries weigh 0
                     weight = real[:, t0:t1].repeat(1, g).view(b, 1, 1, g * n)
-                    sums[..., :w] += torch.matmul(weight, probs).view(b, h, w)
-                del scores, probs, s5
+                    tile_sums = torch.matmul(weight, probs).view(b, h, w)
+                if sums is None and w == s:  # the only tile
+                    sums = tile_sums
+                else:
+                    if sums is None:
+                        sums = torch.zeros(b, h, s, device=query.device)
+                    sums[..., :w] += tile_sums
+                del scores, probs, s5, tile_sums
                 continue
             if rows is None:  # (B, H, n, S), a tensor of its own (the policy may keep it)
                 p0 = t0
                 rows = torch.empty(b, h, min(per_call, q - t0), s, device=query.device)
             with torch.no_grad():  # the policy's rows carry no gradient
                 part = rows[:, :, t0 - p0 : t1 - p0]
-                part[..., w:].zero_()
+                if w < s:
+                    part[..., w:].zero_()
                 _mean_of_heads(probs.view(b, h, g, n, w), part[..., :w])
                 if real is not None:
                     part.mul_(real[:, None, t0:t1, None])

@@ -357,6 +357,28 @@ def test_rows_of_consecutive_tiles_are_handed_over_together():
             assert torch.equal(got[k], reference[k])
 
 
+@pytest.mark.parametrize("tile_bytes", [1, None], ids=["16-query-tiles", "one-tile"])
+def test_explicit_attention_carries_gradients(tile_bytes):
+    """Fed through the engine with autograd on (not the session, which runs without it), a policy that reads
+    attention rows and keeps everything gives the unmodified model's logits and parameter gradients: the explicit
+    attention path leaves its in-place shortcuts (scratch buffers, products written into the output) to autograd-
+    free runs."""
+    model = tiny_decoder("llama")
+    ids, _ = _batch(1, 48, pad=(0,), seed=8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        ref = model(input_ids=ids).logits
+        ref_grads = torch.autograd.grad(ref.square().mean(), params)
+        with attach(model, create_policy("h2o", budget=1.0), update_interval=64, chunk_size=24) as mem:
+            mem.engine.tile_bytes = tile_bytes
+            mem.engine.reset(1)
+            logits = torch.cat([mem.engine.forward_chunk(ids[:, i : i + 24], logits_to_keep=24) for i in (0, 24)], 1)
+            grads = torch.autograd.grad(logits.square().mean(), params)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_explicit_attention_in_bfloat16_agrees_with_the_fused_path():
     """A bfloat16 model (value tensors not float32: the output tile is not written into the float32 scratch) gets
     the same logits through the explicit path as through SDPA, up to bfloat16 rounding."""
