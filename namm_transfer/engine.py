@@ -319,22 +319,29 @@ class EvictionEngine:
                 st.keys = None
         if len(keeps) != len(layers):
             raise ValueError(f"policy {self.policy.name!r} returned {len(keeps)} keep masks for {len(layers)} layers")
-        decided: list[tuple[int, LayerState, Tensor, Tensor, Tensor]] = []
-        for (layer, st, keys, values), keep in zip(layers, keeps, strict=True):
+        for (_, st, _, _), keep in zip(layers, keeps, strict=True):
             if keep.shape != st.valid.shape or keep.dtype != torch.bool:
                 raise ValueError(
                     f"policy {self.policy.name!r} returned a keep mask of shape {tuple(keep.shape)} "
                     f"and dtype {keep.dtype}; expected bool {tuple(st.valid.shape)}"
                 )
-            keep = keep & st.valid
-            keep[..., -1] |= st.valid[..., -1]  # the newest token is always kept
-            decided.append((layer, st, keep, keys, values))
+        if len({keep.shape for keep in keeps}) == 1:  # every layer in one go (a few operations, not a few per layer)
+            valid = torch.stack([st.valid for _, st, _, _ in layers])
+            kept = torch.stack(keeps) & valid
+            kept[..., -1] |= valid[..., -1]  # the newest token is always kept
+            keeps = list(kept.unbind(0))
+            counts_dev = kept.sum(-1)
+        else:
+            keeps = [keep & st.valid for (_, st, _, _), keep in zip(layers, keeps, strict=True)]
+            for (_, st, _, _), keep in zip(layers, keeps, strict=True):
+                keep[..., -1] |= st.valid[..., -1]
+            counts_dev = (
+                torch.stack([keep.sum(-1) for keep in keeps])
+                if keeps
+                else torch.zeros(0, self.batch_size, self.host.n_kv_heads, dtype=torch.int64)
+            )
+        decided = [(lyr, st, keep, k, v) for (lyr, st, k, v), keep in zip(layers, keeps, strict=True)]
         # every layer's kept counts reach the host in one transfer (one synchronization per update)
-        counts_dev = (
-            torch.stack([keep.sum(-1) for _, _, keep, _, _ in decided])
-            if decided
-            else torch.zeros(0, self.batch_size, self.host.n_kv_heads, dtype=torch.int64)
-        )
         counts_host = counts_dev.cpu().numpy()
         counts_step: dict[int, list[list[int]]] = {}
         live_step: dict[int, list[list[int]]] = {}

@@ -96,6 +96,11 @@ class Budget:
         """(B, H) int64 number of tokens to keep (the caller clamps to the live count)."""
         raise NotImplementedError
 
+    def targets(self, states: list[LayerState]) -> Tensor:
+        """(L, B, H): :meth:`target` of each layer of one update (the layers share their shape). A budget whose
+        target does not depend on the layer computes it once."""
+        return stack_layers([self.target(st) for st in states])
+
     def describe(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -115,6 +120,11 @@ class RatioBudget(Budget):
         t = torch.floor(state.n_seen.to(torch.float64) * self.ratio).to(torch.int64).clamp_min(1)
         return t[:, None].expand(state.shape[0], state.shape[1])
 
+    def targets(self, states: list[LayerState]) -> Tensor:
+        if any(st.n_seen is not states[0].n_seen for st in states):  # the engine gives every layer one tensor
+            return super().targets(states)
+        return self.target(states[0]).expand(len(states), *states[0].shape[:2])
+
     def describe(self) -> str:
         return f"ratio:{self.ratio:g}"
 
@@ -132,6 +142,9 @@ class TokenBudget(Budget):
     def target(self, state: LayerState) -> Tensor:
         b, h, _ = state.shape
         return torch.full((b, h), self.tokens, dtype=torch.int64, device=state.valid.device)
+
+    def targets(self, states: list[LayerState]) -> Tensor:
+        return self.target(states[0]).expand(len(states), *states[0].shape[:2])
 
     def describe(self) -> str:
         return f"tokens:{self.tokens}"
@@ -282,18 +295,18 @@ class MemoryPolicy:
         return self.keep_top_layers([state], [score], budget)[0]
 
     def keep_top_layers(
-        self, states: list[LayerState], scores: list[Tensor], budget: Budget | None = None
+        self, states: list[LayerState], scores: list[Tensor] | Tensor, budget: Budget | None = None
     ) -> list[Tensor]:
-        """:meth:`keep_top` for several layers: one batched ranking for all of them when their shapes agree
-        (the budget's targets are still taken layer by layer)."""
+        """:meth:`keep_top` for several layers: one batched ranking for all of them when their shapes agree.
+        ``scores``: one (B, H, S) tensor per layer, or the layers' scores stacked (L, B, H, S)."""
         budget = budget or self.budget
         if budget is None:
             return [st.valid.clone() for st in states]
         if len({tuple(st.valid.shape) for st in states}) > 1:
             return [self.keep_top_layers([st], [sc], budget)[0] for st, sc in zip(states, scores, strict=True)]
         valid = stack_layers([st.valid for st in states])  # (L, B, H, S)
-        target = stack_layers([budget.target(st) for st in states])  # (L, B, H)
-        score = stack_layers(scores).to(torch.float64)
+        target = budget.targets(states)  # (L, B, H)
+        score = (stack_layers(scores) if isinstance(scores, list) else scores).to(torch.float64)
         nan = torch.isnan(score) & valid
         if bool(nan.any()):  # no boolean indexing: one device read, no nonzero
             layer = states[int(nan.flatten(1).any(1).int().argmax())].layer

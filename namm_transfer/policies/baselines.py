@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import Budget, LayerState, MemoryPolicy
+from .base import Budget, LayerState, MemoryPolicy, stack_layers
 
 __all__ = ["FullCache", "StreamingLLM", "H2O", "L2Norm", "RandomEviction"]
 
@@ -94,14 +94,25 @@ class H2O(_Budgeted):
         state.tokens["h2o_acc"] = state.tokens["h2o_acc"] + sums
 
     def score(self, state: LayerState) -> Tensor:
+        return self.scores_layers([state])[0]
+
+    def scores_layers(self, states: list[LayerState]) -> Tensor:
+        """(L, B, H, S) scores of layers of one shape, computed for all of them at once."""
         assert self.budget is not None
-        target = self.budget.target(state).clamp(min=1).clamp(max=state.n_valid())  # (B, H)
+        valid = stack_layers([st.valid for st in states])
+        target = self.budget.targets(states).clamp(min=1).clamp(max=valid.sum(-1))  # (L, B, H)
         n_recent = torch.floor(target.to(torch.float64) * self.recent_fraction).to(torch.int64)
         # rank live slots by recency: the newest live slot has rank 0
-        s = state.shape[2]
-        from_end = torch.arange(s - 1, -1, -1, device=state.valid.device).view(1, 1, -1)
-        recent = state.valid & (from_end < n_recent.unsqueeze(-1))
-        return state.tokens["h2o_acc"].to(torch.float64).masked_fill(recent, float("inf"))
+        s = valid.shape[-1]
+        from_end = torch.arange(s - 1, -1, -1, device=valid.device)
+        recent = valid & (from_end < n_recent.unsqueeze(-1))
+        acc = stack_layers([st.tokens["h2o_acc"] for st in states])
+        return acc.to(torch.float64).masked_fill(recent, float("inf"))
+
+    def select_layers(self, states: list[LayerState]) -> list[Tensor]:
+        if len({st.shape for st in states}) > 1:
+            return super().select_layers(states)
+        return self.keep_top_layers(states, self.scores_layers(states))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "recent_fraction": self.recent_fraction}
