@@ -37,7 +37,8 @@ NO_KERNEL = frozenset(
     for name in (
         "view as_strided slice transpose expand unsqueeze squeeze select t _unsafe_view reshape _reshape_alias "
         "alias detach permute unfold split narrow unbind view_as flatten contiguous to lift_fresh result_type "
-        "resolve_conj resolve_neg empty empty_like empty_strided item _local_scalar_dense is_nonzero"
+        "resolve_conj resolve_neg empty empty_like empty_strided new_empty new_empty_strided item _local_scalar_dense "
+        "is_nonzero"
     ).split()
 )
 """Calls that launch no kernel: views, allocations, metadata (``contiguous`` and ``to`` count through the copy

@@ -507,7 +507,11 @@ class EvictionEngine:
             dead_new = ~(self._causal(q).view(1, 1, q, q) & valid_new.view(b, h, 1, q))  # (B, H, Q, Q)
         # (B, Q): 1 for real queries, 0 for padding; None when every query is real
         real = None if all_real else chunk["valid"].to(torch.float32)
-        qs = (query.float() * scaling).view(b, h, g, q, d)
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        if grad:
+            qs = (query.float() * scaling).view(b, h, g, q, d)
+        else:  # scaled and cast in one pass into a contiguous tensor (a tile's queries are then a view, not a copy)
+            qs = torch.mul(query, scaling, out=query.new_empty(query.shape, dtype=torch.float32)).view(b, h, g, q, d)
         kt = key.float().transpose(-1, -2)
         tile = self.query_tile(b, hq, q, s, query.device)
         out = torch.empty(b, h, g, q, d, dtype=value.dtype, device=query.device)
@@ -519,7 +523,6 @@ class EvictionEngine:
         want_sums, sums = self.policy.observes_sums, None
         # one tile for the whole chunk (decoding, short chunks, accelerators): its output is written where the caller
         # reads it (the tile copy is left out); not under autograd, which refuses products with `out=`
-        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
         direct = tile >= q and not grad
         # otherwise the rows of consecutive tiles go into one tensor (B, H, n, S) handed over when full: `per_call`
         # queries (whole tiles), starting at query `p0`
