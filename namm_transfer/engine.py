@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .policies.base import HostInfo, LayerState, MemoryPolicy
+from .policies.base import HostInfo, LayerState, MemoryPolicy, stack_layers
 from .scratch import Scratch
 
 __all__ = ["EngineConfig", "EvictionEngine", "EvictionStats"]
@@ -345,7 +345,7 @@ class EvictionEngine:
         counts_host = counts_dev.cpu().numpy()
         counts_step: dict[int, list[list[int]]] = {}
         live_step: dict[int, list[list[int]]] = {}
-        for i, (layer, st, keep, keys, values) in enumerate(decided):
+        for i, (layer, st, keep, _, _) in enumerate(decided):
             counts_step[layer] = counts_host[i].tolist()
             live_step[layer] = self._live[layer].tolist()
             if self.config.record_kept:
@@ -354,33 +354,51 @@ class EvictionEngine:
                 self.stats.kept_positions.setdefault(step, {})[layer] = [
                     [pos[bi, hi][km[bi, hi]].numpy() for hi in range(km.shape[1])] for bi in range(km.shape[0])
                 ]
-            self._compact(layer, st, keep, keys, values, counts_dev[i], counts_host[i])
+        self._compact(decided, counts_dev, counts_host)
         self.stats.kept_counts[step] = counts_step
         self.stats.live_counts[step] = live_step
         self.update_step += 1
 
     def _compact(
-        self, layer: int, st: LayerState, keep: Tensor, keys: Tensor, values: Tensor, counts: Tensor, n_kept: np.ndarray
+        self, decided: list[tuple[int, LayerState, Tensor, Tensor, Tensor]], counts: Tensor, n_kept: np.ndarray
     ) -> None:
-        """Keep the slots of ``keep`` (B, H, S); ``counts`` (B, H) is ``keep.sum(-1)``, ``n_kept`` the same on the
-        host."""
-        new_len = int(n_kept.max()) if n_kept.size else 0
-        s = keep.shape[-1]
-        if new_len == s and bool((n_kept == s).all()):
-            return
-        # the kept slots become a right-aligned suffix of each row: rows of a sequence hold the same pattern
-        # exactly when they keep the same number of slots
-        self._live[layer] = n_kept.astype(np.int64)
-        self._alike[layer] = bool((n_kept == n_kept[:, :1]).all())
-        # stable sort puts dropped slots first and kept slots after them, both in arrival order
-        order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[..., s - new_len :]  # (B, H, L)
-        ar = torch.arange(new_len, device=keep.device)
-        st.valid = ar.view(1, 1, -1) >= (new_len - counts).unsqueeze(-1)
-        st.position = torch.gather(st.position, 2, order)
-        st.arrival = torch.gather(st.arrival, 2, order)
-        for name, t in st.tokens.items():
-            st.tokens[name] = _gather_tokens(t, order)
-        self.adapter.set_kv(self.cache, layer, _gather_tokens(keys, order), _gather_tokens(values, order))
+        """Keep the slots of each layer's ``keep`` (B, H, S) in ``decided`` (layer, state, keep, keys, values);
+        ``counts`` (L, B, H) is the keep masks' sums, ``n_kept`` the same on the host.
+
+        The kept slots become a right-aligned suffix of each row (rows of a sequence hold the same pattern exactly
+        when they keep the same number of slots). Layers that keep the same number of slots out of the same number
+        (with a budget: all of them) are compacted together, a few operations for all of them; only their keys and
+        values are gathered layer by layer."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, (layer, st, keep, _, _) in enumerate(decided):
+            new_len = int(n_kept[i].max()) if n_kept[i].size else 0
+            s = keep.shape[-1]
+            if new_len == s and bool((n_kept[i] == s).all()):
+                continue
+            self._live[layer] = n_kept[i].astype(np.int64)
+            self._alike[layer] = bool((n_kept[i] == n_kept[i][:, :1]).all())
+            tokens = tuple((name, t.shape, t.dtype) for name, t in st.tokens.items())
+            groups.setdefault((keep.shape, new_len, tokens), []).append(i)
+        for (shape, new_len, _), idx in groups.items():
+            s = shape[-1]
+            states = [decided[i][1] for i in idx]
+            keep = stack_layers([decided[i][2] for i in idx])  # (L', B, H, S)
+            # a stable sort puts dropped slots first and kept slots after them, both in arrival order
+            order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[..., s - new_len :]  # (L', B, H, N)
+            kept = counts if len(idx) == counts.shape[0] else counts[idx]
+            valid = torch.arange(new_len, device=keep.device) >= (new_len - kept).unsqueeze(-1)
+            position = torch.gather(stack_layers([st.position for st in states]), 3, order)
+            arrival = torch.gather(stack_layers([st.arrival for st in states]), 3, order)
+            tokens = {
+                name: _gather_tokens(stack_layers([st.tokens[name] for st in states]), order)
+                for name in states[0].tokens
+            }
+            for j, i in enumerate(idx):
+                layer, st, _, keys, values = decided[i]
+                st.valid, st.position, st.arrival = valid[j], position[j], arrival[j]
+                for name in st.tokens:
+                    st.tokens[name] = tokens[name][j]
+                self.adapter.set_kv(self.cache, layer, _gather_tokens(keys, order[j]), _gather_tokens(values, order[j]))
 
     def _record_call(self) -> None:
         if not self.states:
@@ -721,6 +739,8 @@ def _mean_of_heads(probs: Tensor, out: Tensor) -> None:
 
 
 def _gather_tokens(t: Tensor, order: Tensor) -> Tensor:
-    """Gather (B, H, S, ...) along S with (B, H, L) indices."""
-    idx = order.view(*order.shape, *([1] * (t.ndim - 3))).expand(*order.shape, *t.shape[3:])
-    return torch.gather(t, 2, idx)
+    """Gather (..., S, ...) along S with (..., L) indices: ``order`` (B, H, L) for (B, H, S, ...) tensors,
+    (L', B, H, L) for layers stacked in front."""
+    k = order.ndim
+    idx = order.view(*order.shape, *([1] * (t.ndim - k))).expand(*order.shape, *t.shape[k:])
+    return torch.gather(t, k - 1, idx)
