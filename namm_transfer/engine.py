@@ -377,8 +377,8 @@ class EvictionEngine:
                 continue
             self._live[layer] = n_kept[i].astype(np.int64)
             self._alike[layer] = bool((n_kept[i] == n_kept[i][:, :1]).all())
-            tokens = tuple((name, t.shape, t.dtype) for name, t in st.tokens.items())
-            groups.setdefault((keep.shape, new_len, tokens), []).append(i)
+            layout = tuple((name, t.shape, t.dtype) for name, t in st.tokens.items())
+            groups.setdefault((keep.shape, new_len, layout), []).append(i)
         for (shape, new_len, _), idx in groups.items():
             s = shape[-1]
             states = [decided[i][1] for i in idx]
