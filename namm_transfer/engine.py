@@ -534,7 +534,7 @@ class EvictionEngine:
         tile = self.query_tile(b, hq, q, s, query.device)
         out = torch.empty(b, h, g, q, d, dtype=value.dtype, device=query.device)
         # CPU without autograd: scores, probabilities (softmax in place) and the output tile in the scratch buffer
-        in_place = query.device.type == "cpu" and not (query.requires_grad or key.requires_grad or value.requires_grad)
+        in_place = query.device.type == "cpu" and not grad
         n_scores, n_out = b * hq * tile * s, (b * hq * tile * d if value.dtype == torch.float32 else 0)
         scratch = self.scratch.get(n_scores + n_out, torch.float32, query.device) if in_place else None
         # a policy that needs only column sums (H2O) gets them once per chunk: no per-query rows are built
