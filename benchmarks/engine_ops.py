@@ -14,10 +14,10 @@ thread; they are noisy and only indicative.
 
 Operator calls count what would launch a kernel on a GPU: the ``aten::`` calls that do the work themselves (no
 call under them launches one), leaving out views, allocations and other calls that only touch metadata
-(:data:`NO_KERNEL`). An
-allocation made inside a kernel (the output of ``torch.cat``, for instance) is not an ``aten::empty`` call, so
-"tensors allocated" misses those; the operator calls do not. "Per layer and decoded token" is the difference
-between a run with five new tokens and one with one, over four tokens and the model's 30 layers.
+(:data:`NO_KERNEL`). An allocation made inside a kernel (the output of ``torch.cat``, for instance) is not an
+``aten::empty`` call, so "tensors allocated" misses those; the operator calls do not. "Per layer and decoded
+token" is the difference between a run with five new tokens and one with one, over four tokens and the model's 30
+layers.
 """
 
 from __future__ import annotations
