@@ -171,6 +171,25 @@ def test_train_resumes_exactly_and_saves_a_loadable_model(tmp_path):
         train_dt(_cfg(data, seed=1, steps=9), tmp_path / "b")
 
 
+def test_resume_refuses_another_dataset_level_or_gym_version(tmp_path):
+    data = _dataset(tmp_path / "hopper.hdf5")
+    part = train_dt(_cfg(data), tmp_path / "run", stop_at=3)
+    assert not part.finished and latest_checkpoint(tmp_path / "run").name == "step-0000003"
+    other = _dataset(tmp_path / "other.hdf5", seed=1)
+    with pytest.raises(ValueError, match="another dataset"):
+        train_dt(_cfg(other), tmp_path / "run")
+    with pytest.raises(ValueError, match="level: checkpoint 'medium' != now 'expert'"):
+        train_dt(_cfg(data, level="expert"), tmp_path / "run")
+    with pytest.raises(ValueError, match="version: checkpoint 'v5' != now 'v4'"):
+        train_dt(_cfg(data, version="v4"), tmp_path / "run")
+    # the same dataset under another path (moved, copied) resumes: identity is its content
+    import shutil
+
+    moved = Path(shutil.copy(data, tmp_path / "moved.hdf5"))
+    rest = train_dt(_cfg(moved), tmp_path / "run")
+    assert rest.finished and rest.resumed_from == 3
+
+
 def test_train_cli_end_to_end_and_evaluation_in_the_log(tmp_path, capsys):
     pytest.importorskip("mujoco")
     from namm_transfer.cli import main

@@ -191,6 +191,8 @@ class TrainConfig(RunConfig):
 # identity of a run: a checkpoint may only be resumed by a run that agrees on these
 _IDENTITY = (
     "env",
+    "level",
+    "version",
     "batch_size",
     "context",
     "lr",
@@ -399,7 +401,9 @@ def _optimizer_from_flat(
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _save_checkpoint(output: Path, step: int, st: TrainState, cfg: TrainConfig, train_seconds: float) -> Path:
+def _save_checkpoint(
+    output: Path, step: int, st: TrainState, cfg: TrainConfig, train_seconds: float, data_sha256: str
+) -> Path:
     import torch
     from safetensors.torch import save_file
 
@@ -419,6 +423,7 @@ def _save_checkpoint(output: Path, step: int, st: TrainState, cfg: TrainConfig, 
             "format": "namm-transfer-dt-checkpoint/1",
             "step": step,
             "config": cfg.to_dict(),
+            "dataset_sha256": data_sha256,
             "optimizer": opt_meta,
             "scheduler": st.scheduler.state_dict(),  # lr_lambdas is [None]: the lambda is rebuilt from the config
             "numpy_rng": clean_json(st.rng.bit_generator.state),
@@ -429,11 +434,18 @@ def _save_checkpoint(output: Path, step: int, st: TrainState, cfg: TrainConfig, 
     return write_checkpoint(output, step, cfg.keep_checkpoints, write)
 
 
-def _load_checkpoint(path: Path, st: TrainState, cfg: TrainConfig) -> dict[str, Any]:
+def _load_checkpoint(path: Path, st: TrainState, cfg: TrainConfig, data_path: Path, data_sha256: str) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
     state = read_checkpoint(path, cfg, _IDENTITY, "delete the folder")
+    saved_sha = state.get("dataset_sha256")  # absent in checkpoints written before it was recorded
+    if saved_sha is not None and saved_sha != data_sha256:
+        raise ValueError(
+            f"checkpoint {path} was trained on another dataset (sha256 {saved_sha[:16]}...) than {data_path} "
+            f"(sha256 {data_sha256[:16]}...); pass the dataset it was trained on, or use another --output or "
+            "delete the folder to start afresh"
+        )
     weights = load_file(str(path / "model.safetensors"))
     st.model.load_state_dict(weights, strict=True)
     tensors = load_file(str(path / "trainer_state.safetensors"))
@@ -518,6 +530,7 @@ def train_dt(
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     data, data_path = _load_dataset(cfg)
+    data_sha256 = sha256_file(data_path)
     sampler = TrajectorySampler(data, cfg.context, cfg.return_scale, cfg.max_ep_len)
     stats = sampler.stats
     device = torch.device(cfg.device)
@@ -533,7 +546,7 @@ def train_dt(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
 
     st = TrainState(model, opt, sched, rng)
-    step, elapsed = resume_run(out, lambda ckpt: _load_checkpoint(ckpt, st, cfg), resume)
+    step, elapsed = resume_run(out, lambda ckpt: _load_checkpoint(ckpt, st, cfg, data_path, data_sha256), resume)
     resumed_from = step or None
     if step == 0:
         log_start(
@@ -609,7 +622,7 @@ def train_dt(
                 logger.info("%s step %d: normalized score %.1f", cfg.env, step, last_eval["normalized_score"])
                 clock.skip()
             if step % cfg.checkpoint_every == 0 or step == target:
-                _save_checkpoint(out, step, st, cfg, elapsed)
+                _save_checkpoint(out, step, st, cfg, elapsed, data_sha256)
                 clock.skip()
     finally:
         if bar is not None:
@@ -647,7 +660,7 @@ def train_dt(
         "max_ep_len": cfg.max_ep_len,
         "dataset": {
             "path": str(data_path),
-            "sha256": sha256_file(data_path),
+            "sha256": data_sha256,
             "num_trajectories": sampler.num_trajectories,
             "num_steps": sampler.num_steps,
             "return_mean": stats["return_mean"],
