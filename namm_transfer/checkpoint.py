@@ -191,6 +191,7 @@ def save_namm(
     *,
     provenance: dict[str, Any] | None = None,
     name: str | None = None,
+    normalization: str | None = None,
 ) -> Path:
     """Write ``namm`` as a checkpoint; each file is written atomically (temp file + ``os.replace``).
 
@@ -202,6 +203,9 @@ def save_namm(
             the file is named model.safetensors and as ``<stem>.json`` otherwise.
         provenance: free JSON-serializable description (trainer, model, tasks, generations, seed, ...).
         name: checkpoint name recorded in the config; default: the folder name (or the file stem).
+        normalization: how the statistics were obtained, ``"estimated"`` (on the training model, the spec) or
+            ``"calibrated"`` (re-estimated on a target model: an ablation, labelled so); default: the label of the
+            checkpoint ``namm`` was loaded from, else ``"estimated"``. ``"unset"`` when the NAMM has no statistics.
     Returns:
         The path of the written config.json (accepted by :func:`load_namm`).
     """
@@ -213,6 +217,14 @@ def save_namm(
     else:
         folder, weights, config = path, path / WEIGHTS_FILE, path / CONFIG_FILE
         default_name = path.name
+    ready = bool(namm.normalization_ready)
+    if normalization is None:
+        loaded = (getattr(namm, "checkpoint_info", None) or {}).get("normalization")
+        normalization = loaded if ready and loaded in _NORMALIZATION_SET else ("estimated" if ready else "unset")
+    elif normalization not in _NORMALIZATION_SET:
+        raise ValueError(f"normalization must be one of {_NORMALIZATION_SET} (or None), got {normalization!r}")
+    elif not ready:
+        raise ValueError(f"normalization={normalization!r} given, but this NAMM has no normalization statistics")
     folder.mkdir(parents=True, exist_ok=True)
 
     from safetensors.torch import save as st_save
@@ -230,7 +242,7 @@ def save_namm(
         "name": name if name is not None else default_name,
         "namm_config": namm.config.to_dict(),
         "n_params": namm.config.n_params,
-        "normalization": "estimated" if bool(namm.normalization_ready) else "unset",
+        "normalization": normalization,
         "provenance": dict(provenance or {}),
         "content_hash": digest,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -372,10 +384,20 @@ def load_namm(
         "name": record.get("name"),
         "content_hash": digest,
         "path": str(weights_path),
+        "normalization": normalization,
         "provenance": record.get("provenance") or {},
     }
     logger.info("loaded NAMM %r from %s (sha256 %s)", record.get("name"), weights_path, digest[:12])
     return namm
+
+
+def namm_record(namm: NAMM, name: str | None = None) -> dict[str, Any]:
+    """How a results file names the NAMM it ran: the checkpoint's name, its weights' sha256 and the hyperparameters
+    it ran with (threshold, cap, sink tokens, ...: a config.json edited by hand, or a setting overridden on the
+    command line, is another NAMM, while the content hash covers the weights file only). ``name``: used when the
+    NAMM was not loaded from a checkpoint (or its checkpoint has no name)."""
+    info = getattr(namm, "checkpoint_info", None) or {}
+    return {"name": info.get("name") or name, "sha256": info.get("content_hash"), "config": namm.config.to_dict()}
 
 
 # ----- reference trainer importer -------------------------------------------------------------------

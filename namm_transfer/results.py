@@ -264,12 +264,21 @@ def read_results(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, l
 
 
 def _signature(header: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: json.loads(_dumps(_jsonable(header.get(k), k))) for k in _SIGNATURE_FIELDS}
+    sig = {k: json.loads(_dumps(_jsonable(header.get(k), k))) for k in _SIGNATURE_FIELDS}
+    ckpt = sig["namm_checkpoint"]
+    if isinstance(ckpt, dict):  # a NAMM is its name and content: where it was installed does not matter
+        sig["namm_checkpoint"] = {k: v for k, v in ckpt.items() if k != "path"}
+    return sig
 
 
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Names of the signature fields (and individual settings) where two headers disagree."""
     sa, sb = _signature(a), _signature(b)
+    ca, cb = sa["namm_checkpoint"], sb["namm_checkpoint"]
+    if isinstance(ca, dict) and isinstance(cb, dict) and ("config" in ca) != ("config" in cb):
+        # a file written before the NAMM's hyperparameters were recorded: its name and content decide
+        ca.pop("config", None)
+        cb.pop("config", None)
     diffs: list[str] = []
     for field in _SIGNATURE_FIELDS:
         if sa[field] == sb[field]:
@@ -295,7 +304,8 @@ class ResultsWriter:
         target: ``language``, ``decision-transformer``, ``video-llava``, ...
         settings: the run's identity (budget rule, frames, seeds, update_interval, ...); JSON-able.
         model: the host model id or path.
-        namm_checkpoint: ``{"name": ..., "sha256": ...}`` of the NAMM used, or None.
+        namm_checkpoint: ``{"name": ..., "sha256": ..., "config": ...}`` of the NAMM used
+            (:func:`namm_transfer.checkpoint.namm_record`), or None.
         rank, world_size: this process's shard; read from RANK / WORLD_SIZE when None. With
             ``world_size > 1`` the writer uses ``NAME.rank{r}-of{w}.jsonl`` / ``.json``.
 

@@ -89,6 +89,28 @@ def test_save_to_safetensors_path(tmp_path: Path) -> None:
     _assert_same(namm, load_namm(config))
 
 
+def test_calibrated_label_is_written_and_survives_a_round_trip(tmp_path: Path) -> None:
+    namm = NAMM()
+    namm.set_flat(torch.randn(namm.n_params))
+    namm.set_normalization(torch.rand(17), torch.rand(17) + 0.5)
+
+    def label(folder: Path) -> str:
+        return json.loads((folder / "config.json").read_text())["normalization"]
+
+    save_namm(namm, tmp_path / "a", normalization="calibrated")
+    assert label(tmp_path / "a") == "calibrated"
+    loaded = load_namm(tmp_path / "a")
+    assert loaded.checkpoint_info["normalization"] == "calibrated"
+    save_namm(loaded, tmp_path / "b")  # loaded and saved again: still labelled an ablation
+    assert label(tmp_path / "b") == "calibrated"
+    save_namm(loaded, tmp_path / "c", normalization="estimated")
+    assert label(tmp_path / "c") == "estimated"
+    with pytest.raises(ValueError, match="must be one of"):
+        save_namm(namm, tmp_path / "d", normalization="guessed")
+    with pytest.raises(ValueError, match="no normalization statistics"):
+        save_namm(NAMM(), tmp_path / "e", normalization="calibrated")
+
+
 def test_unset_normalization_round_trip(tmp_path: Path) -> None:
     namm = NAMM()
     namm.set_flat(torch.randn(namm.n_params))

@@ -108,6 +108,7 @@ def test_corrupt_middle_line_raises(tmp_path):
         ({"target": "video-llava"}, "target"),
         ({"settings": {**SETTINGS, "budget": 0.5}}, "settings.budget"),
         ({"namm_checkpoint": None}, "namm_checkpoint"),
+        ({"namm_checkpoint": {**CKPT, "sha256": "cd" * 32}}, "namm_checkpoint"),
     ],
 )
 def test_header_mismatch_refuses(tmp_path, change, field):
@@ -118,6 +119,39 @@ def test_header_mismatch_refuses(tmp_path, change, field):
     assert field in str(info.value)
     # the command line itself is not part of the identity
     assert make_writer(out, command="namm-transfer eval --target language --limit 9").resumed == 1
+
+
+def test_namm_install_path_is_not_part_of_the_identity(tmp_path):
+    """A file written with the NAMM at one path (older decision-transformer headers recorded it) resumes and merges
+    with the same checkpoint (name and content) installed elsewhere."""
+    out = tmp_path / "lang.json"
+    make_writer(out, namm_checkpoint={**CKPT, "path": "/old/checkout/model.safetensors"}).add(
+        {"key": "full/a", "policy": "full", "score": 1.0}
+    )
+    assert make_writer(out).resumed == 1
+    assert make_writer(out, namm_checkpoint={**CKPT, "path": "/elsewhere/model.safetensors"}).resumed == 1
+
+
+def test_namm_hyperparameters_are_part_of_the_identity(tmp_path):
+    """Same weights, another threshold (config.json edited, or a setting overridden): another NAMM. A file written
+    before the hyperparameters were recorded is still resumed on the name and content alone."""
+    from namm_transfer.checkpoint import namm_record
+    from namm_transfer.namm import NAMM, NAMMConfig
+
+    net = NAMM()
+    net.checkpoint_info = {"name": CKPT["name"], "content_hash": CKPT["sha256"]}
+    rec = namm_record(net)
+    assert rec == {**CKPT, "config": NAMMConfig().to_dict()}
+    out = tmp_path / "lang.json"
+    make_writer(out, namm_checkpoint=rec).add({"key": "full/a", "policy": "full", "score": 1.0})
+    assert make_writer(out, namm_checkpoint=rec).resumed == 1
+    net.config = NAMMConfig(threshold=0.5)
+    with pytest.raises(ValueError, match="another command") as info:
+        make_writer(out, namm_checkpoint=namm_record(net))
+    assert "namm_checkpoint" in str(info.value)
+    old = tmp_path / "old.json"
+    make_writer(old).add({"key": "full/a", "policy": "full", "score": 1.0})  # header without "config"
+    assert make_writer(old, namm_checkpoint=rec).resumed == 1
 
 
 def test_non_finite_numbers_stored_as_null(tmp_path, caplog):

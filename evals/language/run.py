@@ -613,15 +613,10 @@ def _interleave(per_task: Sequence[Sequence[Any]]) -> list[Any]:
     return out
 
 
-def _namm_checkpoint(namm: Any) -> dict[str, Any]:
-    info = getattr(namm, "checkpoint_info", None) or {}
-    return {"name": info.get("name"), "sha256": info.get("content_hash")}
-
-
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from namm_transfer.checkpoint import load_namm
+    from namm_transfer.checkpoint import load_namm, namm_record
     from namm_transfer.evolution.cli import encode_sample
     from namm_transfer.models import load_model
     from namm_transfer.policies.base import ReplayBudget
@@ -697,7 +692,7 @@ def main(args: argparse.Namespace) -> int:
         target="language",
         settings=settings,
         model=model_name,
-        namm_checkpoint=_namm_checkpoint(namm_net) if namm_net is not None else None,
+        namm_checkpoint=namm_record(namm_net) if namm_net is not None else None,
     )
     mine = select_shard(samples, writer.rank, writer.world_size)
     done = writer.done_keys()

@@ -657,10 +657,10 @@ def evaluate(
     namm_record = None
     if "namm" in policies:
         from ...checkpoint import load_namm
+        from ...checkpoint import namm_record as record_of
 
         namm = load_namm(s.namm, device=device)
-        ci = getattr(namm, "checkpoint_info", {}) or {}
-        namm_record = {"name": ci.get("name") or str(s.namm), "sha256": ci.get("content_hash"), "path": ci.get("path")}
+        namm_record = record_of(namm, str(s.namm))  # no path: another install of the same NAMM may resume the file
 
     writer = ResultsWriter(
         s.output,

@@ -1021,14 +1021,13 @@ def _run(args: argparse.Namespace) -> int:
     namm = None
     namm_info = None
     if "namm" in policies:
-        from namm_transfer.checkpoint import load_namm
+        from namm_transfer.checkpoint import load_namm, namm_record
 
         try:
             namm = load_namm(args.namm or "default", device=device)
         except (FileNotFoundError, ValueError) as err:
             raise _UsageError(f"cannot load the NAMM {args.namm or 'default'!r}: {err}; pass --namm PATH") from err
-        info = getattr(namm, "checkpoint_info", {}) or {}
-        namm_info = {"name": info.get("name"), "sha256": info.get("content_hash")}
+        namm_info = namm_record(namm)
 
     from namm_transfer.run_folder import sha256_file
 
