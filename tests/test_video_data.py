@@ -89,13 +89,14 @@ def test_sample_indices_exact(args: tuple, kwargs: dict, expected: list[int]) ->
 
 
 def test_sample_indices_rules() -> None:
-    for total in (1, 2, 7, 64, 1001):
-        for n in (1, 2, 3, 8, 32, 100):
+    for total in (1, 2, 7, 27, 31, 64, 1001):  # 27/47 and 31/23: numpy's rounding differs from the exact rule
+        for n in (1, 2, 3, 8, 23, 32, 47, 100):
             centre = sample_indices(total, n)
             assert len(centre) == n and centre == sorted(centre) and 0 <= centre[0] and centre[-1] < total
             assert centre == [int(np.floor((i + 0.5) * total / n)) for i in range(n)]
             lin = sample_indices(total, n, mode="linspace")
             assert lin == np.linspace(0, total - 1, n).astype(int).tolist()
+    assert sample_indices(31, 23, mode="linspace")[11] == 14  # the reference loaders' frame (15 in exact arithmetic)
 
 
 @pytest.mark.parametrize(

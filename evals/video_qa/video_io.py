@@ -130,10 +130,11 @@ def sample_indices(
 def _uniform(total: int, n: int, mode: str) -> list[int]:
     if mode == "center":
         return [((2 * i + 1) * total) // (2 * n) for i in range(n)]
-    if n == 1:
-        return [0]
-    # Same values as np.linspace(0, total - 1, n).astype(int), computed exactly in integers.
-    return [(i * (total - 1)) // (n - 1) for i in range(n)]
+    import numpy as np
+
+    # numpy's own float rounding, not the exact integer rule ((i (T-1)) // (N-1)): the reference loaders use
+    # np.linspace, and the two differ for about 1% of (T, N) pairs (T=31, N=23: frame 14 here, 15 exactly)
+    return [int(i) for i in np.linspace(0, total - 1, n).astype(int)]
 
 
 def _check_path(path: str | os.PathLike[str]) -> Path:
