@@ -98,7 +98,9 @@ class AttachedMemory:
 
         Args:
             input_ids: (B, T); or inputs_embeds: (B, T, hidden).
-            attention_mask: (B, T), 0 for padding (left padding).
+            attention_mask: (B, T), 0 for padding. New sequences must be padded on the left (a right-padded batch
+                is refused: the model would continue from a padding slot); a continuation (``reset=False``) may
+                hold padding anywhere, which the engine hides and does not count as seen.
             reset: start new sequences (True) or continue the current ones.
         Returns:
             (B, logits_to_keep, vocab).
@@ -110,11 +112,22 @@ class AttachedMemory:
         b, t = ref.shape[0], ref.shape[1]
         if t == 0:
             raise ValueError("empty prompt")
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, t):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, t)}")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (b, t):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, t)}")
+            real = attention_mask.bool()
+            right = (real[:, :-1] & ~real[:, 1:]).any(-1)  # a padding slot after a real token
+            if reset and bool(right.any()):  # (continuing sequences may pad a finished one: the engine hides it)
+                rows = right.nonzero().flatten().tolist()
+                raise ValueError(
+                    f"attention_mask pads sequence(s) {rows[:8]} on the right; the session needs left padding (the "
+                    "last slot of every sequence a real token): set tokenizer.padding_side = 'left'"
+                )
         if not 1 <= logits_to_keep <= t:
             raise ValueError(f"logits_to_keep must be in [1, {t}], got {logits_to_keep}")
         eng = self.engine
+        if not reset and eng.cache is None:
+            raise RuntimeError("prefill(reset=False) continues the current sequences, but none was started yet")
         if reset:
             eng.reset(b, ref.device)
         cfg = eng.config

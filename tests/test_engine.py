@@ -113,6 +113,132 @@ def test_eviction_equals_masked_reference(model):
     torch.testing.assert_close(got, ref[:, 16:], atol=1e-5, rtol=0)
 
 
+class _AttentionImplementation:
+    """Run ``model`` with another registered attention implementation inside the block (every sub-config)."""
+
+    def __init__(self, model, name):
+        self.configs = [
+            m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")
+        ]
+        self.name = name
+
+    def __enter__(self):
+        self.before = [c._attn_implementation for c in self.configs]
+        for c in self.configs:
+            c._attn_implementation = self.name
+
+    def __exit__(self, *exc):
+        for c, impl in zip(self.configs, self.before, strict=True):
+            c._attn_implementation = impl
+
+
+class RandomPerHead(MemoryPolicy):
+    """Keep each live slot of each (sequence, KV head) with probability 0.6 at every update."""
+
+    name = "random-per-head"
+
+    def __init__(self):
+        super().__init__()
+        self.g = torch.Generator().manual_seed(1)
+
+    def select(self, state: LayerState) -> torch.Tensor:
+        return state.valid & (torch.rand(state.valid.shape, generator=self.g) < 0.6)
+
+
+@pytest.mark.parametrize("kind", ["random-per-head", "namm"])
+def test_evictions_per_head_over_several_updates_equal_masked_reference(model, kind):
+    """Six updates of evictions that differ per sequence and per KV head (one sequence all padding at the first,
+    the last while decoding): every logit equals the unmodified model's with each layer's and head's evicted tokens
+    masked out from the clock of their eviction on (rebuilt from ``record_kept``)."""
+    from transformers import AttentionInterface
+
+    t, new, interval = 45, 6, 8
+    ids, mask = _batch(2, t, pad=(0, 20), seed=0)
+    if kind == "namm":
+        net = NAMM()
+        net.set_normalization(torch.zeros(17), torch.ones(17))
+        net.set_flat(torch.randn(4172, generator=torch.Generator().manual_seed(3)) * 0.5)
+        policy = NAMMPolicy(net)
+    else:
+        policy = RandomPerHead()
+    with attach(model, policy, update_interval=interval, chunk_size=interval, record_kept=True) as mem:
+        steps = [mem.prefill(ids, mask)[:, -1]]
+        for _ in range(new):
+            steps.append(mem.step(steps[-1].argmax(-1)[:, None])[:, -1])
+        stats = mem.stats
+    assert stats.update_clock == [8, 16, 24, 32, 40, 48] and stats.retained_cache() < 0.9
+    full_ids = torch.cat([ids, torch.stack([x.argmax(-1) for x in steps[:-1]], 1)], 1)
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=torch.long)], 1)
+    n = full_ids.shape[1]
+    pos = (full_mask.cumsum(1) - 1).clamp_min(0)
+    cfg = model.config
+    hq, h = cfg.num_attention_heads, cfg.num_key_value_heads
+    eye = torch.eye(n, dtype=torch.bool)
+
+    def finite(a):
+        return a | (eye & ~a.any(-1, keepdim=True))  # padding queries see themselves (finite values)
+
+    base = torch.ones(n, n, dtype=torch.bool).tril().expand(2, n, n) & full_mask.bool()[:, None, :]
+    masks = {}
+    for layer in stats.managed_layers:
+        m = base[:, None].expand(2, h, n, n).clone()
+        for u, clock in enumerate(stats.update_clock):
+            for b in range(2):
+                for hh in range(h):
+                    kept = set(stats.kept_positions[u][layer][b][hh].tolist())
+                    for j in range(clock):
+                        if full_mask[b, j] and int(pos[b, j]) not in kept:
+                            m[b, hh, clock:, j] = False
+        masks[layer] = finite(m).repeat_interleave(hq // h, dim=1)
+    other = finite(base)[:, None]
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):  # unmanaged: the model's own window
+        idx = torch.arange(n)
+        window = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - cfg.sliding_window)
+        other = finite(window.expand(2, n, n) & full_mask.bool()[:, None, :])[:, None]
+
+    def masked(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kw):
+        am = masks.get(module.layer_idx, other)
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("namm-test-masked", masked)
+    with torch.no_grad(), _AttentionImplementation(model, "namm-test-masked"):
+        ref = model(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits
+    torch.testing.assert_close(torch.stack(steps, 1), ref[:, t - 1 :], atol=1e-5, rtol=0)
+
+
+def test_namm_state_equals_the_spec_formula_on_the_models_own_attention(model):
+    """End to end: the spectrogram EMA the engine stores for every managed layer, KV head and token equals
+    namm-spec.md's formula (float64) applied to the unmodified model's attention (eager, averaged over the query
+    heads of each KV head; padding rows and columns zero), with left padding and chunks smaller than the update
+    interval."""
+    from test_features import direct_ema
+
+    t, interval = 96, 32
+    ids, mask = _batch(2, t, pad=(0, 5), seed=0)
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad(), _AttentionImplementation(model, "eager"):
+        attentions = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_attentions=True).attentions
+    net = NAMM()  # all-zero weights: every score is 0 >= threshold, nothing is evicted
+    net.set_normalization(torch.zeros(17), torch.ones(17))
+    with attach(model, NAMMPolicy(net), update_interval=interval, chunk_size=8) as mem:
+        mem.prefill(ids, mask)
+        states = mem.engine.states
+        assert states
+        for layer, st in states.items():
+            b, hq = attentions[layer].shape[:2]
+            h = st.valid.shape[1]
+            att = attentions[layer].view(b, h, hq // h, t, t).double().mean(2)
+            for bi in range(b):
+                real = mask[bi].bool()
+                for hi in range(h):
+                    cols = att[bi, hi] * real.view(t, 1) * real.view(1, t)
+                    want = direct_ema(cols, torch.arange(t), interval)[-1][real]
+                    got = st.tokens["namm_ema"][bi, hi][st.valid[bi, hi]].double()
+                    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 class ScriptedWithRows(Scripted):
     """The same evictions, but asking for attention rows: the engine takes its explicit, tiled path."""
 
@@ -577,6 +703,18 @@ def test_baselines_respect_budget_exactly(model, name, budget):
                 assert counts[b] == [min(target, n) for n in live[b]]
 
 
+def test_budgeted_ranking_keeps_the_highest_scores_and_breaks_ties_toward_newer_slots():
+    """Differences far below any additive tie-break offset still decide; exact ties go to the newer slot; the newest
+    slot is always among the kept; invalid slots never are."""
+    policy = create_policy("h2o", budget="3t")
+    valid = torch.tensor([[[False, True, True, True, True, True]]])
+    st = LayerState(layer=0, valid=valid, position=torch.arange(6).view(1, 1, 6), arrival=torch.arange(6).view(1, 1, 6))
+    score = torch.tensor([[[9.0, 4e-10, 0.0, 1e-300, 0.0, -5.0]]], dtype=torch.float64)
+    assert policy.keep_top(st, score).tolist() == [[[False, True, False, True, False, True]]]
+    tied = torch.tensor([[[0.0, 1.0, 1.0, 1.0, 1.0, -5.0]]], dtype=torch.float64)
+    assert policy.keep_top(st, tied).tolist() == [[[False, False, False, True, True, True]]]
+
+
 def test_budget_exact_count_after_each_update(model):
     """With a token budget every update leaves exactly min(budget, live) tokens per row."""
     ids, _ = _batch(1, 64)
@@ -669,8 +807,15 @@ def test_host_without_attention_rows_is_refused():
 def test_bad_inputs_are_clear_errors(model):
     ids, _ = _batch(2, 16)
     with attach(model, "full") as mem:
+        with pytest.raises(RuntimeError, match="none was started"):
+            mem.prefill(ids, reset=False)
         with pytest.raises(ValueError, match="attention_mask"):
             mem.prefill(ids, torch.ones(2, 5))
+        right = torch.ones(2, 16, dtype=torch.long)
+        right[1, 12:] = 0  # a right-padded batch: the model would continue from a padding slot
+        with pytest.raises(ValueError, match=r"sequence\(s\) \[1\] on the right.*padding_side = 'left'"):
+            mem.prefill(ids, right)
+        mem.prefill(ids, right.flip(-1))  # the same lengths padded on the left
         with pytest.raises(ValueError, match="empty"):
             mem.prefill(ids[:, :0])
         mem.prefill(ids)

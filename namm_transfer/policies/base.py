@@ -312,13 +312,14 @@ class MemoryPolicy:
             layer = states[int(nan.flatten(1).any(1).int().argmax())].layer
             raise FloatingPointError(f"policy {self.name!r} produced NaN scores at layer {layer}")
         target = target.clamp(min=1).clamp(max=valid.sum(-1))
-        s = score.shape[-1]
         # protected tokens may score +inf: squash to a finite ceiling so that the newest slot (+inf) ranks
-        # first of all; ties break toward newer slots; invalid slots rank last
-        order_key = score.clamp(-1e300, 1e300) + torch.linspace(0, 1e-9, s, dtype=torch.float64, device=score.device)
+        # first of all; invalid slots rank last. Ties break toward newer slots exactly: a stable sort of the slots
+        # in reverse order (no offset added to the scores, which would outrank differences smaller than itself)
+        order_key = score.clamp(-1e300, 1e300)
         order_key[..., -1] = float("inf")
-        order_key = order_key.masked_fill(~valid, float("-inf"))
-        rank = torch.argsort(torch.argsort(order_key, dim=-1, descending=True, stable=True), dim=-1)
+        order_key = order_key.masked_fill(~valid, float("-inf")).flip(-1)
+        order = torch.argsort(order_key, dim=-1, descending=True, stable=True)
+        rank = torch.argsort(order, dim=-1).flip(-1)  # rank of each slot (0 = kept first)
         return list(((rank < target.unsqueeze(-1)) & valid).unbind(0))
 
 
