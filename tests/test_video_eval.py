@@ -233,6 +233,25 @@ def test_helpers(setup, tmp_path, monkeypatch):
     assert row["score_std"] == pytest.approx(25.0) and "mechanics_only" not in row
 
 
+def test_cached_synthetic_benchmark_of_an_older_generator_is_made_again(tmp_path, monkeypatch):
+    from namm_transfer.evals.video_qa.synthetic import GENERATOR_VERSION
+
+    monkeypatch.setenv("NAMM_TRANSFER_CACHE", str(tmp_path / "cache"))
+    path = vqa.synthetic_benchmark(n_videos=2, frames_per_video=16, size=32)
+    first = path.read_bytes()
+    assert json.loads(first)[0]["generator"] == GENERATOR_VERSION
+    assert vqa.synthetic_benchmark(n_videos=2, frames_per_video=16, size=32).read_bytes() == first  # reused
+    records = json.loads(first)
+    for r in records:
+        r["generator"] = "namm-synthetic-video-qa/0"
+    path.write_text(json.dumps(records))
+    assert vqa.synthetic_benchmark(n_videos=2, frames_per_video=16, size=32).read_bytes() == first  # made again
+    own = tmp_path / "mine"
+    shutil.copytree(path.parent, own)
+    (own / path.name).write_text(json.dumps(records))
+    assert vqa.synthetic_benchmark(own).read_text() == json.dumps(records)  # a folder given: used as it is
+
+
 def test_notebook_executes(setup, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

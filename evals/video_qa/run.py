@@ -313,11 +313,12 @@ def synthetic_benchmark(
 
     ``data_dir`` defaults to ``<cache>/video_qa/synthetic-test-n{n}-f{frames}-s{size}-seed{seed}``
     (``<cache>`` is ``$NAMM_TRANSFER_CACHE`` or ``~/.cache/namm-transfer``). A folder that already
-    holds ``synthetic_test.json`` is used as it is.
+    holds ``synthetic_test.json`` is used as it is, except a default folder made by an older generator (other
+    videos for the same records), which is made again.
     """
     from namm_transfer.models import cache_dir
 
-    from .synthetic import generate_benchmark
+    from .synthetic import GENERATOR_VERSION, generate_benchmark
 
     split = SYNTHETIC_DEFAULTS["split"]
     if data_dir is None:
@@ -327,7 +328,9 @@ def synthetic_benchmark(
         folder = Path(data_dir).expanduser()
     path = folder / f"synthetic_{split}.json"
     if path.is_file():
-        return path
+        if data_dir is not None or _generator_of(path) == GENERATOR_VERSION:
+            return path
+        logger.info("the cached synthetic benchmark in %s was made by an older generator; making it again", folder)
     logger.info("generating the synthetic video QA benchmark (%d videos) into %s", n_videos, folder)
     return generate_benchmark(
         folder,
@@ -338,6 +341,15 @@ def synthetic_benchmark(
         size=size,
         fps=SYNTHETIC_DEFAULTS["fps"],
     )
+
+
+def _generator_of(path: Path) -> str | None:
+    """The ``generator`` of the first record of a synthetic benchmark's json (None if unreadable)."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+        return str(records[0]["generator"])
+    except (OSError, ValueError, LookupError, TypeError):
+        return None
 
 
 def find_annotations(bench: str, data_dir: str | os.PathLike[str]) -> Path:

@@ -69,7 +69,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "namm-synthetic-video-qa/1"
+GENERATOR_VERSION = "namm-synthetic-video-qa/2"
 """Recorded in every item; bump it whenever the generated content changes."""
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond", "ring")
