@@ -361,7 +361,25 @@ class ResultsWriter:
 
     # -- construction helpers -----------------------------------------------------------------
 
+    def _check_summary_path(self) -> None:
+        """Refuse to overwrite, at the end of the run, a file at the summary's path that is not a results summary
+        (an ``--output`` that names someone's own JSON file)."""
+        path = self.summary_path
+        if not path.exists():
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            ours = isinstance(data, dict) and "format" in data and "target" in data and "rows" in data
+        except (OSError, UnicodeDecodeError, ValueError):
+            ours = False
+        if not ours:
+            raise ResultsFileError(
+                f"{path} exists and is not a results summary; the run would overwrite it. Pass another --output "
+                "(the run writes NAME.jsonl and NAME.json)"
+            )
+
     def _open(self) -> None:
+        self._check_summary_path()
         path = self.jsonl_path
         if path.exists() and path.stat().st_size > 0:
             header, records, truncated = read_results(path)
@@ -400,6 +418,33 @@ class ResultsWriter:
     def done_keys(self) -> set[str]:
         """Keys of the units already recorded (from earlier runs and this one); skip these."""
         return set(self._keys)
+
+    def drop(self, keys: Iterable[str]) -> int:
+        """Remove the records of ``keys`` (to run those units again, e.g. ones that failed) and rewrite the file
+        atomically; returns how many were removed."""
+        gone = set(keys) & self._keys
+        if gone:
+            self._records = [r for r in self._records if r["key"] not in gone]
+            self._keys -= gone
+            self._write_all()
+        return len(gone)
+
+    def refuse_samples_outside(self, sample_ids: Iterable[str]) -> None:
+        """Refuse a run that would not evaluate every sample the file already holds (keys ``policy/sample_id``): a
+        smaller ``--limit`` than the run that wrote the file, whose summary it would rewrite from part of it (a
+        smoke test in a checkout with committed results). A larger run resumes and extends the file.
+
+        Raises:
+            ResultsFileError: naming the file, how many samples are outside and what to do.
+        """
+        allowed = set(sample_ids)
+        outside = sorted({key.split("/", 1)[1] for key in self._keys if "/" in key} - allowed)
+        if outside:
+            raise ResultsFileError(
+                f"results file {self.jsonl_path} holds {len(outside)} sample(s) this run does not evaluate (e.g. "
+                f"{outside[0]!r}): a run with a larger --limit (or none) wrote it. Pass another --output for this run, "
+                "or the larger run's arguments to resume that one"
+            )
 
     def records(self) -> list[dict[str, Any]]:
         """All records, in the order they were written (copies)."""

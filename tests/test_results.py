@@ -8,6 +8,7 @@ import math
 import pytest
 
 from namm_transfer.results import (
+    ResultsFileError,
     ResultsWriter,
     breakdown_by,
     merge_shards,
@@ -327,3 +328,34 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "a.json").read_text() == "{}\n"
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left behind
+
+
+def test_a_smaller_run_is_refused_a_larger_one_resumes(tmp_path):
+    """A smoke test (--limit 1) into a file of a larger run would rewrite its summary from part of it: refused,
+    naming what to do; the same or a larger sample list resumes."""
+    out = tmp_path / "lang.json"
+    w = make_writer(out)
+    for sample in ("a", "b/c"):  # sample ids may hold a slash: the policy is what comes before the first
+        w.add({"key": f"full/{sample}", "policy": "full", "score": 1.0})
+    w = make_writer(out)
+    w.refuse_samples_outside(["a", "b/c"])
+    w.refuse_samples_outside(["a", "b/c", "d"])
+    with pytest.raises(
+        ResultsFileError, match=r"holds 1 sample\(s\) this run does not evaluate \(e.g. 'b/c'\).*--output"
+    ):
+        w.refuse_samples_outside(["a"])
+
+
+def test_a_foreign_json_at_the_summary_path_is_not_overwritten(tmp_path):
+    precious = tmp_path / "notes.json"
+    precious.write_text('{"my": "notes"}')
+    with pytest.raises(ResultsFileError, match="is not a results summary"):
+        make_writer(precious)
+    assert precious.read_text() == '{"my": "notes"}' and not (tmp_path / "notes.jsonl").exists()
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ResultsFileError, match="is not a results summary"):
+        make_writer(tmp_path / "broken.json")
+    w = make_writer(tmp_path / "run.json")
+    w.add({"key": "full/a", "policy": "full", "score": 1.0})
+    w.finalize([{"policy": "full", "score": 1.0, "n": 1}], {})
+    assert make_writer(tmp_path / "run.json").resumed == 1  # its own summary: fine

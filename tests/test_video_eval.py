@@ -112,6 +112,11 @@ def test_eval_end_to_end_resume_and_failures(setup, capsys):
     assert records[:9] == first[:9]  # finished units are not recomputed
     by_key = {r["key"]: r for r in records}
 
+    # a smoke test into the finished file would rewrite its summary from one sample: refused, nothing written
+    before = (jsonl.read_bytes(), out.read_bytes())
+    assert main(_argv(setup, out, *policies, "--limit", "1")) == 2
+    assert "does not evaluate" in capsys.readouterr().err and (jsonl.read_bytes(), out.read_bytes()) == before
+
     # failures are recorded per sample and policy; the run went on
     for sid, cause in BAD.items():
         for p in POLICIES:
@@ -165,6 +170,22 @@ def test_eval_end_to_end_resume_and_failures(setup, capsys):
     assert set(summary["breakdown"]["category"]) == {item["question_category"] for item in setup["ids"][:GOOD]}
     png = out.with_name("video.kept-frames.png")
     assert summary["kept_frames_png"] == png.name and png.stat().st_size > 10_000
+
+    # the missing video restored: the next run of the same command retries the failed units, and only those
+    missing = Path(setup["bench"]) / "videos" / "missing.mp4"
+    shutil.copy(Path(setup["bench"]) / "videos" / setup["ids"][2]["video_path"], missing)
+    try:
+        assert main(_argv(setup, out, *policies)) == 0
+    finally:
+        missing.unlink()
+    _, again, _ = read_results(jsonl)
+    now = {r["key"]: r for r in again}
+    assert set(now) == set(by_key)
+    for p in POLICIES:
+        assert now[f"{p}/missing-0"].get("error") is None and now[f"{p}/missing-0"]["score"] in (0.0, 100.0)
+        assert "corrupt" in now[f"{p}/corrupt-0"]["error"]
+        for item in setup["ids"][:GOOD]:
+            assert now[f"{p}/{item['id']}"] == by_key[f"{p}/{item['id']}"]  # not recomputed
 
 
 def test_sharded_run_merges(setup, monkeypatch):

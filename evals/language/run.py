@@ -199,9 +199,13 @@ def _namm_selection(text: str) -> str:
     """``threshold`` (the spec's rule) or ``ratio:R`` (NAMM keeps its R highest-scoring tokens of those seen)."""
     if text.strip() == "threshold":
         return "threshold"
-    kind, value = parse_budget_mode(text)
+    message = f"NAMM selection {text!r}: use threshold or ratio:R with 0 < R <= 1"
+    try:
+        kind, value = parse_budget_mode(text)
+    except argparse.ArgumentTypeError:  # its message lists the budget modes, not the selections
+        raise argparse.ArgumentTypeError(message) from None
     if kind != "ratio":
-        raise argparse.ArgumentTypeError(f"NAMM selection {text!r}: use threshold or ratio:R with 0 < R <= 1")
+        raise argparse.ArgumentTypeError(message)
     return f"ratio:{value:g}"
 
 
@@ -621,7 +625,7 @@ def main(args: argparse.Namespace) -> int:
     from namm_transfer.models import load_model
     from namm_transfer.policies.base import ReplayBudget
     from namm_transfer.policies.namm_policy import NAMMPolicy
-    from namm_transfer.registry import create_policy, list_policies
+    from namm_transfer.registry import create_policy, find_adapter, list_policies
     from namm_transfer.results import ResultsWriter, select_shard
 
     from .scoring import score_sample
@@ -654,6 +658,7 @@ def main(args: argparse.Namespace) -> int:
 
         namm_net.config = replace(namm_net.config, sink_tokens=args.namm_sinks)
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    find_adapter(model)  # an unsupported model is refused before anything is written
     chat = bool(getattr(tokenizer, "chat_template", None))
 
     per_task = [
@@ -694,6 +699,7 @@ def main(args: argparse.Namespace) -> int:
         model=model_name,
         namm_checkpoint=namm_record(namm_net) if namm_net is not None else None,
     )
+    writer.refuse_samples_outside(s.id for s in samples)
     mine = select_shard(samples, writer.rank, writer.world_size)
     done = writer.done_keys()
     order = (["namm"] if "namm" in policies else []) + [p for p in policies if p != "namm"]

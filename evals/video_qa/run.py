@@ -40,8 +40,8 @@ What one sample does:
    is recorded.
 
 A video that is missing, empty or cannot be decoded is recorded for that sample (one record per
-policy with an ``error`` field and ``score: null``) and the run goes on; delete those lines of the
-JSONL file to retry them. A benchmark record without options is a data error and stops the run
+policy with an ``error`` field and ``score: null``) and the run goes on; the next run of the same command
+(resuming the file) tries those units again. A benchmark record without options is a data error and stops the run
 before any model is loaded, with a message naming the sample.
 
 Records (``NAME.jsonl``, key ``"{policy}/{sample id}"``): policy, id, category, duration_group,
@@ -1084,6 +1084,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(args.seed)
     selected = samples[: args.limit] if args.limit else samples
+    writer.refuse_samples_outside(s.id for s in selected)
+    ids = {s.id for s in selected}
+    failed = [r["key"] for r in writer.records() if r.get("error") and r["key"].split("/", 1)[1] in ids]
+    if failed:  # a video restored since, a decoder installed since: these units run again
+        logger.info("retrying %d unit(s) that failed in an earlier run", writer.drop(failed))
     plot_ids = {s.id for s in selected[: args.plot_samples]}
     shard = select_shard(selected, writer.rank, writer.world_size)
     ev = _Evaluator(args, model, processor, namm)
