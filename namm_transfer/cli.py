@@ -133,6 +133,18 @@ def _device(text: str) -> str:
     return text
 
 
+def _cuda_problem(device: str) -> str | None:
+    """Why ``device`` (cuda or cuda:N) cannot be used here, or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"CUDA is not available on this machine (torch {torch.__version__}; no GPU, driver or CUDA build)"
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def positive_int(text: str) -> int:
     """argparse type for a positive integer (``--limit``, and the targets' own counts)."""
     try:
@@ -210,7 +222,8 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="(default: the target's)")
     parser.add_argument(
         "--output",
-        help="results summary results/NAME.json; NAME.jsonl is written next to it (default: results/<target>.json)",
+        help="results summary results/NAME.json; NAME.jsonl is written next to it (default: results/<target>.json; "
+        "video-llava: results/video-llava-<bench>.json)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--limit", type=positive_int, help="evaluate at most N samples / episodes / prompts")
@@ -337,7 +350,25 @@ def _info() -> int:
         print(f"{'NAMMs':<14} unavailable ({err})")
     except Exception as err:
         print(f"{'NAMMs':<14} unavailable ({type(err).__name__}: {err})")
+    for label, listing in (("DTs", _shipped_dts), ("video models", _shipped_video_models)):
+        try:
+            shipped = listing()
+            print(f"{label:<14} {', '.join(shipped) if shipped else 'none shipped'}")
+        except Exception as err:  # an extra not installed (rl, video), or a broken install: report, do not crash
+            print(f"{label:<14} unavailable ({type(err).__name__}: {err})")
     return 0
+
+
+def _shipped_dts() -> list[str]:
+    from .evals.offline_rl.train import shipped_dt_dir
+
+    return sorted(f"shipped:{p.name}" for p in shipped_dt_dir().iterdir() if (p / "config.json").is_file())
+
+
+def _shipped_video_models() -> list[str]:
+    from .evals.video_qa.model import is_video_model_folder, shipped_video_dir
+
+    return sorted(p.name for p in shipped_video_dir().iterdir() if is_video_model_folder(p))
 
 
 def _listing(items: Sequence[Any]) -> str:
@@ -399,8 +430,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = shlex.join(["namm-transfer", *argv])
     args.argv = argv
 
+    from .models import ModelNotAvailableError
+    from .registry import UnsupportedModelError
     from .results import ResultsFileError
 
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device.startswith("cuda"):
+        problem = _cuda_problem(device)
+        if problem:
+            print(f"error: --device {device}: {problem}; use --device cpu", file=sys.stderr)
+            return 2
     try:
         if args.subcommand == "info":
             return _info()
@@ -415,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if module is None:  # cannot happen: build_parser loads the selected command's module
             raise RuntimeError(f"no module loaded for {args.subcommand}")
         return int(module.main(args) or 0)
-    except ResultsFileError as err:
+    except (ResultsFileError, ModelNotAvailableError, UnsupportedModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -101,6 +101,10 @@ def create_policy(name: str, **kwargs: Any) -> Any:
     return _POLICIES[name](**kwargs)
 
 
+class UnsupportedModelError(TypeError):
+    """No registered adapter accepts the model (the message lists what each adapter said)."""
+
+
 def find_adapter(model: Any, name: str | None = None) -> Any:
     """Instantiate the first registered adapter that accepts ``model`` (or the one named)."""
     _load()
@@ -114,4 +118,4 @@ def find_adapter(model: Any, name: str | None = None) -> Any:
             return factory(model)
         except TypeError as err:
             errors.append(f"{adapter_name}: {err}")
-    raise TypeError(f"no adapter supports {type(model).__name__}. Tried:\n  " + "\n  ".join(errors))
+    raise UnsupportedModelError(f"no adapter supports {type(model).__name__}. Tried:\n  " + "\n  ".join(errors))

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -300,7 +301,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results-dir", default="results", help="folder of NAME.json summaries (default: results)")
     parser.add_argument("--readme", default="README.md", help="README whose results sections to rebuild")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the README is out of date")
-    parser.add_argument("--print", dest="print_tables", action="store_true", help="print every table to stdout")
+    parser.add_argument(
+        "--print",
+        dest="print_tables",
+        action="store_true",
+        help="print every table to stdout (the README is left as it is)",
+    )
     parser.add_argument(
         "--merge",
         nargs="+",
@@ -314,31 +320,36 @@ def main(args: argparse.Namespace) -> int:
     """Run ``namm-transfer report`` with parsed ``args``; returns the exit code."""
     if args.merge:
         if not args.output:
-            print("error: --merge needs --output results/NAME.json")
+            print("error: --merge needs --output results/NAME.json", file=sys.stderr)
             return 2
         from .results import merge_shards, read_results
 
-        path = merge_shards(args.merge, args.output)
+        try:
+            path = merge_shards(args.merge, args.output)
+        except FileNotFoundError as err:  # a pattern that matches no shard
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         _, records, _ = read_results(path)
         print(f"merged {len(args.merge)} shard pattern(s) into {path} ({len(records)} records)")
         print("rerun the same eval command in one process to write the summary from the merged file")
         return 0
     if args.output:
-        print("error: --output is only used with --merge")
+        print("error: --output is only used with --merge", file=sys.stderr)
         return 2
 
     summaries = load_summaries(args.results_dir)
     if not summaries:
-        print(f"no results summaries in {args.results_dir}/")
-    if args.print_tables:
+        print(f"error: no results summaries (NAME.json) in {args.results_dir}/; run an eval first", file=sys.stderr)
+        return 1
+    if args.print_tables:  # print only: the README is left as it is
         for name, summary in summaries.items():
             print(f"## {name}\n\n{render_summary(summary, name)}\n")
+        return 0
     readme = Path(args.readme)
     if not readme.exists():
-        if not args.print_tables:
-            print(f"{readme} not found; printing the tables instead\n")
-            for name, summary in summaries.items():
-                print(f"## {name}\n\n{render_summary(summary, name)}\n")
+        print(f"{readme} not found; printing the tables instead\n")
+        for name, summary in summaries.items():
+            print(f"## {name}\n\n{render_summary(summary, name)}\n")
         return 1 if args.check else 0
     status = update_readme(readme, args.results_dir, write=not args.check)
     for name in summaries:

@@ -59,6 +59,7 @@ def test_info_runs():
     for word in ("namm_transfer", "torch", "policies", "adapters", "NAMMs", "cuda"):
         assert word in proc.stdout
     assert "full" in proc.stdout and "h2o" in proc.stdout
+    assert "shipped:hopper-medium" in proc.stdout and "video models   smollm2-135m-video" in proc.stdout
 
 
 def test_unknown_target_exits_2(capsys):
@@ -135,6 +136,36 @@ def test_bad_common_options_exit_2(tmp_path, monkeypatch, capsys):
     assert "positive" in capsys.readouterr().err
 
 
+def test_unusable_cuda_device_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import torch
+
+    (tmp_path / "fake_eval_target4.py").write_text(FAKE_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.EVAL_TARGETS, "language", Plugin("fake_eval_target4", "target language"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["eval", "--target", "language", "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["eval", "--target", "language", "--device", "cuda:1"]) == 2
+    assert "1 CUDA device(s); use --device cpu" in capsys.readouterr().err
+
+
+def test_unknown_model_and_unsupported_model_are_clear_errors(tmp_path, monkeypatch, capsys):
+    from namm_transfer.models import ModelNotAvailableError
+    from namm_transfer.registry import UnsupportedModelError, find_adapter
+
+    assert main(["models", "fetch", "nope"]) == 2
+    assert "error: unknown model 'nope'" in capsys.readouterr().err
+
+    class NotADecoder(__import__("torch").nn.Module):
+        pass
+
+    with pytest.raises(UnsupportedModelError, match="no adapter supports NotADecoder"):
+        find_adapter(NotADecoder())
+    assert issubclass(UnsupportedModelError, TypeError) and issubclass(ModelNotAvailableError, RuntimeError)
+
+
 def write_summary(path, rows, breakdown=None, settings=None):
     summary = {
         "command": "namm-transfer eval --target language",
@@ -199,6 +230,16 @@ def test_report_rebuilds_readme_section(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "language: updated" in out and "nothing-here: missing" in out
 
+    # --print prints and leaves the README alone
+    capsys.readouterr()
+    readme.write_text(README)
+    assert main(["report", "--results-dir", str(results), "--readme", str(readme), "--print"]) == 0
+    assert "## language" in capsys.readouterr().out and readme.read_text() == README
+    assert main(["report", "--results-dir", str(results), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+    assert main(["report", "--results-dir", str(tmp_path / "empty"), "--readme", str(readme)]) == 1
+    assert "no results summaries" in capsys.readouterr().err
+
     # idempotent, and --check agrees
     assert main(["report", "--results-dir", str(results), "--readme", str(readme), "--check"]) == 0
     assert readme.read_text() == text
@@ -235,6 +276,8 @@ def test_report_merge(tmp_path, capsys):
         w = ResultsWriter(out, "cmd", "language", {"b": 1}, "tiny", None, rank=rank, world_size=2)
         w.add({"key": f"full/{rank}", "policy": "full", "score": 1.0})
     assert main(["report", "--merge", str(tmp_path / "lang.rank*-of2.jsonl")]) == 2
+    assert main(["report", "--merge", str(tmp_path / "none.rank*-of2.jsonl"), "--output", str(out)]) == 2
+    assert "error: no shard files match" in capsys.readouterr().err
     assert main(["report", "--merge", str(tmp_path / "lang.rank*-of2.jsonl"), "--output", str(out)]) == 0
     _, records, _ = read_results(tmp_path / "lang.jsonl")
     assert sorted(r["key"] for r in records) == ["full/0", "full/1"]

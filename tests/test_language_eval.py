@@ -270,7 +270,7 @@ def test_language_eval_namm_top_ratio_selection(assets, tmp_path):
         assert 0.2 <= r["retained_cache"] <= 0.3, r["retained_cache"]
     assert _namm_selection("threshold") == "threshold" and _namm_selection("ratio:0.5") == "ratio:0.5"
     for bad in ("tokens:64", "ratio:2", "top"):
-        with pytest.raises(argparse.ArgumentTypeError):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"use threshold or ratio:R with 0 < R <= 1$"):
             _namm_selection(bad)
 
 
