@@ -358,6 +358,15 @@ class EvictionEngine:
         self.stats.kept_counts[step] = counts_step
         self.stats.live_counts[step] = live_step
         self.update_step += 1
+        s = self.stats
+        if s.clock and s.clock[-1] == self.clock:
+            # called by hand after the forward call that recorded this clock (a prompt's final update; the fitness's
+            # shared prefix, fed without updates, forked, then updated): that call's record shows the cache after
+            # the update, as forward_chunk's own updates do
+            s.clock.pop()
+            s.n_seen.pop()
+            s.cache_tokens.pop()
+            self._record_call()
 
     def _compact(
         self, decided: list[tuple[int, LayerState, Tensor, Tensor, Tensor]], counts: Tensor, n_kept: np.ndarray

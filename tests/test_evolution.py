@@ -57,6 +57,47 @@ def test_zero_vector_fitness_is_one_and_members_match_single_runs(model):
         assert alone.fitness[0] == pytest.approx(res.fitness[i], abs=1e-5)
 
 
+def test_members_scores_and_retained_cache_equal_a_direct_run(model):
+    """Each member's answer score and retained cache from the batched, prefix-sharing fitness path equal a direct
+    attach + prefill of that member alone (its first eviction, made after the shared prefix was forked, counts)."""
+    from namm_transfer.evolution.fitness import answer_score
+    from namm_transfer.policies.namm_policy import NAMMPolicy
+    from namm_transfer.session import attach
+
+    namm = NAMM()
+    namm.set_normalization(torch.zeros(17), torch.ones(17))
+    cfg = FitnessConfig(update_interval=16, chunk_size=8, member_batch=2)
+    ev = FitnessEvaluator(model, namm, cfg)
+    prompt = _pools(length=64)["alpha"][0]
+    thetas = torch.randn(3, 4172, generator=torch.Generator().manual_seed(5)) * 0.5
+    thetas[:, -1] = torch.tensor([-0.5, -1.0, -3.0])  # readout biases that make members evict
+    scores, retained = ev.member_scores(thetas, prompt)
+    ids = torch.tensor([prompt.ids])
+    a = prompt.answer_len
+    direct = []
+    for i in range(3):
+        policy = NAMMPolicy(namm)
+        policy.set_population(thetas[i : i + 1])
+        with torch.no_grad(), attach(model, policy, update_interval=16, chunk_size=8) as mem:
+            logits = mem.prefill(ids, logits_to_keep=a + 1)[:, :a]
+            direct.append(mem.stats.retained_per_call().mean(0)[0])
+        assert scores[i] == pytest.approx(float(answer_score(logits, ids[:, -a:])[0]), abs=1e-5)
+    np.testing.assert_allclose(retained, direct, rtol=0, atol=1e-9)
+    assert sum(d < 0.9 for d in direct) >= 2  # members that evict, from the first update on
+
+
+def test_full_cache_scores_are_per_prompt_content_not_per_id(model):
+    """Draws of one split with other seeds reuse ids (the calibration's prompts and the evolution's pool): each
+    prompt is scored on its own tokens."""
+    namm = NAMM()
+    ev = FitnessEvaluator(model, namm, FitnessConfig(update_interval=16, chunk_size=8))
+    a, b = _pools(seed=0)["alpha"][0], _pools(seed=1)["alpha"][0]
+    assert a.id == b.id and a.ids != b.ids
+    sa, sb = ev.full_score(a), ev.full_score(b)
+    assert sa != sb and ev.full_score(a) == sa
+    assert FitnessEvaluator(model, namm, FitnessConfig(update_interval=16, chunk_size=8)).full_score(b) == sb
+
+
 def test_cache_term_penalizes_large_caches(model):
     namm = NAMM()
     namm.set_normalization(torch.zeros(17), torch.ones(17))
@@ -115,16 +156,59 @@ def test_resume_of_a_run_made_on_another_machine(model, tmp_path, caplog):
     _rewrite_log(log, lambda r: {**r, "sigma": r["sigma"] / 1.01})
     bad = run.mean_namm()
     bad.set_flat(bad.get_flat() + 1e-3)
-    save_namm(bad, tmp_path / "r" / "namm")  # a saved mean the replay does not reach
+    save_namm(bad, tmp_path / "r" / "namm", provenance={"generations": 2})  # a saved mean the replay does not reach
     with pytest.raises(RuntimeError, match="away from the saved one"):
         Evolution(tmp_path / "r", _config(), model, pools)
 
 
-def test_other_settings_in_same_run_dir_are_refused(model, tmp_path):
+def test_other_settings_in_same_run_dir_are_refused(model, tmp_path, caplog):
     pools = _pools()
-    Evolution(tmp_path / "r", _config(), model, pools)
+    Evolution(tmp_path / "r", _config(), model, pools, identity={"lengths": [40], "pool_size": 4})
     with pytest.raises(ValueError, match="other settings"):
         Evolution(tmp_path / "r", _config(gens=(5, 1)), model, pools)
+    with pytest.raises(ValueError, match=r"differs in \['lengths'\]"):  # the prompts are built from these
+        Evolution(tmp_path / "r", _config(), model, pools, identity={"lengths": [80], "pool_size": 4})
+    Evolution(tmp_path / "r", _config(), model, pools, identity={"lengths": [40], "pool_size": 4})
+    # a folder made before they were recorded adopts them, saying so
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "run.json").write_text(json.dumps({"config": _config().to_dict()}))
+    with caplog.at_level("WARNING"):
+        Evolution(tmp_path / "old", _config(), model, pools, identity={"lengths": [40], "pool_size": 4})
+    assert "did not record" in caplog.text
+    assert json.loads((tmp_path / "old" / "run.json").read_text())["identity"] == {"lengths": [40], "pool_size": 4}
+
+
+def test_initial_mean_must_match_and_is_checked_before_anything_is_written(model, tmp_path):
+    pools = _pools()
+    start = NAMM()
+    start.set_flat(torch.full((4172,), 0.01))
+    Evolution(tmp_path / "a", _config(), model, pools, init=start).run(generations=1)
+    other = NAMM()
+    other.set_flat(torch.full((4172,), 0.02))
+    with pytest.raises(ValueError, match="another initial mean"):
+        Evolution(tmp_path / "a", _config(), model, pools, init=other)
+    Evolution(tmp_path / "a", _config(), model, pools, init=start)  # the same one resumes
+    Evolution(tmp_path / "b", _config(), model, pools).run(generations=1)  # a run without one
+    with pytest.raises(ValueError, match="started without an initial mean"):
+        Evolution(tmp_path / "b", _config(), model, pools, init=start)
+    assert not (tmp_path / "b" / "init.safetensors").exists()
+    assert Evolution(tmp_path / "b", _config(), model, pools).generation == 1  # still resumable
+
+
+def test_a_checkpoint_behind_the_log_is_brought_up_to_date(model, tmp_path, caplog):
+    """Killed between a generation's log line and its checkpoint: the resumed run saves the replayed mean."""
+    pools = _pools()
+    run = Evolution(tmp_path / "r", _config(), model, pools)
+    run.run(generations=1)
+    behind = load_namm(tmp_path / "r" / "namm")
+    run.run(generations=1)
+    save_namm(behind, tmp_path / "r" / "namm", provenance=behind.checkpoint_info["provenance"])  # one behind
+    with caplog.at_level("WARNING"):
+        resumed = Evolution(tmp_path / "r", _config(), model, pools)
+    assert "saving the replayed mean" in caplog.text
+    net = load_namm(tmp_path / "r" / "namm")
+    assert net.checkpoint_info["provenance"]["generations"] == 2
+    np.testing.assert_array_equal(net.get_flat().numpy(), np.asarray(resumed.es.mean, dtype=np.float32))
 
 
 def test_paper_defaults():
@@ -264,9 +348,10 @@ def test_bias_calibration_scores_each_offset_like_the_fitness_and_resumes(model,
     expect = 0 if res.fitness[0] > res.fitness[1] else 1  # a tie between 0 and +1 goes to the smaller cache
     assert res.best == expect and res.best_offset == offsets[expect]
 
-    # kill after the first prompt: the rerun evaluates only the two prompts left, with the same result
+    # kill after the first prompt, in the middle of the second's line: the rerun evaluates only the two prompts
+    # left, with the same result
     lines = log.read_text().splitlines()
-    log.write_text("\n".join(lines[:2]) + "\n")
+    log.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
     calls = []
     orig = ev.member_scores
     ev.member_scores = lambda t, p: calls.append(p.id) or orig(t, p)

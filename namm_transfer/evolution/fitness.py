@@ -82,21 +82,24 @@ class FitnessEvaluator:
         self.model = model
         self.namm = namm
         self.config = config or FitnessConfig()
-        self._full_cache: dict[str, float] = {}
+        # keyed by the tokens, not the id alone: ids repeat across draws of one split with other seeds (the
+        # calibration's fresh prompts share ids with the evolution's pool)
+        self._full_cache: dict[tuple[str, tuple[int, ...], int], float] = {}
         self.device = next(model.parameters()).device
 
     # ----- full-cache reference ----------------------------------------------------------------------
     @torch.no_grad()
     def full_score(self, prompt: EncodedPrompt) -> float:
-        if prompt.id not in self._full_cache:
+        key = (prompt.id, prompt.ids, prompt.answer_len)
+        if key not in self._full_cache:
             ids = torch.tensor([prompt.ids], device=self.device)
             a = prompt.answer_len
             with attach(
                 self.model, "full", update_interval=self.config.update_interval, chunk_size=self.config.chunk_size
             ) as mem:
                 logits = mem.prefill(ids, logits_to_keep=a + 1)[:, :a]
-            self._full_cache[prompt.id] = float(answer_score(logits, ids[:, -a:])[0])
-        return self._full_cache[prompt.id]
+            self._full_cache[key] = float(answer_score(logits, ids[:, -a:])[0])
+        return self._full_cache[key]
 
     # ----- population ----------------------------------------------------------------------------------
     @torch.no_grad()
