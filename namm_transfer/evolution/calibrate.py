@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..namm import NAMM
+from ..results import atomic_write_text
 from .fitness import EncodedPrompt, FitnessEvaluator, combine_prompt_scores
 
 __all__ = ["CalibrationResult", "calibrate_bias", "parse_offsets"]
@@ -114,7 +115,16 @@ def calibrate_bias(
     log_path = Path(log_path)
     done: dict[str, dict[str, Any]] = {}
     if log_path.exists() and log_path.stat().st_size > 0:
-        lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+        text = [x for x in log_path.read_text().splitlines() if x.strip()]
+        lines = []
+        for i, x in enumerate(text):
+            try:
+                lines.append(json.loads(x))
+            except json.JSONDecodeError:
+                if i < len(text) - 1:
+                    raise ValueError(f"{log_path} line {i + 1} is corrupt; cannot resume the calibration") from None
+                # killed while writing the last line: that prompt is scored again
+                atomic_write_text(log_path, "".join(t + "\n" for t in text[:-1]))
         if not lines or lines[0].get("kind") != "header" or lines[0] != header:
             raise ValueError(
                 f"{log_path} holds a calibration with other settings (offsets, prompts or NAMM); "

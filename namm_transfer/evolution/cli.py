@@ -186,7 +186,9 @@ def main(args: argparse.Namespace) -> int:
     init = load_namm(args.init) if args.init else None
     if args.warm_start and init is None:
         init = _warm_start(args, model, pools, stages, fit)
-    evo = Evolution(args.run_dir, cfg, model, pools, init=init)
+    # what builds the prompt pools (the initial mean is checked by its content, init.safetensors)
+    identity = {"lengths": lengths, "pool_size": args.pool_size}
+    evo = Evolution(args.run_dir, cfg, model, pools, init=init, identity=identity)
 
     from tqdm import tqdm
 
@@ -229,6 +231,7 @@ def _calibrate(args: argparse.Namespace, evo: Any, tokenizer: Any, lengths: list
     import json
 
     from namm_transfer.checkpoint import load_namm, save_namm
+    from namm_transfer.results import atomic_write_text
 
     from .calibrate import LOG_NAME, calibrate_bias, parse_offsets
 
@@ -259,7 +262,7 @@ def _calibrate(args: argparse.Namespace, evo: Any, tokenizer: Any, lengths: list
         "log": LOG_NAME,
     }
     path = save_namm(mean, evo.run_dir / "namm-calibrated", provenance=prov)
-    (evo.run_dir / "calibration.json").write_text(json.dumps(prov["bias_calibration"], indent=1) + "\n")
+    atomic_write_text(evo.run_dir / "calibration.json", json.dumps(prov["bias_calibration"], indent=1) + "\n")
     print(f"calibrated mean (bias offset {res.best_offset:+.3f}) saved to {path}")
     return mean, prov
 

@@ -33,7 +33,7 @@ import torch
 from ..checkpoint import save_namm
 from ..namm import NAMM, NAMMConfig
 from ..policies.namm_policy import NAMMPolicy
-from ..results import atomic_write_text
+from ..results import atomic_write_bytes, atomic_write_text
 from ..session import attach
 from .fitness import EncodedPrompt, FitnessConfig, FitnessEvaluator, GenerationResult
 
@@ -107,6 +107,9 @@ class Evolution:
         model: the host language model (any supported decoder LM).
         prompt_pools: task name -> training prompts to draw each generation's prompts from.
         init: optional warm-start NAMM (its weights become the initial mean and its normalization is reused).
+        identity: further settings a resumed run must share, stored in run.json (the command line's prompt
+            lengths and pool size, NAMM config, warm-start options: what builds ``prompt_pools`` and ``init``). A
+            run folder made before they were recorded adopts them, with a warning.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class Evolution:
         prompt_pools: dict[str, list[EncodedPrompt]],
         init: NAMM | None = None,
         namm_config: NAMMConfig | None = None,
+        identity: dict[str, Any] | None = None,
     ) -> None:
         import cma  # noqa: F401  (fail early with a clear ImportError)
 
@@ -124,7 +128,7 @@ class Evolution:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.pools = prompt_pools
-        self.config = self._load_or_store_config(config)
+        self.config = self._load_or_store_config(config, json.loads(json.dumps(identity or {})))
         missing = {t for s in self.config.stages for t in s.tasks} - set(prompt_pools)
         if missing:
             raise ValueError(f"no prompts for tasks {sorted(missing)}; have {sorted(prompt_pools)}")
@@ -138,19 +142,31 @@ class Evolution:
         self._replay()
 
     # ----- setup -------------------------------------------------------------------------------------
-    def _load_or_store_config(self, config: EvolutionConfig) -> EvolutionConfig:
+    def _load_or_store_config(self, config: EvolutionConfig, identity: dict[str, Any]) -> EvolutionConfig:
         path = self.run_dir / "run.json"
         if path.exists():
-            stored = EvolutionConfig.from_dict(json.loads(path.read_text())["config"])
-            if stored.to_dict() != config.to_dict():
-                diff = sorted(k for k, v in config.to_dict().items() if stored.to_dict().get(k) != v)
+            record = json.loads(path.read_text())
+            stored = EvolutionConfig.from_dict(record["config"])
+            diff = sorted(k for k, v in config.to_dict().items() if stored.to_dict().get(k) != v)
+            if "identity" in record:
+                old = record["identity"]
+                diff += sorted(k for k in set(old) | set(identity) if old.get(k, ...) != identity.get(k, ...))
+            if diff:
                 raise ValueError(
                     f"run directory {self.run_dir} holds a run with other settings (differs in {diff}); "
                     "use another --run-dir, or the same settings to resume"
                 )
+            if "identity" not in record and identity and self.is_writer:
+                logger.warning(
+                    "%s did not record its prompt and NAMM settings; recording this run's (%s): make sure they are "
+                    "the ones it was started with",
+                    path,
+                    ", ".join(sorted(identity)),
+                )
+                atomic_write_text(path, json.dumps({**record, "identity": identity}, indent=2))
             return stored
         if self.is_writer:
-            atomic_write_text(path, json.dumps({"config": config.to_dict()}, indent=2))
+            atomic_write_text(path, json.dumps({"config": config.to_dict(), "identity": identity}, indent=2))
         return config
 
     def _init_normalization_and_mean(self, init: NAMM | None) -> None:
@@ -158,16 +174,28 @@ class Evolution:
 
         Every rank computes the same values; only the writer (rank 0) stores them.
         """
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
+        from safetensors.torch import save as st_save
 
         norm_path = self.run_dir / "normalization.safetensors"
         init_path = self.run_dir / "init.safetensors"
+        started = (self.run_dir / "log.jsonl").exists() and (self.run_dir / "log.jsonl").stat().st_size > 0
         if init_path.exists():
             x0 = load_file(str(init_path))["flat"]
+            if init is not None and not torch.equal(init.get_flat().cpu(), x0):
+                raise ValueError(
+                    f"run directory {self.run_dir} started from another initial mean (init.safetensors) than the "
+                    "--init / --warm-start given now; use another --run-dir, or the run's own to resume"
+                )
         elif init is not None:
+            if started:  # checked before anything is written: the folder stays resumable
+                raise ValueError(
+                    f"run directory {self.run_dir} started without an initial mean; resume it without --init / "
+                    "--warm-start, or use another --run-dir"
+                )
             x0 = init.get_flat()
             if self.is_writer:
-                save_file({"flat": x0}, str(init_path))
+                atomic_write_bytes(init_path, st_save({"flat": x0.contiguous()}))
         else:
             x0 = None
         if norm_path.exists():
@@ -183,7 +211,7 @@ class Evolution:
                 self.model, self.namm, prompts, self.config.fitness.update_interval, self.config.fitness.chunk_size
             )
         if self.is_writer and not norm_path.exists():
-            save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(norm_path))
+            atomic_write_bytes(norm_path, st_save({"mean": mean.contiguous(), "std": std.contiguous()}))
         self.namm.set_normalization(mean, std)
         self.x0 = x0.double().numpy() if x0 is not None else None
 
@@ -237,10 +265,14 @@ class Evolution:
         each generation's step size must match the logged one and the final mean the saved checkpoint
         (``namm/``, float32) to within :data:`REPLAY_TOLERANCE`, else the run cannot be resumed.
         """
+        saved_generations = self._saved_generations()
+        at_saved = None  # the replayed mean after the generations the saved mean was made at
         exact = True
-        for row in self.history:
+        for i, row in enumerate(self.history):
             xs = self.es.ask()
             self.es.tell(xs, [-f for f in row["fitness"]])
+            if i + 1 == saved_generations:
+                at_saved = np.array(self.es.mean, dtype=np.float64)
             if _mean_hash(self.es.mean) == row["mean_hash"]:
                 continue
             exact = False
@@ -251,15 +283,15 @@ class Evolution:
                 )
         if self.history and not exact:
             saved = self.run_dir / "namm" / "model.safetensors"
-            if not saved.exists():
+            if not saved.exists() or at_saved is None:
                 raise RuntimeError(
                     f"the replay of {self.run_dir} is not bit-exact on this machine and there is no saved mean "
-                    f"({saved}) to check it against; resume on the machine that made the run"
+                    f"({saved}) of a logged generation to check it against; resume on the machine that made the run"
                 )
             from safetensors.torch import load_file
 
             flat = load_file(str(saved))["flat"].double().numpy()
-            diff = float(np.max(np.abs(flat - np.asarray(self.es.mean))))
+            diff = float(np.max(np.abs(flat - at_saved)))
             scale = max(1.0, float(np.max(np.abs(flat))))
             if diff > REPLAY_TOLERANCE * scale:
                 raise RuntimeError(
@@ -275,6 +307,24 @@ class Evolution:
             )
         if self.history:
             logger.info("resumed %s after %d generations", self.run_dir, len(self.history))
+            if saved_generations != len(self.history) and self.is_writer:
+                # killed between a generation's log line and its checkpoint: the log is the record, the mean follows
+                logger.warning(
+                    "the saved mean of %s was made after %s generation(s), the log holds %d; saving the replayed mean",
+                    self.run_dir,
+                    saved_generations,
+                    len(self.history),
+                )
+                self.save_mean()
+
+    def _saved_generations(self) -> int | None:
+        """The number of generations behind the saved mean (``namm/``), from its provenance; None without one."""
+        path = self.run_dir / "namm" / "config.json"
+        try:
+            value = json.loads(path.read_text())["provenance"]["generations"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return int(value) if isinstance(value, int) else None
 
     # ----- running -------------------------------------------------------------------------------------
     @property
