@@ -317,6 +317,17 @@ def test_cli_warm_start_evolve_and_ship(tmp_path, monkeypatch, capsys):
     assert "generations run: 1" in card and "| 0 | 0 |" in card
     assert "top 80% of each row by future attention are 'keep', readout bias calibrated" in card
     assert "shipped as tiny-test" in capsys.readouterr().out
+    # a log of the older retained measure (before the first eviction was counted) gets a note in the card
+    assert "first eviction" not in card
+    from namm_transfer.evolution.card import write_card
+
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["retained_measure"] == 2
+    (run / "log.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "retained_measure"}) + "\n" for r in rows)
+    )
+    card = write_card(run, tmp_path / "weights" / "tiny-test", "tiny-test").read_text()
+    assert "The retained cache of these generations was measured before the fitness counted" in card
 
 
 def _zero_namm():
@@ -387,6 +398,7 @@ def test_cli_calibrates_the_bias_and_ships_the_calibrated_mean(tmp_path, monkeyp
     assert load_namm(run / "namm").config.sink_tokens == 0  # the run's own mean is untouched
     card = (tmp_path / "weights" / "tiny-cal" / "README.md").read_text()
     assert "Readout-bias calibration" in card and "(shipped)" in card and "first 2 positions always kept" in card
+    assert cal["retained_measure"] == 2 and "first eviction" not in card
     out = capsys.readouterr().out
     assert "<- kept" in out and "shipped as tiny-cal" in out
     # rerun: no new generation, the calibration log is complete, so nothing is evaluated again

@@ -29,7 +29,7 @@ import torch
 
 from ..namm import NAMM
 from ..results import atomic_write_text
-from .fitness import EncodedPrompt, FitnessEvaluator, combine_prompt_scores
+from .fitness import RETAINED_MEASURE, EncodedPrompt, FitnessEvaluator, combine_prompt_scores
 
 __all__ = ["CalibrationResult", "calibrate_bias", "parse_offsets"]
 
@@ -75,6 +75,7 @@ class CalibrationResult:
             "best_offset": self.best_offset,
             "best_fitness": float(self.fitness[self.best]),
             "best_retained": float(self.retained[self.best]),
+            "retained_measure": RETAINED_MEASURE,
         }
 
 
@@ -87,6 +88,7 @@ def _header(
         "offsets": list(offsets),
         "prompts": [p.id for p in prompts],
         "namm_config": namm_config,
+        "retained_measure": RETAINED_MEASURE,  # a log of the older measure is not mixed in: it is refused
     }
 
 

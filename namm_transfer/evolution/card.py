@@ -86,6 +86,15 @@ def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: s
             f"| {r['generation']} | {r['stage']} | {r['fitness_mean']:.4f} | {r['fitness_best']:.4f} | "
             f"{r['retained_mean']:.3f} | {r['sigma']:.4f} |"
         )
+    old_measure = [r for r in rows if r.get("retained_measure", 1) < 2]
+    if old_measure:
+        lines += [
+            "",
+            f"The retained cache of {'these' if len(old_measure) == len(rows) else len(old_measure)} generations "
+            "was measured before the fitness counted the members' first eviction (fixed 2026-11-28, "
+            "`namm_transfer.evolution.fitness.RETAINED_MEASURE`): it is too high by (1 - r1) / n, r1 the share kept "
+            "at the first update and n a prompt's forward calls. The fitness values include that measure.",
+        ]
     if not rows:
         lines += [
             "",
@@ -128,6 +137,12 @@ def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: s
         for off, fit, ret in zip(cal["offsets"], cal["fitness"], cal["retained"], strict=True):
             mark = " (shipped)" if off == cal["best_offset"] else ""
             lines.append(f"| {off:+.3f}{mark} | {fit:.4f} | {ret:.3f} |")
+        if cal.get("retained_measure", 1) < 2:
+            lines += [
+                "",
+                "This calibration measured the retained cache before the fitness counted the first eviction (see "
+                "above): its retained values are too high by (1 - r1) / n, and its fitness values include them.",
+            ]
     if curve:
         lines += ["", "![fitness](fitness.png)"]
     if eval_summary and Path(eval_summary).exists():

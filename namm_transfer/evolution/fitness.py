@@ -67,6 +67,13 @@ def answer_score(logits: Tensor, answer_ids: Tensor) -> Tensor:
     return logp.mean(-1).exp()
 
 
+RETAINED_MEASURE = 2
+"""Version of the retained-cache measure, recorded with every logged generation and calibration. 1 (before
+2026-11-28, unrecorded): the record of the members' shared prefix was taken before their first update, so the
+first eviction was not counted and the retained cache came out too high by (1 - r1) / n (r1: the share kept at
+the first update, n: the prompt's forward calls). 2: every call's record is taken after its update."""
+
+
 @dataclass
 class GenerationResult:
     fitness: np.ndarray  # (P,)

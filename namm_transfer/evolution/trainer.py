@@ -35,7 +35,7 @@ from ..namm import NAMM, NAMMConfig
 from ..policies.namm_policy import NAMMPolicy
 from ..results import atomic_write_bytes, atomic_write_text
 from ..session import attach
-from .fitness import EncodedPrompt, FitnessConfig, FitnessEvaluator, GenerationResult
+from .fitness import RETAINED_MEASURE, EncodedPrompt, FitnessConfig, FitnessEvaluator, GenerationResult
 
 __all__ = ["StageConfig", "EvolutionConfig", "Evolution", "estimate_normalization"]
 
@@ -371,6 +371,7 @@ class Evolution:
             "fitness_best": float(np.max(result.fitness)),
             "retained_mean": float(np.mean(result.retained)),
             "retained_of_best": float(result.retained[int(np.argmax(result.fitness))]),
+            "retained_measure": RETAINED_MEASURE,
             "task_ratio_mean": {k: float(np.mean(v)) for k, v in result.task_ratio.items()},
             "sigma": float(self.es.sigma),
             "mean_hash": _mean_hash(self.es.mean),
