@@ -117,7 +117,8 @@ class AttachedMemory:
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, t)}")
             real = attention_mask.bool()
             right = (real[:, :-1] & ~real[:, 1:]).any(-1)  # a padding slot after a real token
-            if reset and bool(right.any()):  # (continuing sequences may pad a finished one: the engine hides it)
+            # (new sequences only: continuing ones may pad a finished sequence, which the engine hides)
+            if reset and bool(right.any()):
                 rows = right.nonzero().flatten().tolist()
                 raise ValueError(
                     f"attention_mask pads sequence(s) {rows[:8]} on the right; the session needs left padding (the "
