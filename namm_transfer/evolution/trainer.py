@@ -107,9 +107,9 @@ class Evolution:
         model: the host language model (any supported decoder LM).
         prompt_pools: task name -> training prompts to draw each generation's prompts from.
         init: optional warm-start NAMM (its weights become the initial mean and its normalization is reused).
-        identity: further settings a resumed run must share, stored in run.json (the command line's prompt
-            lengths and pool size, NAMM config, warm-start options: what builds ``prompt_pools`` and ``init``). A
-            run folder made before they were recorded adopts them, with a warning.
+        identity: further settings a resumed run must share, stored in run.json (the command line passes what
+            builds ``prompt_pools``: the prompt lengths and pool size; ``init`` is checked by its content against
+            init.safetensors). A run folder made before they were recorded adopts them, with a warning.
     """
 
     def __init__(
@@ -158,8 +158,8 @@ class Evolution:
                 )
             if "identity" not in record and identity and self.is_writer:
                 logger.warning(
-                    "%s did not record its prompt and NAMM settings; recording this run's (%s): make sure they are "
-                    "the ones it was started with",
+                    "%s did not record these settings; recording this run's (%s): make sure they are the ones it "
+                    "was started with",
                     path,
                     ", ".join(sorted(identity)),
                 )
