@@ -41,6 +41,11 @@ class DecoderLMAdapter(HFCacheRouting):
         cls = type(model).__name__
         if cls not in SUPPORTED_DECODER_LMS:
             raise TypeError(f"{cls} is not a supported decoder LM; supported: {', '.join(SUPPORTED_DECODER_LMS)}")
+        if getattr(model.config, "use_bidirectional_attention", False):
+            raise TypeError(
+                f"this {cls} uses bidirectional attention (an embedding model's setting); the engine's attention is "
+                "causal: supported are causal decoder LMs"
+            )
         self.model = model
         self.family = SUPPORTED_DECODER_LMS[cls]
         self.config: Any = model.config

@@ -38,6 +38,12 @@ def _kernel(
             f"{type(module).__name__} is configured for the namm_transfer kernel but no engine is attached to it; "
             "attach through namm_transfer.attach() and detach with the returned handle"
         )
+    if dropout:  # transformers passes the attention dropout only in training mode
+        raise RuntimeError(
+            f"{type(module).__name__} asks for attention dropout {dropout:g} (the model is in training mode), which "
+            "the eviction engine does not apply; call model.eval() before attaching, or set the attention dropout "
+            "to 0"
+        )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     out = engine.attention(

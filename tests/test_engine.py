@@ -769,6 +769,27 @@ def test_unsupported_model_is_refused_with_supported_list():
         attach(m, "full")
 
 
+def test_attention_dropout_in_training_mode_and_bidirectional_gemma_are_refused():
+    """The engine's attention is causal and has no dropout: a model that would silently lose either is refused."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(LlamaConfig(**cfg, num_key_value_heads=2, attention_dropout=0.5)).train()
+    ids, _ = _batch(1, 8)
+    with attach(model, "full") as mem:
+        with pytest.raises(RuntimeError, match=r"attention dropout 0.5 .*model.eval\(\)"):
+            mem.prefill(ids)
+    model.eval()
+    with attach(model, "full") as mem:
+        mem.prefill(ids)  # eval mode: no dropout asked for
+    gemma = Gemma3ForCausalLM(
+        Gemma3TextConfig(**cfg, num_key_value_heads=1, head_dim=16, use_bidirectional_attention=True)
+    )
+    with pytest.raises(TypeError, match="bidirectional attention"):
+        attach(gemma.eval(), "full")
+
+
 def test_all_sliding_model_is_refused_with_fix():
     from transformers import MistralConfig, MistralForCausalLM
 
