@@ -565,6 +565,14 @@ def fetch(
             info = _convert_gguf(gguf, staging)
             if info.get("model_class") and info["model_class"] != src.architecture:
                 logger.warning("%s loaded as %s, expected %s", name, info["model_class"], src.architecture)
+            converted = json.loads((staging / "config.json").read_text())
+            wrong = {k: converted.get(k) for k, v in src.expected_config.items() if converted.get(k) != v}
+            if wrong:  # nothing is cached: a conversion that changed the model's shape is not a usable model
+                raise ModelNotAvailableError(
+                    f"{name}: the GGUF conversion gave {wrong}, expected "
+                    f"{ {k: src.expected_config[k] for k in wrong} }; the transformers version may read this GGUF "
+                    "differently"
+                )
             record = {
                 "name": name,
                 "packages": [asdict(p) for p in src.parts],

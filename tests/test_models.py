@@ -325,6 +325,27 @@ def test_fetch_rejects_sha_mismatch_and_local_gguf(tmp_path, monkeypatch, fake_s
     assert M.is_cached("fake-tiny") and calls["download"] == 0
 
 
+def test_fetch_refuses_a_conversion_of_another_shape(tmp_path, monkeypatch, fake_source, tiny_folder):
+    """A GGUF read into other layer or head counts than the source promises is not cached."""
+    import dataclasses
+
+    src, whole, calls = fake_source
+    monkeypatch.setenv("NAMM_TRANSFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NAMM_TRANSFER_OFFLINE", "1")
+    right = tmp_path / "right.gguf"
+    right.write_bytes(whole)
+    monkeypatch.setitem(M.MODELS, src.name, dataclasses.replace(src, expected_config={"num_hidden_layers": 99}))
+    with pytest.raises(
+        ModelNotAvailableError, match=r"gave \{'num_hidden_layers': \d+\}, expected \{'num_hidden_layers': 99\}"
+    ):
+        M.fetch("fake-tiny", gguf_file=right)
+    assert not M.is_cached("fake-tiny") and len(calls["convert"]) == 1
+    layers = json.loads((Path(tiny_folder) / "config.json").read_text())["num_hidden_layers"]
+    monkeypatch.setitem(M.MODELS, src.name, dataclasses.replace(src, expected_config={"num_hidden_layers": layers}))
+    M.fetch("fake-tiny", gguf_file=right)
+    assert M.is_cached("fake-tiny")
+
+
 def test_installed_package_file_is_preferred(tmp_path, monkeypatch, fake_source):
     src, whole, calls = fake_source
     monkeypatch.setenv("NAMM_TRANSFER_CACHE", str(tmp_path / "cache"))
