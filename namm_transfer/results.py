@@ -78,6 +78,8 @@ FORMAT_VERSION = 1
 MEAN_FIELDS = ("retained_cache", "retained_video", "peak_memory_mb", "throughput")
 """Per-record fields that :func:`summarize` averages when present."""
 
+_RUN_DESCRIPTION = ("versions", "hardware", "started", "finished", "wall_s")
+"""Summary fields that describe the run which produced the records rather than the records themselves."""
 _SIGNATURE_FIELDS = ("target", "model", "settings", "namm_checkpoint")
 
 
@@ -357,6 +359,7 @@ class ResultsWriter:
         self._keys: set[str] = set()
         self.resumed = 0
         """How many records were already in the file when this writer opened it."""
+        self._changed = False  # records added or dropped by this writer
         self._open()
 
     # -- construction helpers -----------------------------------------------------------------
@@ -426,6 +429,7 @@ class ResultsWriter:
         if gone:
             self._records = [r for r in self._records if r["key"] not in gone]
             self._keys -= gone
+            self._changed = True
             self._write_all()
         return len(gone)
 
@@ -476,6 +480,7 @@ class ResultsWriter:
             os.fsync(fh.fileno())
         self._records.append(clean)
         self._keys.add(key)
+        self._changed = True
 
     def finalize(
         self,
@@ -492,6 +497,12 @@ class ResultsWriter:
                 field with ``extra={"breakdown_by": "task"}``. ``{field: {value: rows}}`` also works.
             extra: more top-level keys (e.g. ``{"breakdown_by": "task", "notes": ...}``); they may
                 not replace the standard ones.
+
+        A run that recorded nothing new (every unit was already done) describes the run that produced the records:
+        it keeps the existing summary's ``versions``, ``hardware``, ``started``, ``finished`` and ``wall_s`` (a
+        target's wall time, passed in ``extra``), so that running a
+        finished command again (e.g. the README's set-up command in a fresh clone) rewrites nothing but what the
+        code computes from the records.
         """
         summary: dict[str, Any] = {
             "format": FORMAT_VERSION,
@@ -516,9 +527,28 @@ class ResultsWriter:
             if k in summary:
                 raise ValueError(f"extra key {k!r} would replace a standard summary field")
             summary[k] = _jsonable(v, k)
+        if not self._changed:
+            summary.update(self._previous_run())
         atomic_write_text(self.summary_path, json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
         logger.info("wrote %s (%d records)", self.summary_path, len(self._records))
         return self.summary_path
+
+    def _previous_run(self) -> dict[str, Any]:
+        """The run description (:data:`_RUN_DESCRIPTION`) of the summary already at ``summary_path``, if it
+        summarizes the same records; else nothing."""
+        try:
+            old = json.loads(self.summary_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return {}
+        same = (
+            isinstance(old, dict)
+            and old.get("records_file") == self.jsonl_path.name
+            and old.get("n_records") == len(self._records)
+            and old.get("command") == self.command
+        )
+        if not same:
+            return {}
+        return {k: old[k] for k in _RUN_DESCRIPTION if k in old}
 
     def __repr__(self) -> str:
         return f"ResultsWriter({str(self.jsonl_path)!r}, records={len(self._records)})"

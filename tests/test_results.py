@@ -197,6 +197,49 @@ def test_finalize_schema(tmp_path):
         w.finalize([], {}, extra={"rows": []})
 
 
+def test_a_rerun_that_records_nothing_keeps_the_run_description(tmp_path):
+    """Running a finished command again rewrites only what the code computes from the records: the summary keeps
+    the versions, hardware, start and end of the run that produced them (so a fresh clone's set-up command does
+    not make the README's "finished" dates out of date). A run that adds or drops a unit describes itself."""
+    out = tmp_path / "lang.json"
+    w = make_writer(out)
+    w.add({"key": "full/a", "policy": "full", "score": 1.0})
+    w.finalize(summarize(w.records()), {})
+    first = json.loads(out.read_text())
+    old = {
+        "versions": {"torch": "0.0-old"},
+        "hardware": {"platform": "elsewhere"},
+        "started": "2000-01-01T00:00:00+00:00",
+        "finished": "2000-01-01T01:00:00+00:00",
+        "wall_s": 3600.0,
+    }
+    out.write_text(json.dumps({**first, **old}))
+
+    again = make_writer(out)
+    again.finalize(summarize(again.records()), {}, extra={"wall_s": 0.1})  # this process's time: not the run's
+    summary = json.loads(out.read_text())
+    assert {k: summary[k] for k in old} == old
+    assert summary["rows"] == first["rows"]
+
+    other = make_writer(out, command=["namm-transfer", "eval", "--target", "language", "--no-progress"])
+    other.finalize(summarize(other.records()), {})  # another command line: it describes itself
+    assert json.loads(out.read_text())["finished"] > old["finished"]
+    out.write_text(json.dumps({**first, **old}))
+
+    more = make_writer(out)
+    more.add({"key": "namm/a", "policy": "namm", "score": 0.5})
+    more.finalize(summarize(more.records()), {})
+    summary = json.loads(out.read_text())
+    assert summary["finished"] > old["finished"] and summary["hardware"] != old["hardware"]
+    assert summary["n_records"] == 2
+    out.write_text(json.dumps({**summary, **old}))
+
+    fewer = make_writer(out)
+    assert fewer.drop(["namm/a"]) == 1
+    fewer.finalize(summarize(fewer.records()), {})
+    assert json.loads(out.read_text())["finished"] > old["finished"]
+
+
 def test_summarize_exact_numbers():
     records = [
         {"policy": "full", "score": 1.0, "retained_cache": 1.0},
