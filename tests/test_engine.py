@@ -45,6 +45,15 @@ def test_keep_everything_matches_unmodified_model(model, batch):
         gen = mem.generate(ids, mask, max_new_tokens=12)
         assert torch.equal(gen, gen_ref)
         assert mem.stats.retained_cache() == 1.0
+        # the decoding steps' logits too: the reference's tokens fed one at a time after the prompt
+        mem.prefill(ids, mask)
+        steps = torch.stack([mem.step(gen_ref[:, i : i + 1])[:, -1] for i in range(40, 51)], 1)
+    full_mask = torch.cat([mask, torch.ones(batch, 11, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        ref_steps = model(
+            input_ids=gen_ref[:, :51], attention_mask=full_mask, position_ids=(full_mask.cumsum(1) - 1).clamp_min(0)
+        ).logits[:, 40:51]
+    torch.testing.assert_close(steps, ref_steps, atol=1e-5, rtol=0)
 
 
 # ----- eviction == masking the evicted tokens out of attention --------------------------------------------
@@ -145,11 +154,12 @@ class RandomPerHead(MemoryPolicy):
         return state.valid & (torch.rand(state.valid.shape, generator=self.g) < 0.6)
 
 
-@pytest.mark.parametrize("kind", ["random-per-head", "namm"])
+@pytest.mark.parametrize("kind", ["random-per-head", "namm", "h2o-50", "random-50"])
 def test_evictions_per_head_over_several_updates_equal_masked_reference(model, kind):
     """Six updates of evictions that differ per sequence and per KV head (one sequence all padding at the first,
     the last while decoding): every logit equals the unmodified model's with each layer's and head's evicted tokens
-    masked out from the clock of their eviction on (rebuilt from ``record_kept``)."""
+    masked out from the clock of their eviction on (rebuilt from ``record_kept``). With a budget every layer keeps
+    the same number of slots (other slots per layer and head), so the engine compacts the layers together."""
     from transformers import AttentionInterface
 
     t, new, interval = 45, 6, 8
@@ -159,6 +169,8 @@ def test_evictions_per_head_over_several_updates_equal_masked_reference(model, k
         net.set_normalization(torch.zeros(17), torch.ones(17))
         net.set_flat(torch.randn(4172, generator=torch.Generator().manual_seed(3)) * 0.5)
         policy = NAMMPolicy(net)
+    elif kind.endswith("-50"):
+        policy = create_policy(kind[: -len("-50")], budget=0.5)
     else:
         policy = RandomPerHead()
     with attach(model, policy, update_interval=interval, chunk_size=interval, record_kept=True) as mem:
@@ -167,6 +179,14 @@ def test_evictions_per_head_over_several_updates_equal_masked_reference(model, k
             steps.append(mem.step(steps[-1].argmax(-1)[:, None])[:, -1])
         stats = mem.stats
     assert stats.update_clock == [8, 16, 24, 32, 40, 48] and stats.retained_cache() < 0.9
+    if kind == "random-50" and len(stats.managed_layers) > 1:  # the layers keep other slots: not a trivial group
+        first, second = stats.managed_layers[:2]
+        assert any(
+            not np.array_equal(a, b)
+            for u in stats.kept_positions
+            for seq_a, seq_b in zip(stats.kept_positions[u][first], stats.kept_positions[u][second], strict=True)
+            for a, b in zip(seq_a, seq_b, strict=True)
+        )
     full_ids = torch.cat([ids, torch.stack([x.argmax(-1) for x in steps[:-1]], 1)], 1)
     full_mask = torch.cat([mask, torch.ones(2, new, dtype=torch.long)], 1)
     n = full_ids.shape[1]
@@ -688,12 +708,34 @@ def test_population_members_evict_their_own_tokens(model):
 # ----- budgets ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["streaming", "h2o", "l2", "random"])
 @pytest.mark.parametrize("budget", [0.5, "10t"])
+def _live_after_each_update(mem):
+    """Wrap the engine's update: after each, the live slots of every managed layer's cache rows, {layer: (B, H)},
+    read from the cache itself (its slot mask and its key tensor's length), not from the policy's decision."""
+    engine, seen = mem.engine, []
+    update = engine.update
+
+    def spy():
+        update()
+        after = {}
+        for layer, st in engine.states.items():
+            keys, _ = engine.adapter.get_kv(engine.cache, layer)
+            assert keys.shape[2] == st.valid.shape[-1]  # one slot flag per cached key
+            after[layer] = st.valid.sum(-1).tolist()
+        seen.append(after)
+
+    engine.update = spy
+    return seen
+
+
+@pytest.mark.parametrize("name", ["streaming", "h2o", "l2", "random"])
+@pytest.mark.parametrize("budget", [0.5, "10t"])
 def test_baselines_respect_budget_exactly(model, name, budget):
     ids, mask = _batch(2, 48, pad=(0, 9))
     with attach(model, create_policy(name, budget=budget), update_interval=16, chunk_size=8) as mem:
+        live_after = _live_after_each_update(mem)
         mem.prefill(ids, mask)
         stats = mem.stats
-    assert len(stats.kept_counts) == 3
+    assert len(stats.kept_counts) == 3 and len(live_after) == 3
     for step, layers in stats.kept_counts.items():
         seen = stats.update_n_seen[step]
         for layer, counts in layers.items():
@@ -701,6 +743,7 @@ def test_baselines_respect_budget_exactly(model, name, budget):
             for b in range(2):
                 target = max(1, int(seen[b] * 0.5)) if budget == 0.5 else 10
                 assert counts[b] == [min(target, n) for n in live[b]]
+            assert live_after[step][layer] == counts  # what the cache holds, not only what the policy chose
 
 
 def test_budgeted_ranking_keeps_the_highest_scores_and_breaks_ties_toward_newer_slots():
@@ -725,34 +768,53 @@ def test_budget_exact_count_after_each_update(model):
                 assert counts == [[12, 12]]
 
 
-def test_replayed_budget_reproduces_recorded_lengths(model):
+@pytest.mark.parametrize("source", ["namm", "random-per-head"])
+def test_replayed_budget_reproduces_recorded_lengths(model, source):
+    """A replayed budget gives every layer, sequence and KV head at every update the recorded count. The
+    random-per-head source records counts that differ between layers and between heads, so a replay that mixed
+    them up would show."""
     torch.manual_seed(7)
     ids, mask = _batch(2, 64, pad=(0, 10), seed=4)
-    with attach(model, NAMMPolicy(_namm(torch.randn(4172) * 0.5)), update_interval=16, chunk_size=8) as mem:
+    policy = NAMMPolicy(_namm(torch.randn(4172) * 0.5)) if source == "namm" else RandomPerHead()
+    with attach(model, policy, update_interval=16, chunk_size=8) as mem:
         mem.prefill(ids, mask)
         recorded = mem.stats.kept_counts
         retained = mem.stats.retained_cache()
-    assert retained < 1.0  # this random NAMM evicts something
+    assert retained < 1.0  # this policy evicts something
+    if source == "random-per-head":
+        per_step = list(recorded.values())
+        assert any(c[0] != c[1] for step in per_step for layer in step.values() for c in layer)  # heads differ
+        if len(per_step[0]) > 1:
+            assert any(len({str(c) for c in step.values()}) > 1 for step in per_step)  # layers differ
     for name in ["h2o", "l2", "streaming", "random"]:
         with attach(model, name, budget=ReplayBudget(recorded), update_interval=16, chunk_size=8) as mem:
+            live_after = _live_after_each_update(mem)
             mem.prefill(ids, mask)
             assert mem.stats.kept_counts == recorded
+            assert dict(enumerate(live_after)) == recorded
             assert mem.stats.retained_cache() == pytest.approx(retained)
 
 
 # ----- attach / detach / errors ----------------------------------------------------------------------------
-def test_detach_restores_model_and_double_attach_is_refused():
-    model = tiny_decoder("llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detach_restores_model_and_double_attach_is_refused(family):
+    model = tiny_decoder(family)
     ids, _ = _batch(1, 20)
+    impl = {name: m.config._attn_implementation for name, m in model.named_modules() if hasattr(m, "config")}
+    forwards = {name: m.forward for name, m in model.named_modules()}
     with torch.no_grad():
         before = model(input_ids=ids).logits
     mem = attach(model, "h2o", budget=0.5, update_interval=8)
     with pytest.raises(RuntimeError, match="already"):
         attach(model, "full")
+    mem.prefill(ids)
+    assert model.config._attn_implementation != "sdpa"  # routed to the engine while attached
     mem.detach()
     mem.detach()  # idempotent
+    assert {name: m.config._attn_implementation for name, m in model.named_modules() if hasattr(m, "config")} == impl
     assert model.config._attn_implementation == "sdpa"
     assert not any(hasattr(m, "_namm_engine") for m in model.modules())
+    assert {name: m.forward for name, m in model.named_modules()} == forwards
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
     with pytest.raises(RuntimeError, match="detached"):
