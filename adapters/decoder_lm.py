@@ -32,6 +32,17 @@ SUPPORTED_DECODER_LMS = {
 }
 
 
+def eos_ids(model: Any, eos_token_id: int | list[int] | None = None) -> list[int]:
+    """The ids that end a generation: ``eos_token_id`` if given, else the model's ``generation_config.eos_token_id``
+    (what ``model.generate`` stops at by default); ``[]`` when neither names one."""
+    if eos_token_id is None:
+        gen = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
 class DecoderLMAdapter(HFCacheRouting):
     """Host questions answered for a decoder LM: layers, cache access, chunk feeding."""
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .decoder_lm import SUPPORTED_DECODER_LMS, DecoderLMAdapter
+from .decoder_lm import SUPPORTED_DECODER_LMS, DecoderLMAdapter, eos_ids
 
 __all__ = [
     "ADAPTER",
@@ -680,15 +680,6 @@ class VideoQAResult:
         return self.record.frame_kept_fraction(layer=layer, at=at)
 
 
-def _eos_ids(model: Any, eos_token_id: int | list[int] | None) -> list[int]:
-    if eos_token_id is None:
-        gen = getattr(model, "generation_config", None)
-        eos_token_id = getattr(gen, "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-
-
 @torch.no_grad()
 def decode_greedy(mem: Any, inputs_embeds: Tensor, max_new_tokens: int, eos: list[int]) -> list[int]:
     """Prefill ``inputs_embeds`` (1, T, hidden) through an attached memory, then decode greedily."""
@@ -736,7 +727,7 @@ def answer(
 
     if inputs is None:
         inputs = build_inputs(model, processor, frames, question, video_first=video_first)
-    eos = _eos_ids(model, eos_token_id)
+    eos = eos_ids(model, eos_token_id)
     embeds = inputs["inputs_embeds"]
     with attach(
         model,

@@ -17,6 +17,10 @@ _LAZY = {
     "EngineConfig": "namm_transfer.engine",
     "EvictionEngine": "namm_transfer.engine",
     "MemoryPolicy": "namm_transfer.policies.base",
+    "LayerState": "namm_transfer.policies.base",
+    "RatioBudget": "namm_transfer.policies.base",
+    "TokenBudget": "namm_transfer.policies.base",
+    "ReplayBudget": "namm_transfer.policies.base",
     "NAMMPolicy": "namm_transfer.policies.namm_policy",
     "create_policy": "namm_transfer.registry",
     "register_policy": "namm_transfer.registry",
@@ -25,6 +29,7 @@ _LAZY = {
     "load_namm": "namm_transfer.checkpoint",
     "save_namm": "namm_transfer.checkpoint",
     "list_namms": "namm_transfer.checkpoint",
+    "import_reference_checkpoint": "namm_transfer.checkpoint",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -457,6 +457,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ResultsFileError, ModelNotAvailableError, UnsupportedModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # an optional dependency the command imports only when it runs
+        missing = (err.name or "").split(".")[0]
+        name = getattr(module, "__name__", None)
+        plugin = next((p for p in [*EVAL_TARGETS.values(), *COMMANDS.values()] if p.module == name), None)
+        if not missing or missing == "namm_transfer" or plugin is None:
+            raise
+        hint = f"pip install 'namm-transfer[{plugin.extra}]'" if plugin.extra else f"pip install {missing}"
+        print(f"error: {plugin.label} needs the package {missing!r}, which is not installed ({hint})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the results file", file=sys.stderr)
         return 130

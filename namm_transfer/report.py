@@ -311,7 +311,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--merge",
         nargs="+",
         metavar="SHARD",
-        help="merge shard files (NAME.rank*-of-*.jsonl, globs allowed) into --output's NAME.jsonl",
+        help="merge shard files (NAME.rank*-of*.jsonl, globs allowed) into --output's NAME.jsonl",
     )
     parser.add_argument("--output", help="with --merge: the run's results path, results/NAME.json")
 

@@ -30,7 +30,7 @@ A file written with other settings is never silently mixed with this run: the wr
 
 Sharded runs: under torchrun / accelerate (RANK and WORLD_SIZE set) each rank writes
 ``NAME.rank{r}-of{w}.jsonl`` and evaluates ``select_shard(items, rank, world)``. Afterwards
-``namm-transfer report --merge results/NAME.rank*-of-*.jsonl --output results/NAME.json`` merges them
+``namm-transfer report --merge results/NAME.rank*-of*.jsonl --output results/NAME.json`` merges them
 into ``NAME.jsonl``; running the same eval command once more in a single process then resumes from
 the merged file, finds every unit done, and writes the summary ``NAME.json``.
 
@@ -629,7 +629,7 @@ def merge_shards(
 ) -> Path:
     """Merge shard JSONL files into ``NAME.jsonl`` (NAME from ``output``) and return its path.
 
-    ``pattern_or_paths`` is a glob pattern (``"results/lang.rank*-of-*.jsonl"``) or a list of files
+    ``pattern_or_paths`` is a glob pattern (``"results/lang.rank*-of*.jsonl"``) or a list of files
     (globs inside the list are expanded too). Records already in ``NAME.jsonl`` are kept. Every file
     must carry the same command signature (target, model, settings, NAMM checkpoint); records are
     deduplicated by key (the first wins). The merged file is written atomically.

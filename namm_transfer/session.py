@@ -171,13 +171,24 @@ class AttachedMemory:
     ) -> Tensor:
         """Greedy decoding, like ``model.generate(..., do_sample=False)``.
 
+        Args:
+            eos_token_id: the id(s) that end a sequence; None (the default, as in ``model.generate``): the model's
+                ``generation_config.eos_token_id``; ``[]``: never stop before ``max_new_tokens``.
+            pad_token_id: what follows a finished sequence's EOS; None: the model's
+                ``generation_config.pad_token_id``, else the first EOS id, else 0.
+
         Returns:
             (B, T + n) the prompt followed by the generated tokens; sequences that finished early
-            are padded with ``pad_token_id`` (default: the first EOS id, else 0).
+            are padded with ``pad_token_id``.
         """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        from .adapters.decoder_lm import eos_ids
+
+        model = getattr(self.engine.adapter, "model", None)
+        eos = eos_ids(model, eos_token_id)
+        if pad_token_id is None:
+            pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         logits = self.prefill(input_ids, attention_mask)
         b = input_ids.shape[0]

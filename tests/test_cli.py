@@ -87,6 +87,27 @@ def test_missing_dependency_names_the_extra(tmp_path, monkeypatch, capsys):
     assert "surely_not_installed_pkg" in err and "namm-transfer[rl]" in err
 
 
+LAZY_DEP_TARGET = """
+def add_arguments(parser):
+    pass
+
+
+def main(args):
+    import surely_not_installed_pkg.sub  # an optional dependency imported only when the command runs
+"""
+
+
+def test_a_dependency_imported_when_the_command_runs_names_the_extra(tmp_path, monkeypatch, capsys):
+    """A target whose module imports fine but whose run needs a missing package (gymnasium for the DT eval in a
+    core-only install) exits 2 with the extra to install, not a traceback."""
+    (tmp_path / "lazy_dep_target.py").write_text(LAZY_DEP_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.EVAL_TARGETS, "decision-transformer", Plugin("lazy_dep_target", "target dt", "rl"))
+    assert main(["eval", "--target", "decision-transformer", "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "target dt needs the package 'surely_not_installed_pkg'" in err and "namm-transfer[rl]" in err
+
+
 FAKE_TARGET = '''
 """A stand-in eval target that records what the CLI hands it."""
 SEEN = {}
@@ -312,3 +333,15 @@ def test_eval_refuses_results_file_of_another_command(tmp_path, monkeypatch, cap
 def test_report_output_needs_merge(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
+
+
+def test_every_top_level_name_resolves():
+    """``namm_transfer.__all__`` (lazy attributes: torch loads on first use) names only importable objects, among
+    them what the README's Python quickstart imports."""
+    import namm_transfer
+
+    assert {"attach", "load_namm", "NAMMPolicy", "ReplayBudget", "import_reference_checkpoint"} <= set(
+        namm_transfer.__all__
+    )
+    for name in namm_transfer.__all__:
+        assert getattr(namm_transfer, name) is not None, name

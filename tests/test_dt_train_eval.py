@@ -190,6 +190,24 @@ def test_resume_refuses_another_dataset_level_or_gym_version(tmp_path):
     assert rest.finished and rest.resumed_from == 3
 
 
+def test_bfloat16_training_keeps_float32_weights_and_is_part_of_the_identity(tmp_path):
+    """--dtype bfloat16 autocasts the forward pass: the loss is finite and close to the float32 run's at the first
+    step, the weights stay float32, and a float32 run does not resume a bfloat16 checkpoint."""
+    from safetensors.torch import load_file
+
+    data = _dataset(tmp_path / "hopper.hdf5")
+    full = train_dt(_cfg(data, steps=3), tmp_path / "f32")
+    half = train_dt(_cfg(data, steps=3, dtype="bfloat16"), tmp_path / "bf16", stop_at=3)
+    assert all(math.isfinite(x) for x in half.losses) and half.losses[0] == pytest.approx(full.losses[0], rel=0.05)
+    assert half.losses[0] != full.losses[0]  # it did run in another precision
+    weights = load_file(str(latest_checkpoint(tmp_path / "bf16") / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    with pytest.raises(ValueError, match="dtype: checkpoint 'bfloat16' != now 'float32'"):
+        train_dt(_cfg(data, steps=4), tmp_path / "bf16")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        _cfg(data, dtype="float8")
+
+
 def test_train_cli_end_to_end_and_evaluation_in_the_log(tmp_path, capsys):
     pytest.importorskip("mujoco")
     from namm_transfer.cli import main

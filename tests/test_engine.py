@@ -42,7 +42,7 @@ def test_keep_everything_matches_unmodified_model(model, batch):
             real[: 40 - 26] = False
             got = logits[b][real[-26:]]
             torch.testing.assert_close(got, ref[b][real], atol=1e-5, rtol=0)
-        gen = mem.generate(ids, mask, max_new_tokens=12)
+        gen = mem.generate(ids, mask, max_new_tokens=12, pad_token_id=0)  # stops at the model's EOS, as HF does
         assert torch.equal(gen, gen_ref)
         assert mem.stats.retained_cache() == 1.0
         # the decoding steps' logits too: the reference's tokens fed one at a time after the prompt
@@ -54,6 +54,29 @@ def test_keep_everything_matches_unmodified_model(model, batch):
             input_ids=gen_ref[:, :51], attention_mask=full_mask, position_ids=(full_mask.cumsum(1) - 1).clamp_min(0)
         ).logits[:, 40:51]
     torch.testing.assert_close(steps, ref_steps, atol=1e-5, rtol=0)
+
+
+def test_generate_stops_at_the_models_eos_by_default():
+    """As ``model.generate``: without ``eos_token_id`` the model's generation config decides where a sequence ends
+    (then it is padded); ``eos_token_id=[]`` decodes every token asked for."""
+    model = tiny_decoder("llama")
+    ids, mask = _batch(2, 24, pad=(0, 5), seed=5)
+    with attach(model, "full", update_interval=16, chunk_size=8) as mem:
+        free = mem.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    assert free.shape[1] == 30
+    stop = int(free[0, 25])  # sequence 0's second new token
+    saved = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = stop, 0
+    try:
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        with attach(model, "full", update_interval=16, chunk_size=8) as mem:
+            out = mem.generate(ids, mask, max_new_tokens=6)
+    finally:
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = saved
+    first = int((free[0, 24:] == stop).nonzero()[0])
+    assert out[0, 24 + first] == stop and (out[0, 25 + first :] == 0).all()
+    assert torch.equal(out[:, : ref.shape[1]], ref) and (out[:, ref.shape[1] :] == 0).all()
 
 
 # ----- eviction == masking the evicted tokens out of attention --------------------------------------------
@@ -536,8 +559,11 @@ def test_explicit_attention_in_bfloat16_agrees_with_the_fused_path():
         with attach(model, policy, update_interval=16, chunk_size=16) as mem:
             mem.engine.tile_bytes = 1
             outs.append(mem.prefill(ids, mask, logits_to_keep=32).float())
-    assert outs[0].abs().max() > 0.1
-    torch.testing.assert_close(outs[1], outs[0], atol=3e-2, rtol=3e-2)
+    scale = float(outs[0].abs().max())
+    assert scale > 0.1
+    # bfloat16 keeps 8 bits of mantissa; two kernels' roundings, accumulated over the layers, differ by a few units
+    # of the logits' last place (2^-8 of their scale, about 0.01 here)
+    torch.testing.assert_close(outs[1], outs[0], atol=0.025 * scale, rtol=3e-2)
 
 
 # ----- the engine's cache: appends in place -------------------------------------------------------------------

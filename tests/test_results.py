@@ -305,7 +305,12 @@ def test_two_ranks_then_merge(tmp_path, monkeypatch):
         assert shard_summary.name == f"lang.rank{rank}-of2.json"
         assert json.loads(shard_summary.read_text())["shard"] == {"rank": rank, "world_size": 2}
 
-    merged = merge_shards(str(tmp_path / "lang.rank*-of2.jsonl"), out)
+    # the pattern the docs and `report --merge --help` give matches the shard files
+    assert sorted(p.name for p in tmp_path.glob("lang.rank*-of*.jsonl")) == [
+        "lang.rank0-of2.jsonl",
+        "lang.rank1-of2.jsonl",
+    ]
+    merged = merge_shards(str(tmp_path / "lang.rank*-of*.jsonl"), out)
     assert merged == tmp_path / "lang.jsonl"
     header, records, _ = read_results(merged)
     assert header["model"] == "tiny-llama"

@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialization, sampling and dropout")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="precision of the forward pass (default float32; bfloat16: autocast, weights and optimizer float32)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -118,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
                 grad_clip=args.grad_clip,
                 seed=args.seed,
                 device=args.device,
+                dtype=args.dtype,
                 threads=args.threads,
                 log_every=args.log_every,
                 checkpoint_every=args.checkpoint_every,

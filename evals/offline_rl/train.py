@@ -120,6 +120,9 @@ _HARMLESS_KEYS = re.compile(r"^(encoder\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 
 # ----------------------------------------------------------------------------------------------------------------
 # configuration
+TRAIN_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass
 class TrainConfig(RunConfig):
     """Settings of one Decision Transformer training run (defaults: the canonical configuration)."""
@@ -152,6 +155,9 @@ class TrainConfig(RunConfig):
     """Evaluation return-to-go (unscaled); default: the DT paper's for the task."""
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "float32"
+    """Precision of the training forward pass: ``float32``, or ``bfloat16`` autocast (weights, optimizer state and
+    the loss stay float32; the saved model is float32 either way)."""
     threads: int | None = None
     """torch CPU threads (None: leave torch's setting)."""
     log_every: int = 100
@@ -179,6 +185,8 @@ class TrainConfig(RunConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0 or self.return_scale <= 0 or self.grad_clip <= 0:
             raise ValueError("lr, return_scale and grad_clip must be > 0")
+        if self.dtype not in TRAIN_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.eval_max_ep_len is None:
             self.eval_max_ep_len = self.max_ep_len
         if self.eval_max_ep_len > self.max_ep_len:
@@ -188,7 +196,8 @@ class TrainConfig(RunConfig):
         return float(self.target_return if self.target_return is not None else ENVS[self.env].target_return)
 
 
-# identity of a run: a checkpoint may only be resumed by a run that agrees on these
+# identity of a run: a checkpoint may only be resumed by a run that agrees on these (a checkpoint written before
+# dtype was a setting reads back as float32, which it was)
 _IDENTITY = (
     "env",
     "level",
@@ -206,6 +215,7 @@ _IDENTITY = (
     "max_ep_len",
     "return_scale",
     "seed",
+    "dtype",
 )
 
 
@@ -575,17 +585,18 @@ def train_dt(
         while step < target:
             batch = sampler.sample(rng, cfg.batch_size, device)
             lr = opt.param_groups[0]["lr"]
-            out_ = model(
-                states=batch["states"],
-                actions=batch["actions"],
-                rewards=None,
-                returns_to_go=batch["returns_to_go"],
-                timesteps=batch["timesteps"],
-                attention_mask=batch["attention_mask"],
-                return_dict=True,
-            )
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                out_ = model(
+                    states=batch["states"],
+                    actions=batch["actions"],
+                    rewards=None,
+                    returns_to_go=batch["returns_to_go"],
+                    timesteps=batch["timesteps"],
+                    attention_mask=batch["attention_mask"],
+                    return_dict=True,
+                )
             mask = batch["attention_mask"].bool()
-            loss = ((out_.action_preds - batch["actions"]) ** 2)[mask].mean()
+            loss = ((out_.action_preds.float() - batch["actions"]) ** 2)[mask].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -95,7 +95,7 @@ NAMM's records of those samples carry the token-level fractions (``token_kept_fi
 
 Resuming and sharding: rerunning the same command skips the units already in ``NAME.jsonl``. Under
 torchrun / accelerate (``RANK``, ``WORLD_SIZE``) each rank evaluates ``select_shard(samples)`` into
-``NAME.rank{r}-of{w}.jsonl``; ``namm-transfer report --merge 'NAME.rank*-of-*.jsonl' --output NAME.json``
+``NAME.rank{r}-of{w}.jsonl``; ``namm-transfer report --merge 'NAME.rank*-of*.jsonl' --output NAME.json``
 merges them and one more single-process run of the same command writes the summary.
 
 Importing this module imports neither torch nor transformers.
