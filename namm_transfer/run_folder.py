@@ -184,6 +184,46 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list
 
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints
+# ----- optimizer state without pickles ---------------------------------------------------------------------
+def optimizer_to_flat(opt: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A torch optimizer's state as flat tensors ``state.{param}.{name}`` (for safetensors) plus JSON-able
+    hyperparameters and scalar state: a checkpoint without pickles."""
+    import torch
+
+    sd = opt.state_dict()
+    tensors: dict[str, Any] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    groups = []
+    for g in sd["param_groups"]:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
+    return tensors, {"param_groups": groups, "scalar_state": scalars}
+
+
+def optimizer_from_flat(opt: Any, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """Restore what :func:`optimizer_to_flat` wrote (the tensors read from safetensors, the rest from JSON)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("state."):
+            continue
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, values in (meta.get("scalar_state") or {}).items():
+        state.setdefault(int(pid), {}).update(values)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g and isinstance(g["betas"], list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
 def checkpoint_dirs(output: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """``(step, folder)`` of the complete checkpoints under ``output/checkpoints``, oldest first."""
     root = Path(output) / CHECKPOINTS

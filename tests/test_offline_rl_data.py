@@ -335,6 +335,38 @@ def test_cli_rejects_file_output_for_all(tmp_path):
 # data collection (real PPO, tiny budget)
 
 
+def _check_saved_run_reloads_exactly(run_dir):
+    """The snapshot acts as the model that was saved; a resumed run holds the saved weights, Adam state, counts and
+    normalization; a folder in stable-baselines3's pickle format is refused, not unpickled."""
+    import torch
+    from namm_transfer.evals.offline_rl.behaviour import BehaviourPolicy, BehaviourRun
+
+    run = BehaviourRun("hopper", run_dir=run_dir, record=False)
+    run.load_or_create()
+    state = json.loads((run_dir / "latest.json").read_text())
+    assert run.model.num_timesteps == state["num_timesteps"] == 1024 and run.model._n_updates == state["n_updates"]
+    np.testing.assert_array_equal(run.venv.obs_rms.mean, state["obs_rms"]["mean"])
+    assert run.venv.ret_rms.count == state["ret_rms"]["count"]
+    adam = run.model.policy.optimizer.state_dict()["state"]
+    assert adam and all(float(v["exp_avg_sq"].abs().sum()) > 0 for v in adam.values())  # not a fresh optimizer
+    snap = BehaviourPolicy.load(run_dir / "snapshots" / "round_0000")
+    live = run.current_policy()
+    for a, b in zip(snap.policy.state_dict().values(), live.policy.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    obs = np.random.default_rng(0).normal(size=(5, 11)).astype(np.float32)
+    np.testing.assert_array_equal(snap.act(obs, deterministic=True), live.act(obs, deterministic=True))
+    np.testing.assert_array_equal(snap.obs_mean, live.obs_mean)
+
+    legacy = run_dir.parent / "legacy"
+    (legacy / "snapshots").mkdir(parents=True)
+    (legacy / "latest.zip").write_bytes(b"PK")
+    (legacy / "snapshots" / "round_0000.zip").write_bytes(b"PK")
+    with pytest.raises(ValueError, match="pickle, which is not loaded"):
+        BehaviourRun("hopper", run_dir=legacy, record=False).load_or_create()
+    with pytest.raises(ValueError, match="pickle, which is not loaded"):
+        BehaviourPolicy.load(legacy / "snapshots" / "round_0000.zip")
+
+
 @pytest.mark.slow
 def test_collect_smoke_and_resume(tmp_path, monkeypatch):
     """1,024 PPO steps, 2 episodes capped at 50 steps; then resume to 1,536 steps and build medium-replay."""
@@ -369,8 +401,10 @@ def test_collect_smoke_and_resume(tmp_path, monkeypatch):
     assert meta["ppo_hyperparameters"]["n_steps"] == 512
     assert {"gymnasium", "stable-baselines3", "torch"} <= set(meta["package_versions"])
     run_dir = tmp_path / "behaviour" / "hopper-v5-ppo-seed0"
-    assert (run_dir / "latest.zip").is_file() and (run_dir / "latest_vecnormalize.pkl").is_file()
-    assert (run_dir / "snapshots" / "round_0000.zip").is_file()
+    assert (run_dir / "latest.safetensors").is_file() and (run_dir / "latest.json").is_file()
+    assert (run_dir / "snapshots" / "round_0000.safetensors").is_file()
+    assert not list(run_dir.rglob("*.zip")) and not list(run_dir.rglob("*.pkl"))  # nothing pickled
+    _check_saved_run_reloads_exactly(run_dir)
 
     # resume: the saved model continues from 1,024 steps
     path2 = collect("hopper", "medium-replay", max_steps=1536, out=tmp_path / "replay.hdf5", **common)

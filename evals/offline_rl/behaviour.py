@@ -3,15 +3,20 @@
 A *run* is one PPO training run per (task, Gymnasium version, algorithm, seed), kept in a folder under
 ``cache_dir()/behaviour/{env}-{version}-ppo-seed{seed}/``:
 
-==============================  ===============================================================================
-``latest.zip``                  full SB3 model (policy + optimizer + timestep count): training resumes from it
-``latest_vecnormalize.pkl``     VecNormalize statistics belonging to ``latest.zip``
-``snapshots/round_KKKK.zip``    policy-only snapshot after round K (SB3 ``ActorCriticPolicy.save``)
-``snapshots/round_KKKK.pkl``    the observation-normalization statistics of that snapshot
-``transitions/round_KKKK.npz``  every environment transition of round K (raw observations), for medium-replay
-``history.json``                one entry per round: timesteps, evaluation return / normalized score, snapshot
-``milestones.json``             which snapshot serves which level (``medium``, ``expert``)
-==============================  ===============================================================================
+==================================  ===========================================================================
+``latest.safetensors``              policy weights and Adam state of the PPO model: training resumes from it
+``latest.json``                     timestep and update counts, VecNormalize statistics, optimizer settings
+``snapshots/round_KKKK.safetensors`` policy-only weights after round K
+``snapshots/round_KKKK.json``       what rebuilds that policy (PPO settings, spaces) and its normalization
+``transitions/round_KKKK.npz``      every environment transition of round K (raw observations), for medium-replay
+``history.json``                    one entry per round: timesteps, evaluation return / normalized score, snapshot
+``milestones.json``                 which snapshot serves which level (``medium``, ``expert``)
+==================================  ===========================================================================
+
+Nothing is pickled: stable-baselines3's own ``save`` / ``load`` (and ``VecNormalize``'s) pickle Python objects,
+and unpickling a file can run code, so the run keeps tensors in safetensors and everything else in JSON, and
+rebuilds the PPO model, its policy and its normalization from them. Run folders written by earlier versions in
+SB3's format (``latest.zip``, ``*.pkl``) are refused with a message rather than unpickled.
 
 Observations fed to the policy are normalized with SB3's ``VecNormalize`` (running mean/variance, clipped at
 10); everything stored in datasets is the RAW observation, and every snapshot carries its normalization
@@ -255,26 +260,70 @@ class BehaviourPolicy:
         return np.asarray(actions, dtype=np.float32)
 
     @classmethod
-    def load(cls, zip_path: str | os.PathLike, stats_path: str | os.PathLike | None = None) -> BehaviourPolicy:
-        """Load a policy-only snapshot (``*.zip``) and its normalization statistics (``*.pkl``)."""
-        import pickle
+    def load(cls, path: str | os.PathLike) -> BehaviourPolicy:
+        """Load a policy snapshot: ``{name}.safetensors`` (weights) and ``{name}.json`` (see :meth:`BehaviourRun.
+        _save_snapshot`); ``path`` names either file or their common stem.
 
-        from stable_baselines3.common.policies import ActorCriticPolicy
+        Raises:
+            FileNotFoundError: no snapshot there.
+            ValueError: a snapshot in stable-baselines3's pickle format (earlier versions), which is not loaded.
+        """
+        from safetensors.torch import load_file
 
-        zip_path = Path(zip_path)
-        stats_path = Path(stats_path) if stats_path is not None else zip_path.with_suffix(".pkl")
-        policy = ActorCriticPolicy.load(str(zip_path), device="cpu")
+        stem = Path(path)
+        if stem.suffix in (".safetensors", ".json", ".zip", ".pkl"):
+            stem = stem.with_suffix("")
+        weights, meta_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+        if not (weights.is_file() and meta_path.is_file()):
+            _refuse_pickled(stem.with_suffix(".zip"))
+            raise FileNotFoundError(f"no behaviour-policy snapshot at {stem} (.safetensors + .json)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{meta_path} is not a behaviour-policy snapshot of format {SNAPSHOT_FORMAT}")
+        policy = _build_policy(meta)
+        policy.load_state_dict(load_file(str(weights)), strict=True)
         policy.set_training_mode(False)
-        mean = var = None
-        clip_obs, eps = 10.0, 1e-8
-        if stats_path.is_file():
-            with open(stats_path, "rb") as fh:
-                stats = pickle.load(fh)
-            if stats.get("obs_mean") is not None:
-                mean = np.asarray(stats["obs_mean"], dtype=np.float32)
-                var = np.asarray(stats["obs_var"], dtype=np.float32)
-            clip_obs, eps = float(stats.get("clip_obs", 10.0)), float(stats.get("epsilon", 1e-8))
-        return cls(policy, mean, var, clip_obs, eps, source=str(zip_path))
+        mean = None if meta["obs_mean"] is None else np.asarray(meta["obs_mean"], dtype=np.float32)
+        var = None if meta["obs_var"] is None else np.asarray(meta["obs_var"], dtype=np.float32)
+        return cls(policy, mean, var, float(meta["clip_obs"]), float(meta["epsilon"]), source=str(weights))
+
+
+SNAPSHOT_FORMAT = 1
+"""Version of the snapshot / resume-state JSON written by :class:`BehaviourRun`."""
+
+
+def _refuse_pickled(path: Path) -> None:
+    """Raise if ``path`` is a file of stable-baselines3's own (pickled) format."""
+    if path.is_file():
+        raise ValueError(
+            f"{path} was saved by an earlier version in stable-baselines3's own format, a pickle, which is not "
+            "loaded (unpickling a file can run code). Train the behaviour run again: delete its folder "
+            f"({path.parent if path.parent.name != 'snapshots' else path.parent.parent}) or pass another run folder"
+        )
+
+
+def _spaces(observation_space: Any, action_space: Any) -> dict[str, Any]:
+    """What rebuilds a policy's spaces: the flat observation size and the action bounds."""
+    return {
+        "obs_dim": int(np.prod(observation_space.shape)),
+        "act_low": np.asarray(action_space.low, dtype=np.float64).tolist(),
+        "act_high": np.asarray(action_space.high, dtype=np.float64).tolist(),
+    }
+
+
+def _build_policy(meta: dict[str, Any]) -> Any:
+    """A fresh ``ActorCriticPolicy`` of the architecture ``meta`` describes (PPO settings and spaces), CPU."""
+    import gymnasium as gym
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    cfg = _config_from_dict(meta["config"])
+    obs_space = gym.spaces.Box(-np.inf, np.inf, shape=(int(meta["obs_dim"]),), dtype=np.float32)
+    act_space = gym.spaces.Box(
+        np.asarray(meta["act_low"], dtype=np.float32), np.asarray(meta["act_high"], dtype=np.float32), dtype=np.float32
+    )
+    return ActorCriticPolicy(
+        obs_space, act_space, lr_schedule=lambda _: cfg.learning_rate, **cfg.sb3_kwargs()["policy_kwargs"]
+    ).to("cpu")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -466,15 +515,16 @@ class BehaviourRun:
     # paths -------------------------------------------------------------------------------------------------
     @property
     def model_path(self) -> Path:
-        return self.dir / "latest.zip"
+        """The PPO model's weights and optimizer state (its counts and normalization: :attr:`state_path`)."""
+        return self.dir / "latest.safetensors"
 
     @property
-    def vecnorm_path(self) -> Path:
-        return self.dir / "latest_vecnormalize.pkl"
+    def state_path(self) -> Path:
+        return self.dir / "latest.json"
 
     def snapshot_path(self, tag: str) -> Path:
-        """Policy-only snapshot ``snapshots/{tag}.zip`` (its statistics: the same name with ``.pkl``)."""
-        return self.dir / "snapshots" / f"{tag}.zip"
+        """Policy-only snapshot ``snapshots/{tag}.safetensors`` (what rebuilds it: the same name with ``.json``)."""
+        return self.dir / "snapshots" / f"{tag}.safetensors"
 
     def transitions_path(self, round_index: int) -> Path:
         return self.dir / "transitions" / f"round_{round_index:04d}.npz"
@@ -508,7 +558,7 @@ class BehaviourRun:
         return DummyVecEnv([factory] * max(1, self.config.n_envs))
 
     def load_or_create(self) -> None:
-        """Load ``latest.zip`` (+ statistics) to resume, or create a fresh PPO model."""
+        """Rebuild the PPO model from ``latest.safetensors`` + ``latest.json`` to resume, or create a fresh one."""
         from stable_baselines3 import PPO
         from stable_baselines3.common.logger import Logger
         from stable_baselines3.common.vec_env import VecNormalize
@@ -517,12 +567,28 @@ class BehaviourRun:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg = self.config
-        base = self._make_venv()
-        if self.model_path.is_file() and self.vecnorm_path.is_file():
-            self.venv = VecNormalize.load(str(self.vecnorm_path), base)
-            self.venv.training = True
-            self.model = PPO.load(str(self.model_path), env=self.venv, device="cpu")
-            self.model.set_random_seed(self.seed + len(self.history))
+        self.venv = VecNormalize(
+            self._make_venv(),
+            norm_obs=cfg.normalize_obs,
+            norm_reward=cfg.normalize_reward,
+            clip_obs=cfg.clip_obs,
+            gamma=cfg.gamma,
+        )
+        resume = self.model_path.is_file() and self.state_path.is_file()
+        if not resume:
+            _refuse_pickled(self.dir / "latest.zip")
+        # seeded as a new model (seed) or as a resumed one (seed + rounds done), as before; a resumed model's weights
+        # are then replaced by the saved ones
+        self.model = PPO(
+            "MlpPolicy",
+            self.venv,
+            seed=self.seed + (len(self.history) if resume else 0),
+            device="cpu",
+            verbose=0,
+            **cfg.sb3_kwargs(),
+        )
+        if resume:
+            self._restore()
             logger.info(
                 "%s: resumed PPO run %s at %d steps (%d rounds)",
                 self.env_name,
@@ -530,18 +596,7 @@ class BehaviourRun:
                 self.model.num_timesteps,
                 len(self.history),
             )
-            saved = self._load_json("config.json", None)
-            if saved is not None and saved != cfg.to_dict():
-                logger.warning("%s: the saved run used other PPO settings; continuing with the saved model", self.dir)
         else:
-            self.venv = VecNormalize(
-                base,
-                norm_obs=cfg.normalize_obs,
-                norm_reward=cfg.normalize_reward,
-                clip_obs=cfg.clip_obs,
-                gamma=cfg.gamma,
-            )
-            self.model = PPO("MlpPolicy", self.venv, seed=self.seed, device="cpu", verbose=0, **cfg.sb3_kwargs())
             _write_json(self.dir / "config.json", cfg.to_dict())
             if self.history:
                 logger.warning("%s: history without a model; starting the run over", self.dir)
@@ -563,23 +618,95 @@ class BehaviourRun:
             source=str(self.model_path),
         )
 
+    def _policy_meta(self) -> dict[str, Any]:
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "env": self.env_name,
+            "version": self.version,
+            "config": self.config.to_dict(),
+            **_spaces(self.model.policy.observation_space, self.model.policy.action_space),
+        }
+
     def _save_snapshot(self, tag: str) -> Path:
-        import pickle
+        from safetensors.torch import save_file
 
         path = self.snapshot_path(tag)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.model.policy.save(str(path))
         rms = self.venv.obs_rms if self.config.normalize_obs else None
-        stats = {
-            "obs_mean": None if rms is None else np.asarray(rms.mean),
-            "obs_var": None if rms is None else np.asarray(rms.var),
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.policy.state_dict().items()}, str(path))
+        meta = {
+            **self._policy_meta(),
+            "obs_mean": None if rms is None else np.asarray(rms.mean, dtype=np.float64).tolist(),
+            "obs_var": None if rms is None else np.asarray(rms.var, dtype=np.float64).tolist(),
             "clip_obs": float(self.venv.clip_obs),
             "epsilon": float(self.venv.epsilon),
             "timesteps": self.timesteps,
         }
-        with open(path.with_suffix(".pkl"), "wb") as fh:
-            pickle.dump(stats, fh)
+        _write_json(path.with_suffix(".json"), meta)
         return path
+
+    def _save_state(self) -> None:
+        """The PPO model's state for resuming: weights and Adam state (safetensors), the rest in JSON."""
+        from safetensors.torch import save_file
+
+        from namm_transfer.run_folder import optimizer_to_flat, sha256_file
+
+        opt_tensors, opt_meta = optimizer_to_flat(self.model.policy.optimizer)
+        tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in self.model.policy.state_dict().items()}
+        tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+        tmp = self.model_path.with_suffix(".safetensors.tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.model_path)
+
+        def rms(r: Any) -> dict[str, Any]:
+            return {"mean": np.asarray(r.mean, np.float64).tolist(), "var": np.asarray(r.var, np.float64).tolist(),
+                    "count": float(r.count)}  # fmt: skip
+
+        _write_json(
+            self.state_path,
+            {
+                **self._policy_meta(),
+                "num_timesteps": int(self.model.num_timesteps),
+                "n_updates": int(self.model._n_updates),
+                "optimizer": opt_meta,
+                "obs_rms": rms(self.venv.obs_rms),
+                "ret_rms": rms(self.venv.ret_rms),
+                "weights_sha256": sha256_file(self.model_path),
+            },
+        )
+
+    def _restore(self) -> None:
+        """Load :meth:`_save_state`'s files into the freshly built model and VecNormalize."""
+        from safetensors.torch import load_file
+
+        from namm_transfer.run_folder import optimizer_from_flat, sha256_file
+
+        state = json.loads(self.state_path.read_text())
+        if state.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{self.state_path} is not a behaviour-run state of format {SNAPSHOT_FORMAT}")
+        if state.get("weights_sha256") != sha256_file(self.model_path):
+            raise ValueError(
+                f"{self.model_path} does not belong to {self.state_path} (interrupted while saving?); delete the run "
+                f"folder {self.dir} to train it again"
+            )
+        if state["config"] != self.config.to_dict():
+            logger.warning("%s: the saved run used other PPO settings; continuing with the saved model", self.dir)
+        tensors = load_file(str(self.model_path))
+        self.model.policy.load_state_dict(
+            {k[len("policy.") :]: v for k, v in tensors.items() if k.startswith("policy.")}, strict=True
+        )
+        optimizer_from_flat(
+            self.model.policy.optimizer,
+            {k[len("optimizer.") :]: v for k, v in tensors.items() if k.startswith("optimizer.")},
+            state["optimizer"],
+        )
+        self.model.num_timesteps = int(state["num_timesteps"])
+        self.model._n_updates = int(state["n_updates"])
+        for name in ("obs_rms", "ret_rms"):
+            r, saved = getattr(self.venv, name), state[name]
+            r.mean = np.asarray(saved["mean"], dtype=np.float64).reshape(np.shape(r.mean))
+            r.var = np.asarray(saved["var"], dtype=np.float64).reshape(np.shape(r.var))
+            r.count = float(saved["count"])
 
     def load_snapshot(self, tag: str) -> BehaviourPolicy:
         """Load a saved snapshot (e.g. ``round_0012``) as a :class:`BehaviourPolicy`."""
@@ -613,8 +740,7 @@ class BehaviourRun:
         ev = self.evaluate(eval_episodes, seed=self.seed * 1_000_003 + 7_919 * (k + 1))
         tag = f"round_{k:04d}"
         self._save_snapshot(tag)
-        self.model.save(str(self.model_path))
-        self.venv.save(str(self.vecnorm_path))
+        self._save_state()
         entry = {
             "round": k,
             "timesteps": int(self.model.num_timesteps),

@@ -56,6 +56,8 @@ from namm_transfer.run_folder import (
     latest_checkpoint,
     log_start,
     markdown_table,
+    optimizer_from_flat,
+    optimizer_to_flat,
     package_versions,
     read_checkpoint,
     read_log,
@@ -372,45 +374,6 @@ def _load_dataset(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # resumable checkpoints (safetensors + JSON, never pickle)
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as flat tensors ``state.{param}.{name}`` plus JSON-able hyperparameters."""
-    import torch
-
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        for name, value in st.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous().clone()
-            else:
-                scalars.setdefault(str(pid), {})[name] = value
-    groups = []
-    for g in sd["param_groups"]:
-        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
-    return tensors, {"param_groups": groups, "scalar_state": scalars}
-
-
-def _optimizer_from_flat(
-    opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if not key.startswith("state."):
-            continue
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    for pid, values in (meta.get("scalar_state") or {}).items():
-        state.setdefault(int(pid), {}).update(values)
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if "betas" in g and isinstance(g["betas"], list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
 def _save_checkpoint(
     output: Path, step: int, st: TrainState, cfg: TrainConfig, train_seconds: float, data_sha256: str
 ) -> Path:
@@ -422,7 +385,7 @@ def _save_checkpoint(
             {k: v.detach().cpu().contiguous().clone() for k, v in st.model.state_dict().items()},
             str(folder / "model.safetensors"),
         )
-        opt_tensors, opt_meta = _optimizer_to_flat(st.optimizer)
+        opt_tensors, opt_meta = optimizer_to_flat(st.optimizer)
         tensors = dict(opt_tensors)
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         if torch.cuda.is_available() and str(cfg.device).startswith("cuda"):
@@ -459,7 +422,7 @@ def _load_checkpoint(path: Path, st: TrainState, cfg: TrainConfig, data_path: Pa
     weights = load_file(str(path / "model.safetensors"))
     st.model.load_state_dict(weights, strict=True)
     tensors = load_file(str(path / "trainer_state.safetensors"))
-    _optimizer_from_flat(st.optimizer, tensors, state["optimizer"])
+    optimizer_from_flat(st.optimizer, tensors, state["optimizer"])
     st.scheduler.load_state_dict(dict(state["scheduler"]))
     st.rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(tensors["rng.torch_cpu"])
