@@ -500,9 +500,8 @@ class ResultsWriter:
 
         A run that recorded nothing new (every unit was already done) describes the run that produced the records:
         it keeps the existing summary's ``versions``, ``hardware``, ``started``, ``finished`` and ``wall_s`` (a
-        target's wall time, passed in ``extra``), so that running a
-        finished command again (e.g. the README's set-up command in a fresh clone) rewrites nothing but what the
-        code computes from the records.
+        target's wall time, passed in ``extra``), so that running a finished command again (e.g. the README's
+        set-up command in a fresh clone) rewrites nothing but what the code computes from the records.
         """
         summary: dict[str, Any] = {
             "format": FORMAT_VERSION,

@@ -261,8 +261,8 @@ class BehaviourPolicy:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BehaviourPolicy:
-        """Load a policy snapshot: ``{name}.safetensors`` (weights) and ``{name}.json`` (see :meth:`BehaviourRun.
-        _save_snapshot`); ``path`` names either file or their common stem.
+        """Load a policy snapshot: ``{name}.safetensors`` (weights) and ``{name}.json`` (PPO settings, spaces and
+        normalization, as ``BehaviourRun._save_snapshot`` writes them); ``path`` names either file or their stem.
 
         Raises:
             FileNotFoundError: no snapshot there.
