@@ -267,6 +267,19 @@ def test_evicting_policy_shrinks_cache_and_type_stats_add_up(dt):
     # the same numbers straight from kept_positions
     direct = kept_token_stats(stats, age_edges=(0, 2, 8))
     assert direct["by_type"] == kept["by_type"]
+    # and counted by hand: token (return, state, action) = position % 3, age = newest timestep - position // 3
+    by_type, by_age = [0, 0, 0], {"0-1": 0, "2-7": 0, "8+": 0}
+    for step, layers in stats.kept_positions.items():
+        for per_seq in layers.values():
+            for b, heads in enumerate(per_seq):
+                newest = (int(stats.update_n_seen[step][b]) - 1) // 3
+                for pos in heads:
+                    for p in (int(x) for x in pos):
+                        by_type[p % 3] += 1
+                        age = newest - p // 3
+                        by_age["0-1" if age < 2 else "2-7" if age < 8 else "8+"] += 1
+    assert [kept["by_type"][name] for name in TOKEN_TYPES] == by_type
+    assert kept["by_age"] == by_age and min(by_age.values()) > 0
 
 
 # ----- real environment ----------------------------------------------------------------------------------
@@ -304,6 +317,58 @@ def test_hopper_rollout(dt, mode, policy, kw):
     else:
         assert res["retained_cache"] is None and 0 < res["context_fraction"] <= 1.0
     assert not dt.training
+
+
+class _ScriptedEnv:
+    """A tiny deterministic task (no MuJoCo): observation t is ``obs0 + t`` and reward t is ``t + 1``; ends at 6."""
+
+    def __init__(self, state_dim: int, act_dim: int) -> None:
+        import gymnasium as gym
+
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (state_dim,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32)
+        self.obs0 = np.linspace(-1.0, 2.0, state_dim)
+        self.t = 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self.obs0.copy(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self.obs0 + self.t, float(self.t), self.t >= 6, False, {}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["canonical", "cached"])
+def test_rollout_feeds_scaled_returns_to_go_and_normalized_states(dt, mode, monkeypatch):
+    """What the model is given at step t: return-to-go ``(target - sum of rewards so far) / return_scale`` and
+    the state ``(obs_t - mean) / std`` (the DT paper's evaluation), in both modes."""
+    from namm_transfer.evals.offline_rl import rollout
+
+    seen = []
+    cls = rollout.CachedDT if mode == "cached" else rollout.CanonicalDT
+    act = cls.act
+
+    def spy(self, returns_to_go, states, alive=None):
+        seen.append((np.array(returns_to_go, dtype=np.float64), np.array(states, dtype=np.float64)))
+        return act(self, returns_to_go, states, alive)
+
+    monkeypatch.setattr(cls, "act", spy)
+    mean, std = np.linspace(0.5, -0.5, STATE), np.linspace(0.5, 2.0, STATE)
+    res = run_episodes(
+        dt, "hopper", 2, mode=mode, target_return=360.0, state_mean=mean, state_std=std, return_scale=100.0,
+        max_ep_len=10, env_fn=lambda i: _ScriptedEnv(STATE, ACT),
+    )  # fmt: skip
+    assert res["lengths"] == [6, 6] and res["returns"] == [21.0, 21.0]
+    assert len(seen) == 6
+    obs0 = _ScriptedEnv(STATE, ACT).obs0
+    for t, (rtg, states) in enumerate(seen):
+        rewards_so_far = t * (t + 1) / 2  # 1 + 2 + ... + t
+        np.testing.assert_allclose(rtg.reshape(-1), [(360.0 - rewards_so_far) / 100.0] * 2, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(states, np.stack([(obs0 + t - mean) / std] * 2), rtol=0, atol=1e-12)
 
 
 def test_rollouts_are_reproducible(dt):

@@ -355,6 +355,22 @@ def test_replay_budget_follows_namm_then_falls_back(fallback):
         budget.target(_layer_state([6], 6, 0, [6]))
 
 
+def test_replay_budget_follows_each_layer():
+    """Counts are replayed per managed layer (by layer id, not position) for every update and in the fallback."""
+    from namm_transfer.evals.offline_rl.run import _replay_budget
+
+    # two managed layers, ids 1 and 3, with other counts at every update
+    counts = [[[4], [2]], [[5], [3]]]  # kept_counts[update][layer index][head]
+    budget = _replay_budget([{"layers": [1, 3], "kept_counts": counts}], "hold")
+    assert budget.target(_layer_state([6], 6, 0, [6], layer=1)).tolist() == [[4]]
+    assert budget.target(_layer_state([6], 6, 0, [6], layer=3)).tolist() == [[2]]
+    assert budget.target(_layer_state([12], 12, 1, [8], layer=3)).tolist() == [[3]]
+    assert budget.target(_layer_state([18], 18, 2, [9], layer=1)).tolist() == [[5]]  # held: the last update's
+    assert budget.target(_layer_state([18], 18, 2, [9], layer=3)).tolist() == [[3]]
+    with pytest.raises(ValueError, match="no layer 2"):
+        budget.target(_layer_state([6], 6, 0, [6], layer=2))
+
+
 # ----- eval --target decision-transformer end to end --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory):
@@ -389,7 +405,7 @@ def _records(path: Path) -> list[dict]:
     return [r for r in lines if "_header" not in r]
 
 
-def test_eval_end_to_end_scores_schema_and_resume(eval_setup, capsys):
+def test_eval_end_to_end_scores_schema_and_resume(eval_setup, capsys, monkeypatch):
     pytest.importorskip("mujoco")
     from namm_transfer.cli import main
 
@@ -442,10 +458,14 @@ def test_eval_end_to_end_scores_schema_and_resume(eval_setup, capsys):
                 assert r["retained_cache"] == pytest.approx(ref["retained_cache"], abs=1e-12)
     assert all("replay" in r and r["replay"]["kept_counts"] for r in namm.values())
 
-    # resume: a second run repeats nothing
+    # resume: a second run repeats nothing (no episode batch is run again, the file is unchanged)
+    from namm_transfer.evals.offline_rl import run as dt_run
+
+    ran, run_batch = [], dt_run._run_batch
+    monkeypatch.setattr(dt_run, "_run_batch", lambda s, env, p, *a: ran.append((env, p)) or run_batch(s, env, p, *a))
     size = (root / "res.jsonl").stat().st_size
     assert main(_eval_argv(root, models)) == 0
-    assert (root / "res.jsonl").stat().st_size == size
+    assert (root / "res.jsonl").stat().st_size == size and ran == []
 
     # a run killed before the last batches: only those run again (baselines read NAMM's counts from the file),
     # with the same results
@@ -454,6 +474,7 @@ def test_eval_end_to_end_scores_schema_and_resume(eval_setup, capsys):
     assert len(dropped) == 4
     (root / "res.jsonl").write_text("\n".join(x for x in lines if x not in dropped) + "\n")
     assert main(_eval_argv(root, models)) == 0
+    assert sorted(ran) == [("walker2d", "random"), ("walker2d", "streaming")]  # only the missing batches
     again = {r["key"]: r for r in _records(root / "res.jsonl")}
     assert len(again) == len(records)
     for x in dropped:

@@ -259,6 +259,9 @@ def _check_minari_conversion(data, eps):
     )
     np.testing.assert_array_equal(data["actions"], np.concatenate([e["actions"] for e in eps]))
     np.testing.assert_array_equal(data["rewards"], np.concatenate([e["rewards"] for e in eps]).astype(np.float32))
+    # the flags step by step: episode 0 terminates, 1 is truncated, 2 ends without a flag (read as a timeout)
+    np.testing.assert_array_equal(data["terminals"], [0, 0, 0, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(data["timeouts"], [0, 0, 0, 0, 0, 0, 1, 0, 1])
     trajs = ds.split_trajectories(data)
     assert [len(t["rewards"]) for t in trajs] == [4, 3, 2]
     assert trajs[0]["terminals"][-1] and trajs[1]["timeouts"][-1]

@@ -368,6 +368,8 @@ def test_prompt_formats_exact() -> None:
         ("A", 4, (0, False)),
         ("B) a dog", 4, (1, False)),
         ("I think E, no wait, C", 4, (2, False)),
+        ("B, not C", 4, (1, False)),  # the first valid letter, not the last
+        ("(A) or (D)", 4, (0, False)),
         ("E", 5, (4, False)),
         ("Apple Banana", 4, (None, True)),
         ("answer: b", 4, (None, True)),

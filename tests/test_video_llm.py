@@ -131,8 +131,19 @@ def test_evictions_recorded_by_modality_and_frame(host, video):
     seen = rec.call_seen_video + rec.call_seen_text
     np.testing.assert_allclose((live / seen[:, None]).mean(), stats.retained_cache(), atol=1e-9)
 
+    # the video / text split of the kept tokens, counted independently from the kept positions and token kinds
+    for u in range(rec.n_updates):
+        for li, layer in enumerate(rec.layers):
+            for h, pos in enumerate(stats.kept_positions[u][layer][0]):
+                assert rec.kept_video[u, li, h] == int(kind[pos].sum())
+                assert rec.kept_text[u, li, h] == len(pos) - int(kind[pos].sum())
+
     rv, rt = retained_video(res), retained_text(res)
     assert 0.0 < rv < 1.0 and 0.0 < rt <= 1.0
+    has_video = rec.call_seen_video > 0
+    assert rv == pytest.approx((rec.live_video[has_video] / rec.call_seen_video[has_video, None]).mean())
+    assert rt == pytest.approx((rec.live_text / rec.call_seen_text[:, None]).mean())
+    assert (rec.live_video <= rec.call_seen_video[:, None] + 1e-9).all()
     assert (rec.kept_video < rec.seen_video[:, None, None]).any()  # video tokens were evicted
 
     frac = frame_kept_fraction(res)
