@@ -297,3 +297,14 @@ def test_reference_importer_refuses_arbitrary_objects(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot be loaded safely") as info:
         import_reference_checkpoint(path)
     assert "never unpickles" in str(info.value)
+
+
+def test_the_default_namm_ships_and_loads():
+    """``load_namm("default")`` gives the NAMM named in the package's weights/DEFAULT, verified by its hash."""
+    from namm_transfer.checkpoint import default_namm_name, list_namms, load_namm
+
+    name = default_namm_name()
+    assert name == "bam.smollm2-135m" and name in list_namms()
+    namm = load_namm("default")
+    assert namm.checkpoint_info["name"] == name and namm.normalization_ready
+    assert torch.equal(namm.get_flat(), load_namm(name).get_flat())

@@ -418,3 +418,79 @@ def test_run_with_sink_tokens_saves_them_and_refuses_other_settings(model, tmp_p
     assert load_namm(tmp_path / "run" / "namm").config.sink_tokens == 2
     with pytest.raises(ValueError, match="sink_tokens"):
         Evolution(tmp_path / "run", _config(gens=(1, 0)), model, _pools())
+
+
+def test_fitness_combines_prompts_exactly():
+    """Per task the ratio of sums (member scores summed over the task's prompts / full-cache scores summed; the sum
+    itself where the full cache scores 0), the mean over tasks, minus cache_weight x the retained cache above
+    cache_target (retained averaged over prompts). Two members, three tasks, numbers worked out by hand."""
+    from namm_transfer.evolution.fitness import combine_prompt_scores
+
+    per_prompt = [
+        ("a", np.array([0.2, 0.4]), 0.5, np.array([0.6, 0.9])),
+        ("a", np.array([0.6, 0.0]), 0.3, np.array([0.4, 0.7])),
+        ("b", np.array([0.1, 0.3]), 0.4, np.array([0.5, 0.5])),
+        ("c", np.array([0.25, 0.5]), 0.0, np.array([0.5, 0.3])),  # the full cache fails this task
+    ]
+    out = combine_prompt_scores(per_prompt, FitnessConfig(cache_weight=2.0, cache_target=0.45))
+    # a: (0.2 + 0.6) / 0.8 = 1.0 and (0.4 + 0.0) / 0.8 = 0.5 (a mean of per-prompt ratios would give 1.2 / 0.4)
+    np.testing.assert_allclose(out.task_ratio["a"], [1.0, 0.5])
+    np.testing.assert_allclose(out.task_ratio["b"], [0.25, 0.75])
+    np.testing.assert_allclose(out.task_ratio["c"], [0.25, 0.5])
+    assert out.full_scores == pytest.approx({"a": 0.8, "b": 0.4, "c": 0.0})
+    np.testing.assert_allclose(out.retained, [0.5, 0.6])
+    perf = np.array([(1.0 + 0.25 + 0.25) / 3, (0.5 + 0.75 + 0.5) / 3])
+    np.testing.assert_allclose(out.fitness, perf - 2.0 * np.array([0.05, 0.15]))
+
+
+def test_answer_score_is_the_geometric_mean_probability():
+    from namm_transfer.evolution.fitness import answer_score
+
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))  # two answer tokens, vocab 3
+    got = answer_score(logits, torch.tensor([[0, 2]]))
+    assert got.tolist() == pytest.approx([(0.5 * 0.8) ** 0.5])  # not the arithmetic mean 0.65
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_evolution_pools_are_training_prompts_with_the_answer_after_the_cue(chat):
+    """``evolve`` trains on the train split (never the held-out one the eval uses); each pool item is the prompt
+    (for a chat model: its turn, then the answer cue) followed by exactly the answer's tokens."""
+    from namm_transfer.evals.language import make_split
+    from namm_transfer.evals.video_qa.run import byte_level_tokenizer
+
+    from namm_transfer.evolution.cli import build_pools
+
+    tok = byte_level_tokenizer()
+    if chat:
+        tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    pools = build_pools(tok, ["passkey", "kv_retrieval"], 2, [300])
+    for task, items in pools.items():
+        samples = make_split(task, "train", n=2, lengths=[300], tokenizer=tok)
+        held = {s.id for s in make_split(task, "heldout", n=2, lengths=[300], tokenizer=tok)}
+        assert [p.id for p in items] == [s.id for s in samples] and not held & {p.id for p in items}
+        for p, s in zip(items, samples, strict=True):
+            prompt = tok.decode(list(p.ids[: -p.answer_len]))
+            assert tok.decode(list(p.ids[-p.answer_len :])).strip() == s.answer
+            if chat:
+                assert s.chat_prompt is not None and prompt == s.chat_prompt + s.answer_cue
+            else:
+                assert prompt == s.prompt
+
+
+def test_cma_settings_follow_the_config_and_prompts_change_per_generation(model, tmp_path):
+    """The elite share is elite_ratio x population (the spec: 0.5 of 32 -> 16 parents), separable CMA-ES is the
+    configured diagonal mode, and each generation draws its own prompts (seeded, reproducible)."""
+    from dataclasses import replace
+
+    pools = _pools(n=8)
+    evo = Evolution(
+        tmp_path / "a", replace(_config(), population=8, elite_ratio=0.25, prompts_per_task=1), model, pools
+    )
+    assert evo.es.sp.weights.mu == 2 and evo.es.popsize == 8
+    assert bool(evo.es.opts["CMA_diagonal"]) is evo.config.separable
+    draws = [tuple(p.id for p in evo.prompts_for(g)) for g in range(6)]
+    assert len(set(draws)) > 1  # not the same prompts every generation
+    again = Evolution(
+        tmp_path / "b", replace(_config(), population=8, elite_ratio=0.25, prompts_per_task=1), model, pools
+    )
+    assert [tuple(p.id for p in again.prompts_for(g)) for g in range(6)] == draws

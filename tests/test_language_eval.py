@@ -172,6 +172,20 @@ def test_language_eval_end_to_end_resume_and_refusal(assets, tmp_path, capsys):
     assert s["max_new_tokens"] == 4 and s["dtype"] == "float32" and s["prompt"].startswith("chat")
     assert header["namm_checkpoint"]["name"] == "test-namm" and len(header["namm_checkpoint"]["sha256"]) == 64
 
+    # the samples are the held-out split's (never the split evolution trains on)
+    from namm_transfer.evals.language.run import DATA_SEED_BASE
+    from namm_transfer.evals.language.tasks import make_split
+
+    from namm_transfer.models import load_model
+
+    _, tok = load_model(str(assets["llama"]), device="cpu", dtype="float32")
+    split = {t: [x.id for x in make_split(t, "heldout", n=1, lengths=[96], tokenizer=tok, seed_base=DATA_SEED_BASE)]
+             for t in TASKS}  # fmt: skip
+    train = {t: [x.id for x in make_split(t, "train", n=1, lengths=[96], tokenizer=tok, seed_base=DATA_SEED_BASE)]
+             for t in TASKS}  # fmt: skip
+    assert {r["sample_id"] for r in records} == {i for ids in split.values() for i in ids}
+    assert not {r["sample_id"] for r in records} & {i for ids in train.values() for i in ids}
+
     # records
     for r in records:
         assert r["key"] == f"{r['policy']}/{r['sample_id']}"
@@ -338,3 +352,57 @@ def test_help_is_torch_free():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--budget-mode" in done.stdout and "--max-new-tokens" in done.stdout and "--lengths" in done.stdout
+
+
+def test_session_teacher_forces_the_answer_and_decodes_greedily():
+    """run_session on a tiny Llama with the full cache: the answer log-probabilities are the unmodified model's,
+    teacher-forced on prompt + answer, and the generation is its greedy decoding (row 0), not the forced row."""
+    from namm_transfer.evals.language.run import run_session
+    from tiny_models import tiny_decoder
+
+    model = tiny_decoder("llama")
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 96, (40,), generator=g).tolist()
+    answer = torch.randint(0, 96, (5,), generator=g).tolist()
+    res = run_session(model, "full", prompt, answer, 6, update_interval=16, chunk_size=8, device="cpu")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    logp = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + 4], -1)
+    expected = logp.gather(-1, torch.tensor(answer)[:, None]).squeeze(-1)
+    assert res.answer_logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+    assert res.generated == greedy[0, len(prompt) :].tolist()
+    assert res.generated[: len(answer)] != answer  # the two rows differ: the test tells them apart
+
+
+def test_record_scores_the_generation_and_rows_average_tasks():
+    """A record's score is the scorer applied to the decoded generation (cut at EOS); a summary row's score is the
+    mean over tasks of the task means, not over samples."""
+    from types import SimpleNamespace
+
+    from namm_transfer.evals.language.run import SessionResult, _record, summary_rows
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(65 + i) for i in ids)
+
+    sample = SimpleNamespace(task="passkey", id="s0", target_length=96, seed=1, answer="BC")
+    res = SessionResult(
+        generated=[1, 2, 9, 3], answer_logprobs=[-0.5, -1.5], kept_counts={}, fork_update=0, retained_cache=1.0,
+        retained_prefill=1.0, peak_cache_bytes=2**20, peak_memory_bytes=None, prefill_s=1.0, decode_s=1.0,
+        managed_layers=(0, 1), n_layers=2, n_updates=0,
+    )  # fmt: skip
+
+    def rec(generated):
+        r = SessionResult(**{**res.__dict__, "generated": generated})
+        return _record("full/s0", "full", sample, r, Tok(), {9}, lambda s, text: text == s.answer, [0] * 10,
+                       [1, 2], 4, "cpu", None)  # fmt: skip
+
+    hit, miss = rec([1, 2, 9, 3]), rec([2, 1, 9, 3])
+    assert hit["generation"] == "BC" and hit["score"] == 100.0 and hit["stopped_at_eos"]
+    assert miss["generation"] == "CB" and miss["score"] == 0.0
+    assert hit["loglik"] == pytest.approx(-1.0)
+
+    records = [{"policy": "full", "task": "a", "score": 100.0}] * 3 + [{"policy": "full", "task": "b", "score": 0.0}]
+    (row,) = summary_rows(records, ["full"])
+    assert row["score"] == pytest.approx(50.0) and row["tasks"] == 2  # over samples it would be 75

@@ -401,3 +401,27 @@ def test_longbench_scorer(longbench_dir):
     by_len = LB.scorer_by_length("hotpotqa", ["Lisbon", "no"], [["Lisbon"], ["Lisbon"]], [100, 5000])
     assert by_len["0-4k"] == 100.0 and by_len["4-8k"] == 0.0 and math.isnan(by_len["8k+"])
     assert re.fullmatch(r"\d+\.\d+|\d+", str(LB.scorer("hotpotqa", ["Lisbon"], [["Lisbon"]])))
+
+
+@pytest.mark.parametrize("task", ["kv_retrieval", "multikey_needle", "prose_fact"])
+def test_the_question_asks_for_the_fact_that_holds_the_answer(task):
+    """In the context, the answer is bound to the key / person the question names (not to a distractor's), and
+    the prose haystack is prose, not one sentence repeated."""
+    import re
+
+    from namm_transfer.evals.language.tasks import make_split
+
+    for s in make_split(task, "heldout", n=6, lengths=[600, 1200]):
+        if task == "kv_retrieval":
+            key = re.search(r'key "([^"]+)"', s.question).group(1)
+            assert f'"{key}": "{s.answer}"' in s.context
+        elif task == "multikey_needle":
+            key = re.search(r"special number for (\S+)\?", s.question).group(1)
+            assert f"One of the special numbers for {key} is {s.answer}." in s.context
+        else:
+            name = re.search(r"In which village was (.+) born\?", s.question).group(1)
+            holding = [x for x in re.split(r"(?<=[.!?])\s+", s.context) if s.answer in x]
+            assert holding and all(name in x for x in holding), (name, holding)
+        if task != "kv_retrieval":
+            sentences = re.split(r"(?<=[.!?])\s+", s.context)
+            assert len(set(sentences)) > 0.5 * len(sentences)

@@ -104,9 +104,19 @@ def test_build_inputs_equal_model_forward(tok, video, tpf):
     assert inputs["prompt"].startswith("<|im_start|>user\n<video>\n") and inputs["prompt"].endswith("assistant\n")
     q_first = format_prompt(model, proc, "Why?", video_first=False)
     assert q_first.index("Why?") < q_first.index("<video>")
+    pix = inputs["processor_outputs"]["pixel_values_videos"]  # (1, frames, 3, H, W)
     with torch.no_grad():  # frame f's tokens are its own: changing one frame changes only its tokens
-        feats = model.get_video_features(inputs["processor_outputs"]["pixel_values_videos"]).pooler_output
+        feats = model.get_video_features(pix).pooler_output
+        changed = pix.clone()
+        changed[:, 2] = torch.randn_like(changed[:, 2])
+        feats2 = model.get_video_features(changed).pooler_output
+        alone = [model.get_video_features(pix[:, f : f + 1]).pooler_output[0] for f in range(N_FRAMES)]
     assert feats.shape == (N_FRAMES, tpf, 64)
+    others = [f for f in range(N_FRAMES) if f != 2]
+    assert torch.equal(feats2[others], feats[others]) and not torch.allclose(feats2[2], feats[2])
+    for f in range(N_FRAMES):  # in order: frame f's tokens are what frame f alone gives
+        torch.testing.assert_close(feats[f], alone[f], atol=1e-5, rtol=1e-5)
+        assert feats[f].abs().sum() > 0
 
 
 def test_save_load_round_trip_exact(host, tok, video, tmp_path):
@@ -447,3 +457,15 @@ def test_shipped_default_video_model_fits_its_config():
     card = (folder / "README.md").read_text()
     assert f"# Video model: {vqa.DEFAULT_MODEL}" in card and "Final val accuracy" in card
     assert (folder / "model.safetensors").stat().st_size < 20 * 2**20  # the issue's size limit
+
+
+def test_processor_scales_and_normalizes_frames(tok):
+    """uint8 RGB -> [0, 1] -> (x - image_mean) / image_std, per channel, at the model's image size."""
+    _, proc = tiny_model(tok)
+    frames = np.zeros((2, proc.image_size, proc.image_size, 3), dtype=np.uint8)
+    frames[..., 0], frames[..., 1], frames[..., 2] = 0, 51, 255
+    x = proc.preprocess_frames(frames)
+    assert x.shape == (2, 3, proc.image_size, proc.image_size)
+    for c, v in enumerate((0, 51, 255)):
+        expected = (v / 255.0 - proc.image_mean[c]) / proc.image_std[c]
+        torch.testing.assert_close(x[:, c], torch.full_like(x[:, c], expected))
