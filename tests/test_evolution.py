@@ -483,14 +483,11 @@ def test_cma_settings_follow_the_config_and_prompts_change_per_generation(model,
     from dataclasses import replace
 
     pools = _pools(n=8)
-    evo = Evolution(
-        tmp_path / "a", replace(_config(), population=8, elite_ratio=0.25, prompts_per_task=1), model, pools
-    )
-    assert evo.es.sp.weights.mu == 2 and evo.es.popsize == 8
+    cfg = replace(_config(gens=(6, 1)), population=12, elite_ratio=0.5, prompts_per_task=1)
+    evo = Evolution(tmp_path / "a", cfg, model, pools)
+    assert evo.es.sp.weights.mu == 6 and evo.es.popsize == 12
     assert bool(evo.es.opts["CMA_diagonal"]) is evo.config.separable
-    draws = [tuple(p.id for p in evo.prompts_for(g)) for g in range(6)]
+    draws = [tuple(p.id for p in evo.prompts_for(g)) for g in range(6)]  # all in the first stage (task alpha)
     assert len(set(draws)) > 1  # not the same prompts every generation
-    again = Evolution(
-        tmp_path / "b", replace(_config(), population=8, elite_ratio=0.25, prompts_per_task=1), model, pools
-    )
+    again = Evolution(tmp_path / "b", cfg, model, pools)
     assert [tuple(p.id for p in again.prompts_for(g)) for g in range(6)] == draws
