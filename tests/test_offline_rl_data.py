@@ -360,6 +360,15 @@ def _check_saved_run_reloads_exactly(run_dir):
     np.testing.assert_array_equal(snap.act(obs, deterministic=True), live.act(obs, deterministic=True))
     np.testing.assert_array_equal(snap.obs_mean, live.obs_mean)
 
+    # a resume asked with other settings continues the saved model with its own (as SB3's load did)
+    from namm_transfer.evals.offline_rl.behaviour import PPOConfig
+
+    other = BehaviourRun("hopper", run_dir=run_dir, config=PPOConfig(net_arch=(8, 8)), record=False)
+    other.load_or_create()
+    assert other.config == run.config and other.config.net_arch == (32, 32)
+    for a, b in zip(other.model.policy.state_dict().values(), run.model.policy.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
     legacy = run_dir.parent / "legacy"
     (legacy / "snapshots").mkdir(parents=True)
     (legacy / "latest.zip").write_bytes(b"PK")

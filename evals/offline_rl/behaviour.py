@@ -566,6 +566,16 @@ class BehaviourRun:
         if self.model is not None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        resume = self.model_path.is_file() and self.state_path.is_file()
+        state: dict[str, Any] = {}
+        if resume:
+            state = self._read_state()
+            saved = _config_from_dict(state["config"])
+            if saved != self.config:  # the saved model's architecture and settings win, as SB3's load did
+                logger.warning("%s: the saved run used other PPO settings; continuing with the saved model", self.dir)
+                self.config = saved
+        else:
+            _refuse_pickled(self.dir / "latest.zip")
         cfg = self.config
         self.venv = VecNormalize(
             self._make_venv(),
@@ -574,9 +584,6 @@ class BehaviourRun:
             clip_obs=cfg.clip_obs,
             gamma=cfg.gamma,
         )
-        resume = self.model_path.is_file() and self.state_path.is_file()
-        if not resume:
-            _refuse_pickled(self.dir / "latest.zip")
         # seeded as a new model (seed) or as a resumed one (seed + rounds done), as before; a resumed model's weights
         # are then replaced by the saved ones
         self.model = PPO(
@@ -588,7 +595,7 @@ class BehaviourRun:
             **cfg.sb3_kwargs(),
         )
         if resume:
-            self._restore()
+            self._restore(state)
             logger.info(
                 "%s: resumed PPO run %s at %d steps (%d rounds)",
                 self.env_name,
@@ -675,13 +682,11 @@ class BehaviourRun:
             },
         )
 
-    def _restore(self) -> None:
-        """Load :meth:`_save_state`'s files into the freshly built model and VecNormalize."""
-        from safetensors.torch import load_file
+    def _read_state(self) -> dict[str, Any]:
+        """``latest.json``, checked against the weights file it describes."""
+        from namm_transfer.run_folder import sha256_file
 
-        from namm_transfer.run_folder import optimizer_from_flat, sha256_file
-
-        state = json.loads(self.state_path.read_text())
+        state: dict[str, Any] = json.loads(self.state_path.read_text())
         if state.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"{self.state_path} is not a behaviour-run state of format {SNAPSHOT_FORMAT}")
         if state.get("weights_sha256") != sha256_file(self.model_path):
@@ -689,8 +694,15 @@ class BehaviourRun:
                 f"{self.model_path} does not belong to {self.state_path} (interrupted while saving?); delete the run "
                 f"folder {self.dir} to train it again"
             )
-        if state["config"] != self.config.to_dict():
-            logger.warning("%s: the saved run used other PPO settings; continuing with the saved model", self.dir)
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Load :meth:`_save_state`'s files (``state``: the checked ``latest.json``) into the freshly built model and
+        VecNormalize."""
+        from safetensors.torch import load_file
+
+        from namm_transfer.run_folder import optimizer_from_flat
+
         tensors = load_file(str(self.model_path))
         self.model.policy.load_state_dict(
             {k[len("policy.") :]: v for k, v in tensors.items() if k.startswith("policy.")}, strict=True
