@@ -75,7 +75,7 @@ _KNOWN_COLUMNS = {
     "throughput": "throughput",
 }
 # the headline tables (README) show only these of the scalar columns
-_HEADLINE_COLUMNS = ("retained_cache", "retained_video", "loglik_score")
+_HEADLINE_COLUMNS = ("retained_cache", "retained_video")
 # paired intervals, shown after the scalar columns
 _INTERVALS = {"vs_full": "Δ vs full", "vs_namm": "Δ vs NAMM"}
 _HIDDEN = {"policy", "protocol", "score", "score_std", "n", "mechanics_only", *_INTERVALS}
@@ -192,16 +192,23 @@ def order_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def render_rows(
-    rows: Sequence[Mapping[str, Any]], first: str = "policy", *, columns: Sequence[str] | None = None
+    rows: Sequence[Mapping[str, Any]],
+    first: str = "policy",
+    *,
+    columns: Sequence[str] | None = None,
+    compact: bool = False,
 ) -> str:
     """A markdown table: ``policy | [protocol] | score | ± std | n | retained cache | ... | Δ vs full | Δ vs NAMM``.
 
     Rows are grouped by protocol (:func:`order_rows`). ``columns``: the scalar columns to show, when
     present in any row (default: every scalar field present, known ones first, then in order of
     appearance); a row lacking one shows ``–``. The interval columns appear when any row has
-    ``vs_full`` / ``vs_namm``, with a one-line legend under the table.
+    ``vs_full`` / ``vs_namm``, with a one-line legend under the table. ``compact``: leave out ``± std`` and
+    ``n`` when the intervals are shown (the README's headline tables; a table without intervals keeps them).
     """
     rows = order_rows(rows)
+    intervals = [k for k in _INTERVALS if any(isinstance(r.get(k), Mapping) for r in rows)]
+    spread = [] if compact and intervals else ["score_std", "n"]
     if columns is None:
         extra: list[str] = [c for c in _KNOWN_COLUMNS if any(c in r for r in rows)]
         for row in rows:
@@ -211,20 +218,18 @@ def render_rows(
                 extra.append(key)
     else:
         extra = [c for c in columns if any(c in r for r in rows)]
-    intervals = [k for k in _INTERVALS if any(isinstance(r.get(k), Mapping) for r in rows)]
     protocol = ["protocol"] if _has_protocol(rows) else []
     header = [
         first,
         *protocol,
         "score",
-        "± std",
-        "n",
+        *({"score_std": "± std", "n": "n"}[c] for c in spread),
         *(_KNOWN_COLUMNS.get(c, c.replace("_", " ")) for c in extra),
         *(_INTERVALS[k] for k in intervals),
     ]
     body = [
-        [_cell(r.get(first)), *(_cell(r.get("protocol")) for _ in protocol)]
-        + [_cell(r.get("score"), "score"), _cell(r.get("score_std"), "score_std"), _cell(r.get("n"))]
+        [_cell(r.get(first)), *(_cell(r.get("protocol")) for _ in protocol), _cell(r.get("score"), "score")]
+        + [_cell(r.get(c), c) for c in spread]
         + [_cell(r.get(c), c) for c in extra]
         + [render_interval(r.get(k)) for k in intervals]
         for r in rows
@@ -387,12 +392,13 @@ def render_summary(summary: Mapping[str, Any], name: str | None = None) -> str:
 
 
 def render_headline(summary: Mapping[str, Any], name: str | None = None, link: str | None = None) -> str:
-    """The README's table for one results summary: provenance, optional note, the comparing columns only.
+    """The README's table for one results summary: provenance, optional note, the comparing columns only
+    (policy, protocol, score, retained cache / video, the intervals; ``± std`` and ``n`` only without intervals).
 
     ``link``: where the full table is (a link line is added under the table).
     """
     parts = _head(summary)
-    parts.append(render_rows(summary.get("rows") or [], columns=_HEADLINE_COLUMNS))
+    parts.append(render_rows(summary.get("rows") or [], columns=_HEADLINE_COLUMNS, compact=True))
     if link:
         parts.append(f"All columns and breakdowns: [{link.split('#')[0]}]({link}).")
     return "\n\n".join(parts)

@@ -103,8 +103,10 @@ def test_summary_headline_and_breakdown_per_protocol():
     assert "| passkey | 100.00 ± 0.00 | 50.00 ± 1.00 |" in full
     assert "**By task, threshold** (score ± std)" in full and "| passkey | 100.00 ± 0.00 | 75.00 ± 2.00 |" in full
     head = render_headline(SUMMARY, "language", link="docs/results.md#language")
-    assert "| policy | protocol | score | ± std | n | retained cache | Δ vs full | Δ vs NAMM |" in head
-    assert "-10.0 [-18.2, -2.5]*" in head and "**By task" not in head
+    # the headline: the intervals stand in for ± std and n
+    assert "| policy | protocol | score | retained cache | Δ vs full | Δ vs NAMM |\n" in head
+    assert "| namm | ratio-50 | 40.00 | 50.0% | -10.0 [-18.2, -2.5]* | – |" in head and "**By task" not in head
+    assert "95% paired bootstrap interval" in head
     assert head.endswith("All columns and breakdowns: [docs/results.md](docs/results.md#language).")
     # a breakdown without protocols pivots over policies as before
     old = render_breakdown({"qa": [{"policy": "full", "score": 60.0, "score_std": 1.0}]}, label="task")
@@ -123,6 +125,10 @@ def test_older_summaries_render_without_the_new_columns():
         "| full | 31.00 | 45.38 | 20 | 100.0% | 77.6 |",
         "| namm | 16.00 | 35.55 | 20 | 78.3% | 47.5 |",
     ]
+    # without intervals the headline keeps ± std and n
+    assert render_rows(rows, columns=("retained_cache",), compact=True).splitlines()[0] == (
+        "| policy | score | ± std | n | retained cache |"
+    )
     # every committed summary renders, in full and as a headline
     summaries = load_summaries(REPO / "results")
     assert {"language", "decision-transformer", "video-llava-synthetic"} <= set(summaries)
