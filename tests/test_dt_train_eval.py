@@ -513,7 +513,7 @@ def test_notebook_runs_with_tiny_settings(eval_setup, tmp_path, monkeypatch):
     root, _ = eval_setup
     path = Path(__file__).resolve().parents[1] / "notebooks" / "decision_transformer.ipynb"
     nb = nbformat.read(path, as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    # committed with outputs (python notebooks/execute.py): checked in tests/test_notebooks.py; run here afresh
     idx = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     params = "import torch\n\ntorch.set_num_threads(1)\n"

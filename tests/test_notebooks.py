@@ -1,4 +1,6 @@
-"""Execute the project's own notebooks end to end with small settings (a tiny random model, 2 generations).
+"""Execute the project's own notebooks end to end with small settings (a tiny random model, 2 generations), on
+fresh copies: the committed notebooks, which carry the outputs of ``python notebooks/execute.py`` with the same
+settings, are read and checked, never rewritten.
 
 Parameters are injected papermill-style without papermill: a code cell tagged ``injected-parameters`` is
 inserted right after the cell tagged ``parameters``, so its assignments win. The kernel is ``python3``, run
@@ -22,7 +24,25 @@ pytest.importorskip("matplotlib")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 OURS = ["quickstart.ipynb", "train_namm.ipynb"]
+# all four are committed with outputs; the DT and video notebooks are executed by test_dt_train_eval.py and
+# test_video_eval.py (their tiny models and NAMMs come from those files' fixtures)
+ALL = [*OURS, "decision_transformer.ipynb", "video_llava.ipynb"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_NOTEBOOK_BYTES = 1_000_000
+MAX_PNG_WIDTH = 1000  # pixels: figures at 72 dpi; the video eval's kept-frames picture (its own size) is 1000
+QUICKSTART = dict(
+    model_name="tiny-random", prompt_tokens=320, update_interval=64, chunk_size=32, max_new_tokens=4, budget=None
+)
+TRAIN_NAMM = dict(
+    model_name="tiny-random",
+    prompt_lengths=[256, 320],
+    pool_size=2,
+    heldout_prompts=1,
+    generations=2,
+    population=4,
+    update_interval=64,
+    chunk_size=64,
+)
 
 
 def inject_parameters(nb: Any, params: dict[str, Any]) -> Any:
@@ -86,15 +106,51 @@ def kernel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return work
 
 
-@pytest.mark.parametrize("name", OURS)
-def test_committed_notebook_is_clean(name: str) -> None:
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+def _execute_module() -> Any:
+    """``notebooks/execute.py``, the script that makes the committed outputs (imported by path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("notebooks_execute", NOTEBOOKS / "execute.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _png_width(png: bytes) -> int:
+    return int.from_bytes(png[16:20], "big")  # IHDR: width, then height
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_committed_notebook_has_small_outputs(name: str) -> None:
+    """Committed with the outputs of ``python notebooks/execute.py`` (docs/notebooks.md): executed, no error, the
+    settings that made them written in a markdown cell, figures small, no path of the machine that ran them."""
+    path = NOTEBOOKS / name
+    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, f"{name}: {path.stat().st_size:,} bytes"
+    nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "clear the outputs"
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1 and code.index(tagged[0]) == 0, "the first code cell is the one tagged 'parameters'"
+    assert not [c for c in code if "injected-parameters" in c.get("metadata", {}).get("tags", [])]
     assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert all(c.get("execution_count") is not None for c in code), "run python notebooks/execute.py"
+    assert not [o for o in outputs(nb) if o.get("output_type") == "error"] and "Traceback" not in text_of(nb)
+    images = pngs(nb)
+    assert images and all(img.startswith(PNG_MAGIC) and _png_width(img) <= MAX_PNG_WIDTH for img in images)
+    text = text_of(nb)
+    assert "/tmp/" not in text and str(NOTEBOOKS.parent) not in text
+    settings = _execute_module().SETTINGS[name.removesuffix(".ipynb")]
+    notes = [c for c in nb.cells if "execute-settings" in c.get("metadata", {}).get("tags", [])]
+    assert len(notes) == 1 and nb.cells.index(notes[0]) == nb.cells.index(tagged[0]) + 1
+    assert notes[0].cell_type == "markdown" and all(f"`{k} = " in notes[0].source for k in settings)
+
+
+def test_committed_outputs_use_the_tests_settings() -> None:
+    settings = _execute_module().SETTINGS
+    assert set(settings) == {n.removesuffix(".ipynb") for n in ALL}
+    assert settings["quickstart"] == QUICKSTART
+    assert {k: v for k, v in settings["train_namm"].items() if k != "run_dir"} == TRAIN_NAMM
 
 
 def test_inject_parameters_goes_after_the_parameters_cell() -> None:
@@ -113,10 +169,7 @@ def test_inject_parameters_goes_after_the_parameters_cell() -> None:
 
 
 def test_quickstart_runs_and_plots(kernel_env: Path) -> None:
-    params = dict(
-        model_name="tiny-random", prompt_tokens=320, update_interval=64, chunk_size=32, max_new_tokens=4, budget=None
-    )
-    nb = run_notebook("quickstart.ipynb", params, kernel_env)
+    nb = run_notebook("quickstart.ipynb", QUICKSTART, kernel_env)
     images = pngs(nb)
     assert len(images) == 2, "expected two figures: cache size over time and the kept-positions heatmap"
     assert all(img.startswith(PNG_MAGIC) and len(img) > 2000 for img in images)
@@ -128,17 +181,7 @@ def test_quickstart_runs_and_plots(kernel_env: Path) -> None:
 
 
 def test_train_namm_runs_two_generations_and_plots(kernel_env: Path) -> None:
-    params = dict(
-        model_name="tiny-random",
-        prompt_lengths=[256, 320],
-        pool_size=2,
-        heldout_prompts=1,
-        generations=2,
-        population=4,
-        update_interval=64,
-        chunk_size=64,
-        run_dir=str(kernel_env / "run"),
-    )
+    params = dict(TRAIN_NAMM, run_dir=str(kernel_env / "run"))
     nb = run_notebook("train_namm.ipynb", params, kernel_env)
     images = pngs(nb)
     assert len(images) >= 1 and all(img.startswith(PNG_MAGIC) for img in images)

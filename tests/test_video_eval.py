@@ -280,7 +280,7 @@ def test_notebook_executes(setup, tmp_path, monkeypatch):
     path = Path(__file__).resolve().parents[1] / "notebooks" / "video_llava.ipynb"
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    # committed with outputs (python notebooks/execute.py): checked in tests/test_notebooks.py; run here afresh
     params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
     injected = f"WORK_DIR = {str(tmp_path)!r}\nNAMM_CHECKPOINT = {setup['namm']!r}\n"
