@@ -3,7 +3,8 @@
     namm-transfer eval --target {language,decision-transformer,video-llava} [--model M]
                        [--policies full,namm,h2o,l2,streaming,random] [--namm NAME_OR_PATH]
                        [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                       [--output results/NAME.json] [--seed N] [--limit N] [target options]
+                       [--output NAME.json] [--seed N] [--limit N] [target options]
+                       (default output: runs/<target>/<name>.json, relative to the current folder)
     namm-transfer evolve ...              evolve a NAMM (CMA-ES) on language tasks
     namm-transfer rl collect|train ...    behaviour data and Decision Transformer training
     namm-transfer video train ...         the small offline video model
