@@ -30,9 +30,10 @@ A file written with other settings is never silently mixed with this run: the wr
 
 Sharded runs: under torchrun / accelerate (RANK and WORLD_SIZE set) each rank writes
 ``NAME.rank{r}-of{w}.jsonl`` and evaluates ``select_shard(items, rank, world)``. Afterwards
-``namm-transfer report --merge results/NAME.rank*-of*.jsonl --output results/NAME.json`` merges them
-into ``NAME.jsonl``; running the same eval command once more in a single process then resumes from
-the merged file, finds every unit done, and writes the summary ``NAME.json``.
+``namm-transfer report --merge 'DIR/NAME.rank*-of*.jsonl' --output DIR/NAME.json`` merges them into
+``NAME.jsonl`` (without ``--output``, an eval's DIR/NAME is ``runs/<target>/<name>``, see
+:func:`namm_transfer.evals.args.default_output`); running the same eval command once more in a single
+process then resumes from the merged file, finds every unit done, and writes the summary ``NAME.json``.
 
 This module imports neither torch nor transformers at import time.
 """
