@@ -541,3 +541,22 @@ def test_default_output_paths():
     from namm_transfer.evals.offline_rl.run import EvalSettings
 
     assert EvalSettings(envs=["hopper"], policies=["full"]).output == default_output("decision-transformer")
+
+
+INTERRUPTED_TARGET = """
+def add_arguments(parser):
+    pass
+
+
+def main(args):
+    raise KeyboardInterrupt
+"""
+
+
+def test_an_interrupted_eval_names_the_file_it_resumes_from(tmp_path, monkeypatch, capsys):
+    (tmp_path / "interrupted_target.py").write_text(INTERRUPTED_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.EVAL_TARGETS, "language", Plugin("interrupted_target", "target language"))
+    assert main(["eval", "--target", "language"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; rerun the same command to resume from the results file (runs/language/language.jsonl)" in err
