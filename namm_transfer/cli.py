@@ -3,7 +3,8 @@
     namm-transfer eval --target {language,decision-transformer,video-llava} [--model M]
                        [--policies full,namm,h2o,l2,streaming,random] [--namm NAME_OR_PATH]
                        [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                       [--output results/NAME.json] [--seed N] [--limit N] [target options]
+                       [--output NAME.json] [--seed N] [--limit N] [target options]
+                       (default output: runs/<target>/<name>.json, relative to the current folder)
     namm-transfer evolve ...              evolve a NAMM (CMA-ES) on language tasks
     namm-transfer rl collect|train ...    behaviour data and Decision Transformer training
     namm-transfer video train ...         the small offline video model
@@ -24,9 +25,14 @@ Contract for the modules a command dispatches to (``EVAL_TARGETS`` and ``COMMAND
   ``subcommand``. For ``eval``: ``target`` (str), ``model`` (str or None: the target's default),
   ``policies`` (list of str, in the order given, duplicates removed), ``namm`` (str or None),
   ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None: cuda when available), ``dtype`` (str or
-  None: the target's default), ``output`` (str, ``results/<target>.json`` unless given), ``seed``
-  (int), ``limit`` (int or None), ``log_level`` (str; logging is already configured).
-  ``main`` returns the exit code (None counts as 0); it prints results for people, logs the rest.
+  None: the target's default), ``output`` (str: ``runs/<target>/<name>.json`` unless given, see
+  :func:`namm_transfer.evals.args.default_output`), ``seed`` (int), ``limit`` (int or None),
+  ``log_level`` (str; logging is already configured). ``main`` returns the exit code (None counts
+  as 0); it prints results for people, logs the rest. After a successful eval the CLI prints the
+  run's rows next to the committed reference result of the same name (``results/<name>.json`` of
+  the checkout the package runs from), or says that there is none.
+- Every parser is a :class:`namm_transfer.evals.args.StrictParser`: abbreviated options are
+  refused, and an unknown option's error names the nearest valid one.
 - The module must not import torch, transformers or other heavy packages at import time (import
   them inside ``main``): ``namm-transfer eval --target X --help`` imports the module to show its
   options and must stay fast and work without a GPU stack.
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import re
 import shlex
@@ -48,7 +55,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-__all__ = ["main", "build_parser", "positive_int", "Plugin", "EVAL_TARGETS", "COMMANDS", "DEFAULT_POLICIES"]
+from .evals.args import StrictParser, default_output, output_name, positive_int, reference_summary, repository_root
+
+__all__ = ["main", "build_parser", "Plugin", "EVAL_TARGETS", "COMMANDS", "DEFAULT_POLICIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,17 +154,6 @@ def _cuda_problem(device: str) -> str | None:
     return None
 
 
-def positive_int(text: str) -> int:
-    """argparse type for a positive integer (``--limit``, and the targets' own counts)."""
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------
 # parser
 
@@ -197,7 +195,7 @@ def _eval_target(argv: Sequence[str]) -> str | None:
 
 
 def _log_parent(top: bool) -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = StrictParser(add_help=False)
     parent.add_argument(
         "--log-level",
         type=str.upper,
@@ -222,8 +220,9 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="(default: the target's)")
     parser.add_argument(
         "--output",
-        help="results summary results/NAME.json; NAME.jsonl is written next to it (default: results/<target>.json; "
-        "video-llava: results/video-llava-<bench>.json)",
+        help="results summary NAME.json; NAME.jsonl is written next to it, and the same command resumes from it "
+        "(default: runs/<target>/<target>.json, video-llava: runs/video-llava/video-llava-<bench>.json, relative to "
+        "the current folder; the committed results/ files are written only when named here)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--limit", type=positive_int, help="evaluate at most N samples / episodes / prompts")
@@ -252,7 +251,7 @@ def build_parser(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, Mod
         selected.add_arguments(sub)
 
     child = _log_parent(top=False)
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="namm-transfer",
         description="Attach a frozen, language-trained NAMM to other transformers and evaluate the transfer.",
         parents=[_log_parent(top=True)],
@@ -263,7 +262,7 @@ def build_parser(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, Mod
     ev = sub.add_parser(
         "eval",
         parents=[child],
-        help="evaluate memory policies on a target; writes results/NAME.json(l)",
+        help="evaluate memory policies on a target; writes runs/<target>/NAME.json(l)",
         description="Evaluate memory policies on one target. `namm-transfer eval --target X --help` "
         "also lists the target's own options.",
     )
@@ -410,6 +409,47 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_reference(args: argparse.Namespace) -> None:
+    """Print the finished eval's rows next to the committed reference result of the same name, or say there is
+    none. Nothing for a shard of a sharded run (its summary is the rank's) or a run that wrote no summary."""
+    from .report import render_rows
+    from .results import results_paths, shard_info, signature_differences
+
+    if shard_info()[1] > 1:
+        return
+    summary_path = results_paths(args.output)[1]
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
+        return
+    names = list(dict.fromkeys([summary_path.stem, output_name(args.target, vars(args))]))
+    reference = reference_summary(names)
+    print(f"\nthis run: {summary_path}")
+    print(render_rows(summary["rows"]))
+    if reference is None:
+        root = repository_root()
+        where = f"results/ of {root}" if root is not None else "an installed package (not a checkout)"
+        wanted = " or ".join(f"{n}.json" for n in names)
+        print(f"\nno committed reference result to compare with: no {wanted} in {where}")
+        return
+    if reference.resolve() == summary_path.resolve():
+        print(f"\nthis run wrote the committed reference result {reference} itself")
+        return
+    try:
+        ref = json.loads(reference.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        print(f"\ncommitted reference result {reference} is unreadable ({err})")
+        return
+    finished = str(ref.get("finished") or "?")[:10]
+    print(f"\ncommitted reference: {reference} (`{ref.get('command', '?')}`, finished {finished})")
+    print(render_rows(ref.get("rows") or []))
+    diffs = signature_differences(ref, summary)
+    if diffs:
+        print(f"note: the reference ran with other settings ({', '.join(diffs)}); its numbers are not this run's")
+
+
 # ----------------------------------------------------------------------------------------------
 # entry point
 
@@ -450,10 +490,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return int(report.main(args) or 0)
         if args.subcommand == "eval" and args.output is None:
-            args.output = f"results/{args.target}.json"
+            args.output = default_output(args.target, vars(args))
         if module is None:  # cannot happen: build_parser loads the selected command's module
             raise RuntimeError(f"no module loaded for {args.subcommand}")
-        return int(module.main(args) or 0)
+        code = int(module.main(args) or 0)
+        if args.subcommand == "eval" and code == 0:
+            _print_reference(args)
+        return code
     except (ResultsFileError, ModelNotAvailableError, UnsupportedModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -467,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {plugin.label} needs the package {missing!r}, which is not installed ({hint})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the results file", file=sys.stderr)
+        where = f" ({args.output}l)" if args.subcommand == "eval" and str(args.output).endswith(".json") else ""
+        print(f"interrupted; rerun the same command to resume from the results file{where}", file=sys.stderr)
         return 130
 
 

@@ -30,9 +30,10 @@ A file written with other settings is never silently mixed with this run: the wr
 
 Sharded runs: under torchrun / accelerate (RANK and WORLD_SIZE set) each rank writes
 ``NAME.rank{r}-of{w}.jsonl`` and evaluates ``select_shard(items, rank, world)``. Afterwards
-``namm-transfer report --merge results/NAME.rank*-of*.jsonl --output results/NAME.json`` merges them
-into ``NAME.jsonl``; running the same eval command once more in a single process then resumes from
-the merged file, finds every unit done, and writes the summary ``NAME.json``.
+``namm-transfer report --merge 'DIR/NAME.rank*-of*.jsonl' --output DIR/NAME.json`` merges them into
+``NAME.jsonl`` (without ``--output``, an eval's DIR/NAME is ``runs/<target>/<name>``, see
+:func:`namm_transfer.evals.args.default_output`); running the same eval command once more in a single
+process then resumes from the merged file, finds every unit done, and writes the summary ``NAME.json``.
 
 This module imports neither torch nor transformers at import time.
 """
@@ -64,6 +65,7 @@ __all__ = [
     "merge_shards",
     "results_paths",
     "read_results",
+    "signature_differences",
     "collect_versions",
     "collect_hardware",
     "MEAN_FIELDS",
@@ -78,8 +80,10 @@ FORMAT_VERSION = 1
 MEAN_FIELDS = ("retained_cache", "retained_video", "peak_memory_mb", "throughput")
 """Per-record fields that :func:`summarize` averages when present."""
 
-_RUN_DESCRIPTION = ("versions", "hardware", "started", "finished", "wall_s")
-"""Summary fields that describe the run which produced the records rather than the records themselves."""
+_RUN_DESCRIPTION = ("command", "versions", "hardware", "started", "finished", "wall_s", "device")
+"""Summary fields that describe the run which produced the records rather than the records themselves (``wall_s``
+and ``device`` come from a target's ``extra``): a rerun that records nothing keeps them (see
+:meth:`ResultsWriter.finalize`)."""
 _SIGNATURE_FIELDS = ("target", "model", "settings", "namm_checkpoint")
 
 
@@ -273,8 +277,10 @@ def _signature(header: Mapping[str, Any]) -> dict[str, Any]:
     return sig
 
 
-def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Names of the signature fields (and individual settings) where two headers disagree."""
+def signature_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Names of the fields (``target``, ``model``, ``namm_checkpoint``, ``settings.KEY`` for each setting) where two
+    results headers or summaries disagree on what a unit's result depends on; empty when the runs are comparable
+    unit for unit. Where a NAMM was installed (its ``path``) does not count."""
     sa, sb = _signature(a), _signature(b)
     ca, cb = sa["namm_checkpoint"], sb["namm_checkpoint"]
     if isinstance(ca, dict) and isinstance(cb, dict) and ("config" in ca) != ("config" in cb):
@@ -390,7 +396,7 @@ class ResultsWriter:
                 logger.warning("%s holds no complete header; starting it afresh", path)
                 self._write_all()
                 return
-            diffs = _differences(header, self._header)
+            diffs = signature_differences(header, self._header)
             if diffs:
                 raise ResultsFileError(
                     f"results file {path} was written by another command (differs in: {', '.join(diffs)}; "
@@ -499,9 +505,12 @@ class ResultsWriter:
                 not replace the standard ones.
 
         A run that recorded nothing new (every unit was already done) describes the run that produced the records:
-        it keeps the existing summary's ``versions``, ``hardware``, ``started``, ``finished`` and ``wall_s`` (a
-        target's wall time, passed in ``extra``), so that running a finished command again (e.g. the README's
-        set-up command in a fresh clone) rewrites nothing but what the code computes from the records.
+        when the summary already at the path summarizes the same records (same records file, number of records,
+        target, model, settings and NAMM checkpoint), it keeps that summary's ``command``, ``versions``,
+        ``hardware``, ``started``, ``finished``, ``wall_s`` and ``device`` (the last two passed in ``extra`` by a
+        target), each present exactly when it was present there. Running a finished command again, under any
+        command line that resolves to the same file, rewrites only what the code computes from the records: with
+        the same code the summary stays byte for byte the same.
         """
         summary: dict[str, Any] = {
             "format": FORMAT_VERSION,
@@ -527,26 +536,33 @@ class ResultsWriter:
                 raise ValueError(f"extra key {k!r} would replace a standard summary field")
             summary[k] = _jsonable(v, k)
         if not self._changed:
-            summary.update(self._previous_run())
+            previous = self._previous_run()
+            if previous is not None:
+                for k in _RUN_DESCRIPTION:
+                    if k in previous:
+                        summary[k] = previous[k]
+                    else:
+                        summary.pop(k, None)
         atomic_write_text(self.summary_path, json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
         logger.info("wrote %s (%d records)", self.summary_path, len(self._records))
         return self.summary_path
 
-    def _previous_run(self) -> dict[str, Any]:
+    def _previous_run(self) -> dict[str, Any] | None:
         """The run description (:data:`_RUN_DESCRIPTION`) of the summary already at ``summary_path``, if it
-        summarizes the same records; else nothing."""
+        summarizes the same records (same records file and count, same target, model, settings and NAMM
+        checkpoint); else None."""
         try:
             old = json.loads(self.summary_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):
-            return {}
+            return None
         same = (
             isinstance(old, dict)
             and old.get("records_file") == self.jsonl_path.name
             and old.get("n_records") == len(self._records)
-            and old.get("command") == self.command
+            and not signature_differences(old, self._header)
         )
         if not same:
-            return {}
+            return None
         return {k: old[k] for k in _RUN_DESCRIPTION if k in old}
 
     def __repr__(self) -> str:
@@ -657,7 +673,7 @@ def merge_shards(
         if header is None:
             header, header_src = h, src
         else:
-            diffs = _differences(header, h)
+            diffs = signature_differences(header, h)
             if diffs:
                 raise ResultsFileError(
                     f"cannot merge {src} with {header_src}: written by another command (differs in: {', '.join(diffs)})"

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from namm_transfer.evals.args import StrictParser, default_output, nonnegative_int, positive_int, repository_root
 
 from namm_transfer import cli
 from namm_transfer.cli import Plugin, main
-from namm_transfer.report import MECHANICS_NOTE
-from namm_transfer.results import ResultsWriter, read_results
+from namm_transfer.report import MECHANICS_NOTE, render_rows
+from namm_transfer.results import ResultsWriter, read_results, signature_differences
 
 HELP_COMMANDS = [
     ["--help"],
@@ -138,7 +141,7 @@ def test_eval_dispatch_contract(tmp_path, monkeypatch):
     assert args.budget == 0.25 and args.limit == 4 and args.seed == 0
     assert args.model == "tiny-default"  # a target may set the common options' defaults
     assert args.namm is None and args.device is None and args.dtype is None
-    assert args.output == "results/language.json"
+    assert args.output == "runs/language/language.json"  # an ignored folder: a run never touches results/
     assert args.command == "namm-transfer eval --target language --policies full,namm,full --budget 0.25 --limit 4"
     assert args.argv == argv and args.log_level == "INFO"
     # default policies come as a list too
@@ -351,3 +354,215 @@ def test_every_top_level_name_resolves():
     )
     for name in namm_transfer.__all__:
         assert getattr(namm_transfer, name) is not None, name
+
+
+# ----- strict options: no abbreviations, the nearest option named -------------------------------------------------
+ABBREVIATED = [
+    (["eval", "--target", "decision-transformer", "--dt", "/x"], "unknown option --dt; did you mean --dtype?"),
+    (["eval", "--target", "language", "--polic", "full"], "unknown option --polic; did you mean --policies?"),
+    (["eval", "--target", "video-llava", "--ben", "mlvu"], "unknown option --ben; did you mean --bench?"),
+    (["evolve", "--popul", "4"], "unknown option --popul; did you mean --population?"),
+    (["rl", "collect", "--max-st", "9"], "unknown option --max-st; did you mean --max-steps?"),
+    (["rl", "train", "--batch", "8"], "unknown option --batch; did you mean --batch-size?"),
+    (["video", "train", "--resta"], "unknown option --resta; did you mean --restart?"),
+    (["models", "list", "--log-lev", "DEBUG"], "unknown option --log-lev; did you mean --log-level?"),
+    (["models", "fetch", "x", "--log-lev", "DEBUG"], "unknown option --log-lev; did you mean --log-level?"),
+    (["report", "--chec"], "unknown option --chec; did you mean --check?"),
+    (["info", "--log-le=DEBUG"], "unknown option --log-le; did you mean --log-level?"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), ABBREVIATED, ids=[" ".join(a[:2]) for a, _ in ABBREVIATED])
+def test_abbreviated_options_are_refused_with_the_nearest_option(argv, message, capsys):
+    """``--dt /x`` was taken as ``--dtype /x`` (argparse's allow_abbrev): every command refuses it and names the
+    option meant, under the command's own usage."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}\n" in err
+    command = " ".join(a for a in argv[:2] if not a.startswith("-") and a not in ("x",))
+    assert f"usage: namm-transfer {command}" in err
+
+
+def _all_parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+@pytest.mark.parametrize("argv", [a for a, _ in ABBREVIATED])
+def test_every_parser_and_subparser_takes_no_abbreviations(argv):
+    parser, module, problem = cli.build_parser(argv)
+    assert problem is None and (module is not None) == (argv[0] in ("eval", "evolve", "rl", "video"))
+    parsers = list(_all_parsers(parser))
+    progs = ["namm-transfer", *(f"namm-transfer {c}" for c in ("eval", "evolve", "rl", "rl collect", "rl train"))]
+    progs += [f"namm-transfer {c}" for c in ("video", "video train", "models", "models list", "models fetch")]
+    assert [p.prog for p in parsers] == [*progs, "namm-transfer report", "namm-transfer info"]
+    for p in parsers:
+        assert isinstance(p, StrictParser) and p.allow_abbrev is False, p.prog
+
+
+def test_unknown_option_messages(capsys):
+    assert main(["report", "--d"]) == 2  # no option starts with --d or is near it
+    assert "error: unknown option --d (`namm-transfer report --help` lists the options)" in capsys.readouterr().err
+    assert main(["eval", "--target", "decision-transformer", "--d", "x"]) == 2  # several options start with --d
+    assert "error: unknown option --d; did you mean one of --dataset, --device, --dtype?" in capsys.readouterr().err
+    assert main(["info", "stray"]) == 2  # not an option: argparse's own message
+    assert "error: unrecognized arguments: stray" in capsys.readouterr().err
+    assert main(["eval", "--target", "decision-transformer", "--dtype", "float32", "--help"]) == 0  # full names work
+    with pytest.raises(ValueError, match="no abbreviated options"):
+        StrictParser(allow_abbrev=True)
+
+
+def test_argument_types_live_beside_the_evals():
+    """The CLI only dispatches: the argument types the evals share come from namm_transfer.evals.args."""
+    from namm_transfer.evals.language import run as language_run
+    from namm_transfer.evals.video_qa import run as video_run
+
+    assert language_run.positive_int is positive_int
+    assert video_run._pos_int is positive_int and video_run._nonneg_int is nonnegative_int
+    assert positive_int("3") == 3 and nonnegative_int("0") == 0
+    for bad, type_, message in [
+        ("0", positive_int, "expected a positive integer, got 0"),
+        ("x", positive_int, "expected an integer, got 'x'"),
+        ("-1", nonnegative_int, "expected a non-negative integer, got -1"),
+        ("1.5", nonnegative_int, "expected an integer, got '1.5'"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            type_(bad)
+
+
+# ----- where an eval writes, and the committed reference it is printed next to ------------------------------------
+SUMMARY_TARGET = """
+from namm_transfer.results import ResultsWriter, summarize
+
+SEEN = {}
+
+
+def add_arguments(parser):
+    parser.add_argument("--bench", default="synthetic")
+
+
+def main(args):
+    SEEN["output"] = args.output
+    w = ResultsWriter(args.output, args.command, "language", {"n": 1}, "tiny", None, rank=0, world_size=1)
+    if "full/a" not in w.done_keys():
+        w.add({"key": "full/a", "policy": "full", "score": 12.5, "retained_cache": 1.0})
+    w.finalize(summarize(w.records()), {})
+    return 0
+"""
+
+
+@pytest.fixture
+def summary_target(tmp_path, monkeypatch):
+    (tmp_path / "summary_eval_target.py").write_text(SUMMARY_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target in ("language", "video-llava"):
+        monkeypatch.setitem(cli.EVAL_TARGETS, target, Plugin("summary_eval_target", f"target {target}"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    import summary_eval_target
+
+    return work, summary_eval_target.SEEN
+
+
+def test_eval_writes_under_runs_by_default_and_prints_the_committed_reference(summary_target, capsys):
+    work, seen = summary_target
+    root = repository_root()
+    if root is None or not (root / "results" / "language.json").is_file():
+        pytest.skip("not run from a checkout with results/language.json")
+    assert main(["eval", "--target", "language"]) == 0
+    assert seen["output"] == "runs/language/language.json"
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == [
+        "runs",
+        "runs/language",
+        "runs/language/language.json",
+        "runs/language/language.jsonl",
+    ]
+    out = capsys.readouterr().out
+    reference = json.loads((root / "results" / "language.json").read_text())
+    this = "this run: runs/language/language.json\n" + render_rows(
+        json.loads((work / "runs/language/language.json").read_text())["rows"]
+    )
+    assert this in out and "| full | 12.50 | 0.00 | 1 | 100.0% |" in out
+    head = f"committed reference: {root / 'results' / 'language.json'} (`{reference['command']}`, finished "
+    assert head + f"{reference['finished'][:10]})\n" + render_rows(reference["rows"]) in out
+    diffs = signature_differences(reference, json.loads((work / "runs/language/language.json").read_text()))
+    assert "model" in diffs and "settings.n" in diffs
+    assert f"note: the reference ran with other settings ({', '.join(diffs)}); its numbers are not this run's\n" in out
+    assert out.index("this run:") < out.index("committed reference:")
+
+    # video-llava's name carries the benchmark
+    assert main(["eval", "--target", "video-llava", "--bench", "mlvu"]) == 0
+    assert seen["output"] == "runs/video-llava/video-llava-mlvu.json"
+    assert (work / "runs/video-llava/video-llava-mlvu.json").is_file()
+    # an explicit --output is used as given; the reference is looked up by its name, then by the target's
+    capsys.readouterr()
+    assert main(["eval", "--target", "language", "--output", "mine/x.json"]) == 0
+    assert seen["output"] == "mine/x.json" and (work / "mine/x.json").is_file()
+    assert f"committed reference: {root / 'results' / 'language.json'}" in capsys.readouterr().out
+
+
+def test_eval_says_plainly_when_no_reference_is_found(summary_target, tmp_path, monkeypatch, capsys):
+    from namm_transfer.evals import args as args_mod
+
+    work, seen = summary_target
+    for module in (cli, args_mod):
+        monkeypatch.setattr(module, "repository_root", lambda: None)
+    assert main(["eval", "--target", "language"]) == 0
+    out = capsys.readouterr().out
+    assert "this run: runs/language/language.json" in out
+    assert "no committed reference result to compare with: no language.json in an installed package (not a " in out
+
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    (repo / "pyproject.toml").write_text("")
+    for module in (cli, args_mod):
+        monkeypatch.setattr(module, "repository_root", lambda: repo)
+    assert main(["eval", "--target", "language", "--output", "runs/other.json"]) == 0
+    assert f"no committed reference result to compare with: no other.json or language.json in results/ of {repo}\n" in (
+        capsys.readouterr().out
+    )
+    # a run that writes the reference itself (an explicit --output results/NAME.json in the checkout) says so
+    monkeypatch.chdir(repo)
+    assert main(["eval", "--target", "language", "--output", "results/language.json"]) == 0
+    out = capsys.readouterr().out
+    assert f"this run wrote the committed reference result {repo / 'results' / 'language.json'} itself" in out
+    assert "committed reference:" not in out
+
+
+def test_default_output_paths():
+    from namm_transfer.evals.video_qa import run as video_run
+
+    assert default_output("language") == "runs/language/language.json"
+    assert default_output("decision-transformer") == "runs/decision-transformer/decision-transformer.json"
+    assert default_output("video-llava", {"bench": "mlvu"}) == "runs/video-llava/video-llava-mlvu.json"
+    assert default_output("video-llava") == "runs/video-llava/video-llava-synthetic.json"
+    assert video_run._default_output(argparse.Namespace(output=None, bench="egoschema")) == (
+        "runs/video-llava/video-llava-egoschema.json"
+    )
+    assert video_run._default_output(argparse.Namespace(output="a/b.json", bench="egoschema")) == "a/b.json"
+    from namm_transfer.evals.offline_rl.run import EvalSettings
+
+    assert EvalSettings(envs=["hopper"], policies=["full"]).output == default_output("decision-transformer")
+
+
+INTERRUPTED_TARGET = """
+def add_arguments(parser):
+    pass
+
+
+def main(args):
+    raise KeyboardInterrupt
+"""
+
+
+def test_an_interrupted_eval_names_the_file_it_resumes_from(tmp_path, monkeypatch, capsys):
+    (tmp_path / "interrupted_target.py").write_text(INTERRUPTED_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.EVAL_TARGETS, "language", Plugin("interrupted_target", "target language"))
+    assert main(["eval", "--target", "language"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; rerun the same command to resume from the results file (runs/language/language.jsonl)" in err

@@ -199,31 +199,47 @@ def test_finalize_schema(tmp_path):
 
 def test_a_rerun_that_records_nothing_keeps_the_run_description(tmp_path):
     """Running a finished command again rewrites only what the code computes from the records: the summary keeps
-    the versions, hardware, start and end of the run that produced them (so a fresh clone's set-up command does
-    not make the README's "finished" dates out of date). A run that adds or drops a unit describes itself."""
+    the command, versions, hardware, start, end, wall time and device of the run that produced them, byte for byte,
+    whatever the command line of the rerun (e.g. the same run asked with an explicit --output). A run that adds or
+    drops a unit, or finds a summary of other records, describes itself."""
     out = tmp_path / "lang.json"
     w = make_writer(out)
     w.add({"key": "full/a", "policy": "full", "score": 1.0})
-    w.finalize(summarize(w.records()), {})
+    w.finalize(summarize(w.records()), {}, extra={"wall_s": 2.0, "device": "cpu"})
     first = json.loads(out.read_text())
     old = {
+        "command": "namm-transfer eval --target language",
         "versions": {"torch": "0.0-old"},
         "hardware": {"platform": "elsewhere"},
         "started": "2000-01-01T00:00:00+00:00",
         "finished": "2000-01-01T01:00:00+00:00",
         "wall_s": 3600.0,
+        "device": "cuda",
     }
-    out.write_text(json.dumps({**first, **old}))
+    assert set(old) == {"command", "versions", "hardware", "started", "finished", "wall_s", "device"}
+    written = json.dumps({**first, **old}, indent=2) + "\n"
+    out.write_text(written)
 
-    again = make_writer(out)
-    again.finalize(summarize(again.records()), {}, extra={"wall_s": 0.1})  # this process's time: not the run's
-    summary = json.loads(out.read_text())
-    assert {k: summary[k] for k in old} == old
-    assert summary["rows"] == first["rows"]
+    again = make_writer(out, command=["namm-transfer", "eval", "--target", "language", "--output", str(out)])
+    again.finalize(summarize(again.records()), {}, extra={"wall_s": 0.1, "device": "cpu"})  # not the run's
+    assert out.read_text() == written  # byte for byte
+    assert json.loads(out.read_text())["rows"] == first["rows"]
 
-    other = make_writer(out, command=["namm-transfer", "eval", "--target", "language", "--no-progress"])
-    other.finalize(summarize(other.records()), {})  # another command line: it describes itself
-    assert json.loads(out.read_text())["finished"] > old["finished"]
+    # a description field the producing run did not record stays absent
+    without_device = {k: v for k, v in {**first, **old}.items() if k != "device"}
+    written = json.dumps(without_device, indent=2) + "\n"
+    out.write_text(written)
+    make_writer(out).finalize(summarize(w.records()), {}, extra={"wall_s": 0.1, "device": "cpu"})
+    assert out.read_text() == written
+
+    # a summary of other records (another setting, another count) is not this run's: it describes itself
+    for stale in ({"settings": {**SETTINGS, "budget": 0.5}}, {"n_records": 2}, {"records_file": "x.jsonl"}):
+        out.write_text(json.dumps({**first, **old, **stale}))
+        rerun = make_writer(out)
+        rerun.finalize(summarize(rerun.records()), {}, extra={"wall_s": 0.1, "device": "cpu"})
+        summary = json.loads(out.read_text())
+        assert summary["finished"] > old["finished"] and summary["wall_s"] == 0.1, stale
+        assert summary["command"] == rerun.command and summary["device"] == "cpu", stale
     out.write_text(json.dumps({**first, **old}))
 
     more = make_writer(out)
@@ -231,7 +247,7 @@ def test_a_rerun_that_records_nothing_keeps_the_run_description(tmp_path):
     more.finalize(summarize(more.records()), {})
     summary = json.loads(out.read_text())
     assert summary["finished"] > old["finished"] and summary["hardware"] != old["hardware"]
-    assert summary["n_records"] == 2
+    assert summary["n_records"] == 2 and summary["command"] == more.command and "device" not in summary
     out.write_text(json.dumps({**summary, **old}))
 
     fewer = make_writer(out)

@@ -90,7 +90,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from namm_transfer.cli import positive_int
+from namm_transfer.evals.args import positive_int
 
 logger = logging.getLogger(__name__)
 

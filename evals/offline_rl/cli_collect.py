@@ -118,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # python -m namm_transfer.evals.offline_rl.cli_collect ...
-    _parser = argparse.ArgumentParser(prog="namm-transfer rl collect", description=__doc__.splitlines()[0])
+    from namm_transfer.evals.args import StrictParser
+
+    _parser = StrictParser(prog="namm-transfer rl collect", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     raise SystemExit(main(_parser.parse_args()))

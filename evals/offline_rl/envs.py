@@ -10,6 +10,9 @@ v2 datasets.
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +117,42 @@ def normalized_score(env_name: str, episode_return: Any) -> Any:
     return score
 
 
+SETTOTALMASS_WARNING = "compiler attribute 'settotalmass' is deprecated"
+"""Start of the warning MuJoCo 4 gives when it compiles HalfCheetah's XML, which sets ``settotalmass``."""
+
+
+@contextmanager
+def quiet_settotalmass() -> Iterator[None]:
+    """Within the block, drop MuJoCo's "compiler attribute 'settotalmass' is deprecated" warning, and only it.
+
+    MuJoCo reports it through its C warning handler, which prints it on stderr and appends it to
+    ``MUJOCO_LOG.TXT`` in the current folder; the model Gymnasium builds is the same either way. Within the block
+    a handler that drops this one message is installed; any other MuJoCo warning goes to the handler that was
+    installed before (a Python callable), or, in place of MuJoCo's default one, becomes a ``RuntimeWarning``
+    ``"MuJoCo: <message>"``. The previous handler is restored on leaving.
+    """
+    import mujoco
+
+    if not hasattr(mujoco, "set_mju_user_warning"):  # bindings without user handlers: MuJoCo's own handling
+        yield
+        return
+    previous = mujoco.get_mju_user_warning()
+
+    def handler(message: str) -> None:
+        if message.startswith(SETTOTALMASS_WARNING):
+            return
+        if previous is not None:
+            previous(message)
+        else:
+            warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+    mujoco.set_mju_user_warning(handler)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
 def make_env(
     name: str,
     version: str = DEFAULT_VERSION,
@@ -141,7 +180,8 @@ def make_env(
     env_id = info.gym_id(version)
     import gymnasium as gym
 
-    env = gym.make(env_id, **kwargs)
+    with quiet_settotalmass():
+        env = gym.make(env_id, **kwargs)
     obs_shape = env.observation_space.shape
     if obs_shape != (info.state_dim,):
         logger.warning("%s observation shape %s differs from D4RL's (%d,)", env_id, obs_shape, info.state_dim)

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..args import default_output
 from .envs import ENVS, VERSIONS, get_env_info
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,7 +112,7 @@ class EvalSettings:
     target_return: float | None = None
     stats: str | None = None
     dataset: str | None = None
-    output: str = "results/decision-transformer.json"
+    output: str = default_output("decision-transformer")
     plot: bool = True
     progress: bool = True
     threads: int | None = 1
@@ -816,7 +817,7 @@ def main(args: argparse.Namespace) -> int:
         target_return=args.target_return,
         stats=args.stats,
         dataset=args.dataset,
-        output=args.output or "results/decision-transformer.json",
+        output=args.output or default_output("decision-transformer"),
         plot=not args.no_plot,
         progress=not args.no_progress,
         threads=args.threads,

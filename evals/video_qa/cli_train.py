@@ -142,6 +142,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # python -m namm_transfer.evals.video_qa.cli_train ...
-    _parser = argparse.ArgumentParser(prog="namm-transfer video train", description=__doc__.splitlines()[0])
+    from namm_transfer.evals.args import StrictParser
+
+    _parser = StrictParser(prog="namm-transfer video train", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     raise SystemExit(main(_parser.parse_args()))

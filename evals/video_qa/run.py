@@ -69,7 +69,7 @@ per-sample 0/100 scores; MLVU: over task types), ``n``, ``n_missing`` (failed sa
 questions without an answer), ``n_errors``, ``n_fallback``, retained_cache, retained_video,
 retained_text, peak_cache_mb, peak_memory_mb, throughput; ``breakdown`` per ``category`` and per
 ``duration_group`` where the benchmark has them; the managed layers. Without ``--output`` the files
-are ``results/video-llava-<bench>.json(l)``.
+are ``runs/video-llava/video-llava-<bench>.json(l)`` (relative to the current folder).
 
 Data: ``--bench synthetic`` (the default) reads the synthetic benchmark's test split
 (:mod:`.synthetic`: ``--synthetic-videos`` 50 videos of ``--synthetic-frames`` 64 frames at 4 fps,
@@ -114,6 +114,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
+
+from namm_transfer.evals.args import default_output
+from namm_transfer.evals.args import nonnegative_int as _nonneg_int
+from namm_transfer.evals.args import positive_int as _pos_int
 
 __all__ = [
     "BENCHES",
@@ -197,20 +201,6 @@ class _UsageError(ValueError):
 # command line
 
 
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _pos_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The target's options (the common ones, --model, --policies, --namm, ..., come from the CLI)."""
     g = parser.add_argument_group(
@@ -225,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=BENCHES,
         default="synthetic",
         help="benchmark (default: synthetic, generated into the cache folder or --data-dir if absent); "
-        "without --output the results go to results/video-llava-<bench>.json",
+        "without --output the results go to runs/video-llava/video-llava-<bench>.json",
     )
     g.add_argument("--data-dir", help="benchmark root (videos and annotations)")
     g.add_argument("--annotations", help="annotation file (default: found in --data-dir)")
@@ -928,13 +918,8 @@ def _order(policies: Sequence[str]) -> list[str]:
 
 
 def _default_output(args: argparse.Namespace) -> str:
-    """``--output`` when given; else ``results/video-llava-<bench>.json`` (not the CLI's ``results/<target>.json``)."""
-    argv = getattr(args, "argv", None)
-    if argv is None:
-        return str(args.output or f"results/video-llava-{args.bench}.json")
-    if any(a == "--output" or a.startswith("--output=") for a in argv):
-        return str(args.output)
-    return f"results/video-llava-{args.bench}.json"
+    """``--output`` when given; else ``runs/video-llava/video-llava-<bench>.json`` (the CLI's default too)."""
+    return str(args.output or default_output("video-llava", vars(args)))
 
 
 def _rows(

@@ -466,9 +466,9 @@ def generate_benchmark(
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``python -m namm_transfer.evals.video_qa.synthetic OUT_DIR --n-videos 20 --split test``."""
-    import argparse
+    from namm_transfer.evals.args import StrictParser
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StrictParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--n-videos", type=int, default=20)
     parser.add_argument("--frames-per-video", type=int, default=64)
