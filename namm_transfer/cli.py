@@ -294,6 +294,9 @@ def build_parser(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, Mod
     msub.add_parser("list", parents=[child], help="list known model sources")
     fetch = msub.add_parser("fetch", parents=[child], help="download or build a model source")
     fetch.add_argument("name", help="model name from `namm-transfer models list`")
+    msub.add_parser(
+        "info", parents=[child], help="where a model source comes from and what a fetch checks"
+    ).add_argument("name", help="model name from `namm-transfer models list`")
 
     # report
     from . import report
@@ -399,6 +402,9 @@ def _models(args: argparse.Namespace) -> int:
                 print(f"{name}  {rest}".rstrip())
             else:
                 print(item)
+        return 0
+    if args.action == "info":
+        print(models.model_card(args.name))
         return 0
     if not callable(getattr(models, "fetch", None)):
         print("error: command models fetch is not available in this build: no fetch()", file=sys.stderr)

