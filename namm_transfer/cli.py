@@ -6,7 +6,7 @@
                        [--output NAME.json] [--seed N] [--limit N] [target options]
                        (default output: runs/<target>/<name>.json, relative to the current folder)
     namm-transfer evolve ...              evolve a NAMM (CMA-ES) on language tasks
-    namm-transfer rl collect|train ...    behaviour data and Decision Transformer training
+    namm-transfer rl collect|derive-po|train ...  behaviour data and Decision Transformer training
     namm-transfer video train ...         the small offline video model
     namm-transfer models list|fetch NAME  offline and hub model sources
     namm-transfer report                  rebuild README tables from results files; --merge shards
@@ -86,6 +86,7 @@ EVAL_TARGETS: dict[str, Plugin] = {
 COMMANDS: dict[tuple[str, ...], Plugin] = {
     ("evolve",): Plugin("namm_transfer.evolution.cli", "command evolve", "lm"),
     ("rl", "collect"): Plugin("namm_transfer.evals.offline_rl.cli_collect", "command rl collect", "rl"),
+    ("rl", "derive-po"): Plugin("namm_transfer.evals.offline_rl.pomdp", "command rl derive-po", "rl"),
     ("rl", "train"): Plugin("namm_transfer.evals.offline_rl.cli_train", "command rl train", "rl"),
     ("video", "train"): Plugin("namm_transfer.evals.video_qa.cli_train", "command video train", "video"),
 }
@@ -93,6 +94,7 @@ COMMANDS: dict[tuple[str, ...], Plugin] = {
 _HELP = {
     ("evolve",): "evolve a NAMM (CMA-ES) on language tasks",
     ("rl", "collect"): "collect behaviour data for offline RL",
+    ("rl", "derive-po"): "derive a positions-only (partially observable) dataset from a collected one",
     ("rl", "train"): "train a Decision Transformer on collected data",
     ("video", "train"): "train the small offline video model",
 }

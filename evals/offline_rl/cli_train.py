@@ -7,12 +7,20 @@ Examples::
     namm-transfer rl train --env hopper --level medium                 # -> runs/dt/hopper-medium
     namm-transfer rl train --env all --ship                            # train all three and ship them
     namm-transfer rl train --env hopper --output runs/dt/hopper-medium # again: resumes from the last checkpoint
+    namm-transfer rl train --env hopper-po --context 200 --prefix-fraction 0.5 --batch-size 16 \
+        --output runs/dt/hopper-po-medium-long --ship --ship-name hopper-po-medium-long   # long context, see below
 
 The canonical configuration (K = 20, 3 layers, hidden 128, 1 head, ReLU, dropout 0.1, AdamW lr 1e-4, weight decay
 1e-4, linear warmup, gradient clip 0.25) is the default. A run that is killed resumes exactly from its newest
 checkpoint (every ``--checkpoint-every`` steps) when started again with the same options; ``--restart`` starts afresh.
 ``--ship`` copies the finished model, sidecar, card and log into ``namm_transfer/weights/dt/{env}-{level}/``,
-where ``namm-transfer eval --target decision-transformer`` finds it.
+where ``namm-transfer eval --target decision-transformer`` finds it (``--ship-name`` ships under another name,
+e.g. ``hopper-medium-long``, found with ``--model shipped:hopper-medium-long``).
+
+Long-context DTs (``training/dt-long.sh``): ``--context 200`` or more (up to 1000 for whole episodes) and
+``--prefix-fraction``, the share of segments that start at their episode's first step, so that the cached rollout's
+long history is in the training distribution. Partially observable tasks (``--env hopper-po``, positions only)
+train on the dataset of ``namm-transfer rl derive-po``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import sys
 from pathlib import Path
 
 from .envs import ENVS, VERSIONS
+from .pomdp import PO_ENVS
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +41,12 @@ DEFAULT_OUTPUT = Path("runs") / "dt"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` options to ``parser``."""
-    parser.add_argument("--env", default="hopper", choices=[*ENVS, "all"], help="task, or all three (default hopper)")
+    parser.add_argument(
+        "--env",
+        default="hopper",
+        choices=[*ENVS, *PO_ENVS, "all"],
+        help="task (hopper-po etc.: positions only), or all three fully observed (default hopper)",
+    )
     parser.add_argument("--level", default="medium", choices=LEVEL_NAMES, help="dataset level (default medium)")
     parser.add_argument(
         "--dataset",
@@ -45,7 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=int, default=6_000, help="gradient steps in total (default 6000, as the shipped DTs)"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="segments per batch (default 64)")
-    parser.add_argument("--context", type=int, default=20, help="K, timesteps per segment (default 20)")
+    parser.add_argument(
+        "--context", type=int, default=20, help="K, timesteps per segment (default 20; long-context DTs: 200+)"
+    )
+    parser.add_argument(
+        "--prefix-fraction",
+        type=float,
+        default=0.0,
+        help="share of segments that start at their episode's first step (default 0: all start anywhere)",
+    )
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
     parser.add_argument("--warmup", type=int, default=1_000, help="linear warmup steps (default 1000)")
@@ -88,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ship", action="store_true", help="copy the finished model to namm_transfer/weights/dt/{env}-{level}/"
     )
+    parser.add_argument(
+        "--ship-name", default=None, help="name of the shipped folder (default {env}-{level}), e.g. hopper-medium-long"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -99,6 +124,9 @@ def main(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = list(ENVS) if args.env == "all" else [args.env]
+    if args.ship_name is not None and len(names) > 1:
+        print("error: --ship-name names one model; give one --env", file=sys.stderr)
+        return 2
     output = args.output
     dataset = args.dataset
     if len(names) > 1 and dataset is not None and dataset.suffix in (".hdf5", ".h5"):
@@ -118,6 +146,7 @@ def main(args: argparse.Namespace) -> int:
                 steps=args.steps,
                 batch_size=args.batch_size,
                 context=args.context,
+                prefix_fraction=args.prefix_fraction,
                 lr=args.lr,
                 weight_decay=args.weight_decay,
                 warmup=args.warmup,
@@ -143,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         score_text = "not evaluated" if score is None else f"D4RL normalized score {score:.1f}"
         print(f"{name}-{args.level}: {result.step} steps ({speed}), {score_text} -> {result.output}")
         if args.ship and result.finished:
-            print(f"shipped: {ship_dt(result.output)}")
+            print(f"shipped: {ship_dt(result.output, args.ship_name)}")
     return 1 if failures else 0
 
 

@@ -86,9 +86,17 @@ def get_env_info(name: str) -> EnvInfo:
     Accepts ``"hopper"``, any capitalisation, and names with a suffix such as ``"hopper-medium-v2"`` or
     ``"Hopper-v5"`` (the part before the first ``-``).
 
+    Partially observable tasks (``"hopper-po"``, ``"hopper-po-medium"``) give their entry of
+    :data:`.pomdp.PO_ENVS`.
+
     Raises:
         ValueError: for an unknown task, listing the known ones.
     """
+    from .pomdp import lookup
+
+    partial = lookup(name)
+    if partial is not None:
+        return partial
     key = str(name).strip().lower()
     if key not in ENVS:
         key = key.split("-", 1)[0]
@@ -162,7 +170,7 @@ def make_env(
     """Create the Gymnasium MuJoCo environment for a task.
 
     Args:
-        name: task name (``"hopper"``, ``"halfcheetah"``, ``"walker2d"``).
+        name: task name (``"hopper"``, ``"halfcheetah"``, ``"walker2d"``; ``"hopper-po"`` etc.: positions only).
         version: ``"v5"`` (default) or ``"v4"``.
         seed: if given, the environment is reset once with this seed and its action space is seeded, so
             that later ``reset()`` calls without a seed continue a reproducible stream.
@@ -176,6 +184,10 @@ def make_env(
     Raises:
         ValueError: for an unknown task or version.
     """
+    from .pomdp import is_partial, make_po_env
+
+    if is_partial(name):  # "hopper-po": positions only
+        return make_po_env(name, version, seed, **kwargs)
     info = get_env_info(name)
     env_id = info.gym_id(version)
     import gymnasium as gym

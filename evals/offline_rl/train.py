@@ -130,7 +130,7 @@ class TrainConfig(RunConfig):
     """Settings of one Decision Transformer training run (defaults: the canonical configuration)."""
 
     env: str = "hopper"
-    """Task: hopper, halfcheetah or walker2d."""
+    """Task: hopper, halfcheetah or walker2d; ``hopper-po`` etc. for the positions-only tasks (:mod:`.pomdp`)."""
     level: str = "medium"
     """Dataset level (medium, medium-replay, expert); names the default dataset and the output."""
     dataset: str | None = None
@@ -140,7 +140,12 @@ class TrainConfig(RunConfig):
     45 min on one idle core here (~0.45 core-seconds per step); the DT paper trained 100k."""
     batch_size: int = 64
     context: int = 20
-    """K, timesteps per training segment (and the canonical evaluation window)."""
+    """K, timesteps per training segment (and the canonical evaluation window). Long-context DTs use 200 or more
+    (600+ tokens), up to ``max_ep_len`` for whole episodes, so that the cached rollout's long history is in
+    their training distribution."""
+    prefix_fraction: float = 0.0
+    """Share of each batch's segments that start at their episode's first step (episode prefixes, the history a
+    cached rollout holds); the others start uniformly within the episode. 0 (default): the canonical sampling."""
     lr: float = 1e-4
     weight_decay: float = 1e-4
     warmup: int = 1_000
@@ -183,6 +188,8 @@ class TrainConfig(RunConfig):
             raise ValueError("warmup must be >= 0 and log_every, checkpoint_every, keep_checkpoints >= 1")
         if self.hidden_size % self.n_head:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
+        if not 0.0 <= self.prefix_fraction <= 1.0:
+            raise ValueError(f"prefix_fraction must be in [0, 1], got {self.prefix_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0 or self.return_scale <= 0 or self.grad_clip <= 0:
@@ -195,7 +202,7 @@ class TrainConfig(RunConfig):
             raise ValueError(f"eval_max_ep_len {self.eval_max_ep_len} exceeds max_ep_len {self.max_ep_len}")
 
     def resolved_target_return(self) -> float:
-        return float(self.target_return if self.target_return is not None else ENVS[self.env].target_return)
+        return float(self.target_return if self.target_return is not None else get_env_info(self.env).target_return)
 
 
 # identity of a run: a checkpoint may only be resumed by a run that agrees on these (a checkpoint written before
@@ -206,6 +213,7 @@ _IDENTITY = (
     "version",
     "batch_size",
     "context",
+    "prefix_fraction",
     "lr",
     "weight_decay",
     "warmup",
@@ -273,12 +281,18 @@ def build_dt(state_dim: int, act_dim: int, config: TrainConfig | None = None) ->
 class TrajectorySampler:
     """Length-weighted K-step segments of a D4RL-format dataset, as tensors ready for the model.
 
+    A segment is the (up to) K steps from its start: a step drawn uniformly within the trajectory, or, for a
+    share ``prefix_fraction`` of the segments, the trajectory's first step (an episode prefix: what a cached
+    rollout holds at each step). With K at least the longest trajectory a prefix is the whole episode.
+
     Args:
         data: flat dict in the D4RL layout (:func:`~.datasets.read_d4rl_hdf5`).
         context: K.
         return_scale: returns-to-go are divided by this.
         max_ep_len: timesteps are clipped to ``max_ep_len - 1``.
         state_mean, state_std: (state_dim,) normalization; default the dataset's (std + 1e-6).
+        prefix_fraction: share of segments that start at step 0 (0: every start uniform, the canonical sampling;
+            no random numbers are drawn for it then, so the canonical batches are unchanged).
     """
 
     def __init__(
@@ -289,9 +303,13 @@ class TrajectorySampler:
         max_ep_len: int = 1000,
         state_mean: Any = None,
         state_std: Any = None,
+        prefix_fraction: float = 0.0,
     ) -> None:
         from .datasets import dataset_stats, split_trajectories
 
+        if not 0.0 <= prefix_fraction <= 1.0:
+            raise ValueError(f"prefix_fraction must be in [0, 1], got {prefix_fraction}")
+        self.prefix_fraction = float(prefix_fraction)
         trajs = [t for t in split_trajectories(data) if len(t["rewards"]) > 0]
         if not trajs:
             raise ValueError("the dataset holds no trajectory")
@@ -320,18 +338,25 @@ class TrajectorySampler:
         self.num_steps = int(lengths.sum())
 
     def sample(self, rng: np.random.Generator, batch_size: int, device: Any = "cpu") -> dict[str, torch.Tensor]:
-        """One batch: ``states`` (B, K, state_dim), ``actions`` (B, K, act_dim), ``returns_to_go`` (B, K, 1),
-        ``timesteps`` (B, K) long, ``attention_mask`` (B, K) long (left padding = 0), padded entries zero."""
+        """One batch: ``states`` (B, W, state_dim), ``actions`` (B, W, act_dim), ``returns_to_go`` (B, W, 1),
+        ``timesteps`` (B, W) long, ``attention_mask`` (B, W) long (left padding = 0), padded entries zero.
+
+        W is the longest segment of the batch (at most K; K whenever one segment is K steps long): columns that
+        would be padding in every row are left out, which saves long-context batches of short episodes most of
+        their compute and changes no real token's output."""
         import torch
 
         k = self.context
         traj = rng.choice(len(self.lengths), size=batch_size, p=self.p)
         length = self.lengths[traj]
         start = (rng.random(batch_size) * length).astype(np.int64).clip(max=length - 1)
+        if self.prefix_fraction > 0:
+            start = np.where(rng.random(batch_size) < self.prefix_fraction, 0, start)
         n = np.minimum(k, length - start)  # real steps of each segment
-        j = np.arange(k)[None, :]
-        valid = j >= (k - n)[:, None]
-        idx = self.offsets[traj][:, None] + start[:, None] + j - (k - n)[:, None]
+        w = int(n.max())
+        j = np.arange(w)[None, :]
+        valid = j >= (w - n)[:, None]
+        idx = self.offsets[traj][:, None] + start[:, None] + j - (w - n)[:, None]
         idx = np.where(valid, idx, 0)
         mask = valid.astype(np.int64)
 
@@ -351,24 +376,37 @@ class TrajectorySampler:
 
 def _load_dataset(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
     from .datasets import dataset_path, read_d4rl_hdf5
+    from .pomdp import base_name, is_partial
 
     path = Path(cfg.dataset).expanduser() if cfg.dataset else dataset_path(cfg.env, cfg.level, cfg.version)
+    partial = is_partial(cfg.env)
+    how = (
+        f"derive it with `namm-transfer rl derive-po --env {base_name(cfg.env)} --level {cfg.level}` (from the "
+        f"dataset of `namm-transfer rl collect --env {base_name(cfg.env)} --level {cfg.level}`)"
+        if partial
+        else f"collect it with `namm-transfer rl collect --env {cfg.env} --level {cfg.level}`"
+    )
     if not path.is_file():
         raise FileNotFoundError(
-            f"dataset {path} does not exist; collect it with `namm-transfer rl collect --env {cfg.env} "
-            f"--level {cfg.level}` or pass --dataset PATH (a D4RL-format HDF5 file)"
+            f"dataset {path} does not exist; {how} or pass --dataset PATH (a D4RL-format HDF5 file)"
         )
     data = read_d4rl_hdf5(path)
-    info = ENVS[cfg.env]
+    info = get_env_info(cfg.env)
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     if (obs_dim, act_dim) != (info.state_dim, info.act_dim):
+        hint = f"; {how}" if partial else "; is it a dataset of another task?"
         raise ValueError(
             f"dataset {path} has observations of size {obs_dim} and actions of size {act_dim}, but {cfg.env} needs "
-            f"{info.state_dim} and {info.act_dim}; is it a dataset of another task?"
+            f"{info.state_dim} and {info.act_dim}{hint}"
         )
     meta_env = (data.get("metadata") or {}).get("env_name")
-    if meta_env and str(meta_env).split("-")[0].lower() != cfg.env:
-        raise ValueError(f"dataset {path} was collected on {meta_env!r}, not {cfg.env!r}")
+    if meta_env:
+        try:
+            same = get_env_info(str(meta_env)).name == cfg.env
+        except ValueError:
+            same = False
+        if not same:
+            raise ValueError(f"dataset {path} was collected on {meta_env!r}, not {cfg.env!r}")
     return data, path
 
 
@@ -504,7 +542,9 @@ def train_dt(
         torch.set_num_threads(int(cfg.threads))
     data, data_path = _load_dataset(cfg)
     data_sha256 = sha256_file(data_path)
-    sampler = TrajectorySampler(data, cfg.context, cfg.return_scale, cfg.max_ep_len)
+    sampler = TrajectorySampler(
+        data, cfg.context, cfg.return_scale, cfg.max_ep_len, prefix_fraction=cfg.prefix_fraction
+    )
     stats = sampler.stats
     device = torch.device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
@@ -623,7 +663,7 @@ def train_dt(
         "format": SIDECAR_FORMAT,
         "env": cfg.env,
         "level": cfg.level,
-        "gym_id": ENVS[cfg.env].gym_id(cfg.version),
+        "gym_id": get_env_info(cfg.env).gym_id(cfg.version),
         "state_dim": sampler.state_dim,
         "act_dim": sampler.act_dim,
         "state_mean": sampler.state_mean.tolist(),
@@ -639,7 +679,7 @@ def train_dt(
             "num_steps": sampler.num_steps,
             "return_mean": stats["return_mean"],
             "return_std": stats["return_std"],
-            "normalized_return_mean": float(ENVS[cfg.env].normalized_score(stats["return_mean"])),
+            "normalized_return_mean": float(get_env_info(cfg.env).normalized_score(stats["return_mean"])),
             "metadata": data.get("metadata") or {},
         },
         "training": {
@@ -708,6 +748,16 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
         f"{c.get('n_layer')} layers, hidden {c.get('hidden_size')}, {c.get('n_head')} head(s), ReLU, dropout "
         f"{c.get('dropout')}, max_ep_len {c.get('max_ep_len')}, returns scaled by {c.get('return_scale')} "
         f"({'the canonical configuration of the DT paper' if canonical else 'not the canonical configuration'}).",
+    ]
+    if c.get("prefix_fraction"):
+        lines += [
+            "",
+            f"Long context: {c.get('prefix_fraction')} of the training segments are episode prefixes (from the "
+            "episode's first step), the history a cached rollout holds; the others start anywhere in an episode.",
+        ]
+    if "-po" in str(env):
+        lines += ["", "Partially observable task: the observations are the joint positions only (velocities removed)."]
+    lines += [
         "",
         "## Data",
         f"- dataset: `{Path(ds.get('path', '?')).name}` (sha256 `{str(ds.get('sha256', '?'))[:16]}...`)",
@@ -866,17 +916,28 @@ def _shipped_folder(spec: str, env: str | None, level: str) -> tuple[Path, str, 
     rest = spec.split(":", 1)[1].strip() or (env or "")
     if not rest:
         raise ValueError("'shipped:' needs a task name, e.g. 'shipped:hopper'")
-    parts = rest.split("-", 1)
-    name = get_env_info(parts[0]).name
-    lvl = parts[1] if len(parts) > 1 else level
+    from .pomdp import lookup
+
+    partial = lookup(rest)
+    if partial is not None:  # "hopper-po-medium": the task is two words
+        name, tail = partial.name, rest[len(partial.name) + 1 :]
+    else:
+        parts = rest.split("-", 1)
+        name, tail = get_env_info(parts[0]).name, parts[1] if len(parts) > 1 else ""
+    lvl = tail or level
     root = shipped_dt_dir()
     return root / f"{name}-{lvl}", name, lvl
 
 
 def _infer_env(text: str) -> str | None:
+    from .pomdp import PO_ENVS
+
     low = text.lower()
-    hits = [name for name in ENVS if re.search(rf"(^|[^a-z]){name}([^a-z]|$)", low)]
-    return hits[0] if len(hits) == 1 else None
+    for table in (PO_ENVS, ENVS):  # "hopper-po" before "hopper", which it contains
+        hits = [name for name in table if re.search(rf"(^|[^a-z]){name}([^a-z]|$)", low)]
+        if hits:
+            return hits[0] if len(hits) == 1 else None
+    return None
 
 
 def _stats_from(source: Any) -> dict[str, Any]:
@@ -1007,7 +1068,10 @@ def load_dt(
     if env is None:
         env = _infer_env(text) or _infer_env(folder.name)
     if env is None:
-        matches = [n for n, i in ENVS.items() if (i.state_dim, i.act_dim) == (state_dim, act_dim)]
+        from .pomdp import PO_ENVS
+
+        tasks = {**ENVS, **PO_ENVS}
+        matches = [n for n, i in tasks.items() if (i.state_dim, i.act_dim) == (state_dim, act_dim)]
         env = matches[0] if len(matches) == 1 else None
     if env is not None:
         info_env = get_env_info(env)
@@ -1081,7 +1145,7 @@ def load_dt(
         raise ValueError(f"state normalization from {stats_source} is not finite and positive")
     target_return = norm.get("target_return") or (sidecar or {}).get("target_return")
     if target_return is None and env is not None:
-        target_return = ENVS[env].target_return
+        target_return = get_env_info(env).target_return
 
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
