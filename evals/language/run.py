@@ -727,8 +727,8 @@ def main(args: argparse.Namespace) -> int:
         if mode == "replay":
             assert replay is not None
             budget: Any = ReplayBudget(replay, source=f"namm/{sample_id}")
-        else:
-            budget = budget_value
+        else:  # a token count is written with its unit (a bare integer is refused as a budget)
+            budget = f"{budget_value}t" if mode == "tokens" else budget_value
         kwargs: dict[str, Any] = {"budget": budget}
         if name == "random":
             kwargs["seed"] = args.seed
