@@ -706,7 +706,7 @@ def answer(
     max_new_tokens: int = 32,
     update_interval: int = 512,
     chunk_size: int = 128,
-    final_update: bool = False,
+    final_update: bool | None = None,
     video_first: bool = True,
     eos_token_id: int | list[int] | None = None,
     inputs: dict[str, Any] | None = None,
@@ -722,6 +722,8 @@ def answer(
         policy: a :class:`~namm_transfer.policies.base.MemoryPolicy` or a registered name
             (``policy_kwargs`` go to its factory, e.g. ``budget=0.5``).
         inputs: a :func:`build_inputs` result to reuse (then ``frames`` and ``question`` are ignored).
+        final_update: as :func:`namm_transfer.attach` (None: an update at the end of the prompt for a ratio or token
+            budget, none otherwise).
     """
     from namm_transfer.session import attach
 
@@ -770,7 +772,7 @@ class VideoQASession:
         *,
         update_interval: int = 512,
         chunk_size: int = 128,
-        final_update: bool = False,
+        final_update: bool | None = None,
         video_first: bool = True,
         **policy_kwargs: Any,
     ) -> None:
