@@ -526,8 +526,8 @@ def eviction_record(
         token_kind, frame_of_token: from :func:`build_inputs` (prompt tokens of sequence ``seq``);
             positions past their end (generated tokens) count as text of no frame.
         n_frames: number of frames (default: ``max(frame_of_token) + 1``).
-        update_interval: the engine's; tells an update at the end of a prompt (``final_update``),
-            which runs after that call's statistics were taken, from one inside a call.
+        update_interval: unused (kept for callers): an update at the end of a prompt (``final_update``) is in
+            that call's statistics, as an update inside a call is.
         seq: which sequence of the batch (its positions are its own, padding excluded).
     """
     kind = np.asarray(token_kind, dtype=np.int64).reshape(-1)
@@ -581,10 +581,9 @@ def eviction_record(
     u = -1
     for c in range(n_calls):
         clock = stats.clock[c]
-        while u + 1 < n_upd and (
-            stats.update_clock[u + 1] < clock
-            or (stats.update_clock[u + 1] == clock and (update_interval is None or clock % update_interval == 0))
-        ):
+        # an update at this call's clock is in its record, a prompt's final update too (the engine re-records the
+        # call after an update made by hand)
+        while u + 1 < n_upd and stats.update_clock[u + 1] <= clock:
             u += 1
         n = call_seen[c]
         if u < 0:

@@ -55,9 +55,9 @@ class EngineConfig:
     final_update: bool | None = None
     """Also run the policy once at the end of every prompt (``AttachedMemory.prefill``), unless the prompt ended on an
     update step. None (the default): True for a policy with a budget that holds at the end of a prompt (ratio and
-    token budgets, ``Budget.holds_at_prompt_end``), False otherwise (no budget, e.g. the NAMM's threshold; a
-    replayed budget). False is the paper's schedule: the policy runs at update steps only. The engine resolves
-    None for its policy (``EvictionEngine.config.final_update`` is always a bool)."""
+    token budgets, ``Budget.holds_at_prompt_end``; a replayed budget when the run it replays did), False otherwise
+    (no budget, e.g. the NAMM's threshold). False is the paper's schedule: the policy runs at update steps only.
+    The engine resolves None for its policy (``EvictionEngine.config.final_update`` is always a bool)."""
     record_kept: bool = False
     """Record the positions of the kept tokens of every (sequence, head) at every update."""
 

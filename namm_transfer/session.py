@@ -55,9 +55,9 @@ def attach(
             budget holds when the prompt is done and decoding starts, whatever the prompt's length. None (the
             default): on for a policy with a ratio or token budget (``h2o``, ``l2``, ``streaming``, ``random``,
             ``tova``, a :class:`~namm_transfer.policies.namm_policy.NAMMPolicy` with a budget), off for one without
-            (``full``, the NAMM's threshold) and for a :class:`~namm_transfer.policies.base.ReplayBudget`, which
-            replays another run's updates. False: the paper's schedule, the policy runs at update steps only (the
-            threshold protocol's, and what a replay of such a run needs).
+            (``full``, the NAMM's threshold); a :class:`~namm_transfer.policies.base.ReplayBudget` follows the run it
+            replays (its ``holds_at_prompt_end``, False unless given). False: the paper's schedule, the policy runs
+            at update steps only (the threshold protocol's, and what a replay of such a run needs).
     """
     if isinstance(policy, str):
         policy = create_policy(policy, **policy_kwargs)

@@ -154,16 +154,47 @@ def test_the_papers_schedule_updates_at_update_steps_only():
         "full": create_policy("full"),
         "namm-threshold": NAMMPolicy(net),
         "replay": create_policy("h2o", budget=ReplayBudget(record)),
+        "replay-of-final-updates": create_policy("h2o", budget=ReplayBudget(record, holds_at_prompt_end=True)),
         "h2o-tokens": create_policy("h2o", budget="12t"),
         "namm-ratio": NAMMPolicy(net, budget=0.5),
     }
-    want = {"full": False, "namm-threshold": False, "replay": False, "h2o-tokens": True, "namm-ratio": True}
+    want = {
+        "full": False,
+        "namm-threshold": False,
+        "replay": False,
+        "replay-of-final-updates": True,
+        "h2o-tokens": True,
+        "namm-ratio": True,
+    }
     for key, policy in resolved.items():
         with attach(model, policy) as mem:
             assert mem.engine.config.final_update is want[key], key
     for explicit in (True, False):
         with attach(model, NAMMPolicy(net), final_update=explicit) as mem:
             assert mem.engine.config.final_update is explicit
+
+
+def test_a_replay_of_a_run_with_final_updates_makes_them_too():
+    """A ratio run updates at the end of its prompt; a replay that says so (``holds_at_prompt_end``) makes the same
+    updates and keeps the same counts, in a second prompt too; one that does not stops at the update steps."""
+    model = tiny_decoder("llama")
+    ids, mask = _batch((45, 30), seed=1)
+    more, more_mask = _batch((11, 11), seed=2)
+
+    def run(policy):
+        with attach(model, policy, update_interval=16, chunk_size=8) as mem:
+            mem.prefill(ids, mask)
+            mem.prefill(more, more_mask, reset=False)
+            return mem.stats
+
+    recorded = run(create_policy("random", budget=0.25))
+    assert recorded.update_clock == [16, 32, 45, 48, 56]
+    for name in ("h2o", "l2", "streaming", "random", "tova"):
+        stats = run(create_policy(name, budget=ReplayBudget(recorded.kept_counts, holds_at_prompt_end=True)))
+        assert stats.update_clock == recorded.update_clock and stats.kept_counts == recorded.kept_counts
+    stats = run(create_policy("h2o", budget=ReplayBudget(recorded.kept_counts)))
+    assert stats.update_clock == [16, 32, 48]  # update steps only: its third update replays the run's third, at 45
+    assert stats.kept_counts[2] == recorded.kept_counts[2] and stats.kept_counts != recorded.kept_counts
 
 
 # ----- TOVA -------------------------------------------------------------------------------------------------------

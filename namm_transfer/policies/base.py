@@ -93,10 +93,11 @@ class LayerState:
 class Budget:
     """How many tokens a budgeted policy may keep, per (sequence, head) row at an update."""
 
-    holds_at_prompt_end: ClassVar[bool] = True
+    holds_at_prompt_end: bool = True
     """Whether a session runs the policy once more at the end of every prompt by default (``attach``'s
     ``final_update=None``), so that the cache holds this budget when the prompt is done, not only at update steps.
-    True for ratio and token budgets; False for :class:`ReplayBudget`, which replays another run's updates."""
+    True for ratio and token budgets; for a :class:`ReplayBudget`, whether the replayed run did (False unless
+    given)."""
 
     def target(self, state: LayerState) -> Tensor:  # pragma: no cover - interface
         """(B, H) int64 number of tokens to keep (the caller clamps to the live count)."""
@@ -162,13 +163,15 @@ class ReplayBudget(Budget):
 
     ``record[step][layer]`` is a (B, H) list of kept counts, as recorded by the engine in
     :attr:`namm_transfer.engine.EvictionStats.kept_counts`. The baseline run must feed the same
-    sequences in the same batch order with the same update interval.
+    sequences in the same batch order with the same update interval, and make the same final updates at the ends
+    of prompts (``holds_at_prompt_end``, or ``attach``'s ``final_update``).
     """
 
     record: dict[int, dict[int, Any]]
     source: str = "replay"
-    holds_at_prompt_end: ClassVar[bool] = False  # the replayed run's updates only (final_update=True to replay one
-    # that made a final update at the end of each prompt)
+    holds_at_prompt_end: bool = False
+    """The replayed run also updated at the end of each prompt (a ratio or token budget's default): then so does
+    this one by default, so that the two make the same updates. False: update steps only (a NAMM's threshold)."""
 
     def target(self, state: LayerState) -> Tensor:
         try:
