@@ -526,8 +526,8 @@ def eviction_record(
         token_kind, frame_of_token: from :func:`build_inputs` (prompt tokens of sequence ``seq``);
             positions past their end (generated tokens) count as text of no frame.
         n_frames: number of frames (default: ``max(frame_of_token) + 1``).
-        update_interval: the engine's; tells an update at the end of a prompt (``final_update``),
-            which runs after that call's statistics were taken, from one inside a call.
+        update_interval: unused (kept for callers): an update at the end of a prompt (``final_update``) is in
+            that call's statistics, as an update inside a call is.
         seq: which sequence of the batch (its positions are its own, padding excluded).
     """
     kind = np.asarray(token_kind, dtype=np.int64).reshape(-1)
@@ -581,10 +581,9 @@ def eviction_record(
     u = -1
     for c in range(n_calls):
         clock = stats.clock[c]
-        while u + 1 < n_upd and (
-            stats.update_clock[u + 1] < clock
-            or (stats.update_clock[u + 1] == clock and (update_interval is None or clock % update_interval == 0))
-        ):
+        # an update at this call's clock is in its record, a prompt's final update too (the engine re-records the
+        # call after an update made by hand)
+        while u + 1 < n_upd and stats.update_clock[u + 1] <= clock:
             u += 1
         n = call_seen[c]
         if u < 0:
@@ -706,7 +705,7 @@ def answer(
     max_new_tokens: int = 32,
     update_interval: int = 512,
     chunk_size: int = 128,
-    final_update: bool = False,
+    final_update: bool | None = None,
     video_first: bool = True,
     eos_token_id: int | list[int] | None = None,
     inputs: dict[str, Any] | None = None,
@@ -722,6 +721,8 @@ def answer(
         policy: a :class:`~namm_transfer.policies.base.MemoryPolicy` or a registered name
             (``policy_kwargs`` go to its factory, e.g. ``budget=0.5``).
         inputs: a :func:`build_inputs` result to reuse (then ``frames`` and ``question`` are ignored).
+        final_update: as :func:`namm_transfer.attach` (None: an update at the end of the prompt for a ratio or token
+            budget, none otherwise).
     """
     from namm_transfer.session import attach
 
@@ -770,7 +771,7 @@ class VideoQASession:
         *,
         update_interval: int = 512,
         chunk_size: int = 128,
-        final_update: bool = False,
+        final_update: bool | None = None,
         video_first: bool = True,
         **policy_kwargs: Any,
     ) -> None:

@@ -9,7 +9,8 @@ through :meth:`EvictionEngine.attention`, which
   left padding, causality inside the chunk, sliding windows of unmanaged layers),
 * computes the attention probability rows of the chunk's queries against the current cache only
   when the policy asks for them (chunk x cache, never T x T), in query tiles of bounded size, and
-  hands them to the policy tile by tile,
+  hands them to the policy tile by tile (or only their sums over the chunk's queries, or only the row of
+  the chunk's last query, when that is all the policy asks for),
 * and otherwise calls PyTorch's fused SDPA.
 
 The cache of every managed layer appends in place (``adapters.hf_attention.make_growing_cache``):
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,10 +49,15 @@ class EngineConfig:
 
     update_interval: int = 512
     """Run the policy whenever the clock (tokens fed, padding included) reaches a multiple of this."""
-    chunk_size: int = 128
-    """Prompts are fed in chunks of at most this many tokens (boundaries also fall on update steps)."""
-    final_update: bool = False
-    """Also run the policy once at the end of every prompt (off in the paper's setting)."""
+    chunk_size: int = 512
+    """Prompts are fed in chunks of at most this many tokens (boundaries also fall on update steps, so a chunk is
+    never longer than ``update_interval``). 512: see :func:`namm_transfer.session.attach`."""
+    final_update: bool | None = None
+    """Also run the policy once at the end of every prompt (``AttachedMemory.prefill``), unless the prompt ended on an
+    update step. None (the default): True for a policy with a budget that holds at the end of a prompt (ratio and
+    token budgets, ``Budget.holds_at_prompt_end``; a replayed budget when the run it replays did), False otherwise
+    (no budget, e.g. the NAMM's threshold). False is the paper's schedule: the policy runs at update steps only.
+    The engine resolves None for its policy (``EvictionEngine.config.final_update`` is always a bool)."""
     record_kept: bool = False
     """Record the positions of the kept tokens of every (sequence, head) at every update."""
 
@@ -128,7 +134,11 @@ class EvictionEngine:
     def __init__(self, adapter: Any, policy: MemoryPolicy, config: EngineConfig | None = None) -> None:
         self.adapter = adapter
         self.policy = policy
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        if config.final_update is None:
+            budget = getattr(policy, "budget", None)
+            config = replace(config, final_update=bool(budget is not None and budget.holds_at_prompt_end))
+        self.config = config
         self.host: HostInfo = adapter.host_info()
         self.managed = set(self.host.managed_layers)
         if policy.needs_attention and not getattr(adapter, "provides_attention_rows", True):
@@ -452,6 +462,10 @@ class EvictionEngine:
             self._append(st, q, s)
             all_live = bool((self._live[layer] == s).all())
         need_rows = st is not None and self.policy.needs_attention
+        if need_rows and self.policy.observes_last_row:  # one row on the side; the output by the fused path below
+            assert st is not None
+            self._observe_last_row(st, query, key, scaling, softcap, all_live)
+            need_rows = False
         if need_rows and softcap is None:
             assert st is not None
             fast = self._attend_with_rows(st, query, key, value, scaling, all_live)
@@ -498,6 +512,31 @@ class EvictionEngine:
             mg = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, q, s).reshape(mask.shape[0], -1, g * q, s)
             out = F.scaled_dot_product_attention(qg, key, value, attn_mask=mg, scale=scaling)
         return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
+
+    def _observe_last_row(
+        self, st: LayerState, query: Tensor, key: Tensor, scaling: float, softcap: float | None, all_live: bool
+    ) -> None:
+        """Hand the policy the attention row of the chunk's last query (``observes_last_row``): (B, H, S) float32
+        probabilities over the layer's slots, averaged over the query heads of each KV head; zeros for a sequence
+        whose last query is padding. The last query sees every live slot (the chunk's own slots all precede it or
+        are it), so the only mask is the live slots'. Costs one (g x S) product per KV head and chunk."""
+        chunk = self._chunk
+        assert chunk is not None
+        b, hq, _, d = query.shape
+        h = key.shape[1]
+        g = hq // h
+        with torch.no_grad():  # the policy's row carries no gradient
+            last = query[:, :, -1].float().reshape(b, h, g, d)
+            scores = torch.matmul(last, key.float().transpose(-1, -2)).mul_(scaling)  # (B, H, g, S)
+            if softcap is not None:
+                scores.div_(softcap).tanh_().mul_(softcap)
+            if not all_live:
+                scores.masked_fill_(~st.valid[:, :, None, :], float("-inf"))
+            row = torch.softmax(scores, dim=-1).mean(2)  # (B, H, S)
+            if not chunk["all_real"]:  # padding last queries (their rows may be NaN: no live slot yet) weigh 0
+                real = chunk["valid"][:, -1].view(b, 1, 1)
+                row = torch.where(real, row, torch.zeros((), dtype=row.dtype, device=row.device))
+        self.policy.observe_last_row(st, row)
 
     def _attend_with_rows(
         self, st: LayerState, query: Tensor, key: Tensor, value: Tensor, scaling: float, all_live: bool

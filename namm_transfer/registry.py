@@ -59,9 +59,9 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    from .policies.baselines import H2O, FullCache, L2Norm, RandomEviction, StreamingLLM
+    from .policies.baselines import H2O, TOVA, FullCache, L2Norm, RandomEviction, StreamingLLM
 
-    for cls in (FullCache, StreamingLLM, H2O, L2Norm, RandomEviction):
+    for cls in (FullCache, StreamingLLM, H2O, L2Norm, RandomEviction, TOVA):
         _POLICIES.setdefault(cls.name, cls)
     _POLICIES.setdefault("namm", _builtin_namm_policy)
 

@@ -28,8 +28,8 @@ def attach(
     policy: MemoryPolicy | str = "namm",
     *,
     update_interval: int = 512,
-    chunk_size: int = 128,
-    final_update: bool = False,
+    chunk_size: int = 512,
+    final_update: bool | None = None,
     record_kept: bool = False,
     adapter: str | None = None,
     **policy_kwargs: Any,
@@ -41,7 +41,23 @@ def attach(
         policy: a :class:`MemoryPolicy` or a registered name (``full``, ``namm``, ``h2o``, ...);
             ``policy_kwargs`` go to the registered factory (e.g. ``budget=0.5``).
         update_interval: run the policy every this many tokens (a multiple of 3 for Decision Transformers).
-        chunk_size: prefill chunk length.
+        chunk_size: prefill chunk length (chunks also end at update steps, so at most ``update_interval`` tokens).
+            The default, 512 (the default ``update_interval``, so the longest chunk it allows), is the chunk of the
+            timed runs in BENCHMARKS.md: in its "CPU" table (``benchmarks/engine_speed.py --chunk-size 512``, the run
+            of 2026-11-28) the engine keeping every token takes 1.05x the unmodified model's time at 2048 tokens and
+            0.99x / 1.03x Hugging Face's own prefill in 512-token chunks at 2048 / 4096 tokens, where the run of
+            2026-11-27 at 128-token chunks (an older engine too) took 1.30x. On the GPU each chunk costs about the
+            same host time whatever it holds: 2048-token chunks cut the prefill 2-4x against 512 ("Reading the GPU
+            run"), so there raise ``update_interval`` and ``chunk_size`` together where the policy allows. Smaller
+            chunks bound the activations of one forward call (chunk x hidden per layer) and the attention rows a
+            policy is handed (BENCHMARKS.md's feature-memory table: 16.8 MiB at 64-token chunks, 24.6 at 512).
+        final_update: run the policy once more at the end of every prompt (``prefill`` / ``generate``), so that a
+            budget holds when the prompt is done and decoding starts, whatever the prompt's length. None (the
+            default): on for a policy with a ratio or token budget (``h2o``, ``l2``, ``streaming``, ``random``,
+            ``tova``, a :class:`~namm_transfer.policies.namm_policy.NAMMPolicy` with a budget), off for one without
+            (``full``, the NAMM's threshold); a :class:`~namm_transfer.policies.base.ReplayBudget` follows the run it
+            replays (its ``holds_at_prompt_end``, False unless given). False: the paper's schedule, the policy runs
+            at update steps only (the threshold protocol's, and what a replay of such a run needs).
     """
     if isinstance(policy, str):
         policy = create_policy(policy, **policy_kwargs)
@@ -95,6 +111,10 @@ class AttachedMemory:
         reset: bool = True,
     ) -> Tensor:
         """Feed a (left-padded) prompt in chunks; returns logits of its last ``logits_to_keep`` positions.
+
+        The policy runs at every update step and, with ``final_update`` (by default whenever the policy has a ratio
+        or token budget, see :func:`attach`), once more after the last chunk unless the prompt ended on an update
+        step: the cache then holds the budget when the prompt is done.
 
         Args:
             input_ids: (B, T); or inputs_embeds: (B, T, hidden).

@@ -726,9 +726,12 @@ def main(args: argparse.Namespace) -> int:
             return create_policy("full")
         if mode == "replay":
             assert replay is not None
-            budget: Any = ReplayBudget(replay, source=f"namm/{sample_id}")
-        else:
-            budget = budget_value
+            # a NAMM holding a ratio also updated at the end of the prompt (attach's default): so does its replay
+            budget: Any = ReplayBudget(
+                replay, source=f"namm/{sample_id}", holds_at_prompt_end=args.namm_selection != "threshold"
+            )
+        else:  # a token count is written with its unit (a bare integer is refused as a budget)
+            budget = f"{budget_value}t" if mode == "tokens" else budget_value
         kwargs: dict[str, Any] = {"budget": budget}
         if name == "random":
             kwargs["seed"] = args.seed

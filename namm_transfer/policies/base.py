@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,12 @@ class LayerState:
 class Budget:
     """How many tokens a budgeted policy may keep, per (sequence, head) row at an update."""
 
+    holds_at_prompt_end: bool = True
+    """Whether a session runs the policy once more at the end of every prompt by default (``attach``'s
+    ``final_update=None``), so that the cache holds this budget when the prompt is done, not only at update steps.
+    True for ratio and token budgets; for a :class:`ReplayBudget`, whether the replayed run did (False unless
+    given)."""
+
     def target(self, state: LayerState) -> Tensor:  # pragma: no cover - interface
         """(B, H) int64 number of tokens to keep (the caller clamps to the live count)."""
         raise NotImplementedError
@@ -156,11 +163,15 @@ class ReplayBudget(Budget):
 
     ``record[step][layer]`` is a (B, H) list of kept counts, as recorded by the engine in
     :attr:`namm_transfer.engine.EvictionStats.kept_counts`. The baseline run must feed the same
-    sequences in the same batch order with the same update interval.
+    sequences in the same batch order with the same update interval, and make the same final updates at the ends
+    of prompts (``holds_at_prompt_end``, or ``attach``'s ``final_update``).
     """
 
     record: dict[int, dict[int, Any]]
     source: str = "replay"
+    holds_at_prompt_end: bool = False
+    """The replayed run also updated at the end of each prompt (a ratio or token budget's default): then so does
+    this one by default, so that the two make the same updates. False: update steps only (a NAMM's threshold)."""
 
     def target(self, state: LayerState) -> Tensor:
         try:
@@ -168,7 +179,7 @@ class ReplayBudget(Budget):
         except KeyError:
             raise ValueError(
                 f"replayed budget has no entry for update {state.step}, layer {state.layer}: the run being "
-                "replayed made fewer updates (different prompts, lengths or update_interval?)"
+                "replayed made fewer updates (different prompts, lengths, update_interval or final_update?)"
             ) from None
         t = torch.as_tensor(counts, dtype=torch.int64, device=state.valid.device)
         if t.shape != state.shape[:2]:
@@ -185,31 +196,57 @@ class ReplayBudget(Budget):
         return cls(record, source=str(path))
 
 
-def parse_budget(spec: str | float | int | Budget | None) -> Budget | None:
-    """``0.5`` or ``"50%"`` -> ratio; ``"256t"`` or an int -> tokens; ``"replay:FILE"`` -> replay."""
+def parse_budget(spec: str | float | Budget | None) -> Budget | None:
+    """Read a budget: a share of the tokens seen, a token count, or a replayed run.
+
+    * a share in (0, 1]: a float (``0.5``, ``1.0`` keeps everything) or a string (``"0.5"``, ``"50%"``) ->
+      :class:`RatioBudget`;
+    * tokens: ``"256t"`` (or ``"256tokens"``), or ``TokenBudget(256)`` -> :class:`TokenBudget`;
+    * ``"replay:FILE.json"`` -> :class:`ReplayBudget`; a :class:`Budget` or None is returned as it is.
+
+    A bare integer (``1``, ``256``) or a string of digits (``"1"``, ``"256"``) is refused: ``1`` could mean one
+    token or the whole cache, so a token count is written with its unit (``"256t"``) and a share as a float.
+    """
     if spec is None or isinstance(spec, Budget):
         return spec
     if isinstance(spec, bool):
-        raise ValueError(f"not a budget: {spec!r}")
-    if isinstance(spec, int):
-        return TokenBudget(spec)
-    if isinstance(spec, float):
-        return RatioBudget(spec)
-    text = str(spec).strip()
+        raise ValueError(f'not a budget: {spec!r}; write a share (0.5) or a token count ("256t")')
+    if isinstance(spec, numbers.Integral):
+        raise ValueError(
+            f'budget {spec!r} is an integer, which could mean tokens or a share: write "{int(spec)}t" (or '
+            f"TokenBudget({int(spec)})) for that many tokens, or a float such as 0.5 for a share of the tokens seen"
+        )
+    if isinstance(spec, numbers.Real):
+        return _share(float(spec), spec)
+    if not isinstance(spec, str):
+        raise TypeError(f'not a budget: {spec!r} ({type(spec).__name__}); write 0.5, "50%", "256t" or replay:FILE')
+    text = spec.strip()
     if text.startswith("replay:"):
         return ReplayBudget.from_json(text.split(":", 1)[1])
-    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", text):
-        return RatioBudget(float(m.group(1)) / 100.0)
     if m := re.fullmatch(r"(\d+)t(?:okens)?", text):
         return TokenBudget(int(m.group(1)))
+    if re.fullmatch(r"\d+", text):
+        raise ValueError(
+            f'budget {spec!r} is an integer, which could mean tokens or a share: write "{text}t" for that many tokens, '
+            "or a share such as 0.5 or 50%"
+        )
+    if m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)%", text):
+        return _share(float(m.group(1)) / 100.0, spec)
     try:
         value = float(text)
     except ValueError:
         raise ValueError(
-            f"cannot read budget {spec!r}: use a ratio (0.5 or 50%), a token count (256t) or replay:FILE.json"
+            f"cannot read budget {spec!r}: write a share (0.5 or 50%), a token count (256t) or replay:FILE.json"
         ) from None
-    if value > 1.0 and value == math.floor(value):
-        return TokenBudget(int(value))
+    return _share(value, spec)
+
+
+def _share(value: float, spec: object) -> RatioBudget:
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(
+            f"budget {spec!r}: a share must be in (0, 1] (0.5 keeps half the tokens seen); for a token count "
+            'write it with its unit, e.g. "256t"'
+        )
     return RatioBudget(value)
 
 
@@ -227,6 +264,10 @@ class MemoryPolicy:
       summed over the chunk's queries (H2O's accumulated attention): the engine calls :meth:`observe_sums`
       once per chunk instead of :meth:`observe`, and never builds the per-query rows. A subclass that
       overrides :meth:`observe` but not :meth:`observe_sums` (nor sets ``observes_sums`` itself) gets rows.
+    * ``observes_last_row``: with ``needs_attention``, the policy needs only the attention row of each chunk's last
+      query (TOVA): the engine runs the host's fused attention as for a policy without rows and computes that one
+      row on the side, handed to :meth:`observe_last_row` once per chunk. The same rule as for ``observes_sums``
+      applies to a subclass that overrides :meth:`observe` alone.
     * ``needs_keys``: :meth:`select` reads ``state.keys``.
 
     A subclass that overrides :meth:`select` but not :meth:`select_layers` is asked layer by layer.
@@ -235,6 +276,7 @@ class MemoryPolicy:
     name: ClassVar[str] = "base"
     needs_attention: ClassVar[bool] = False
     observes_sums: ClassVar[bool] = False
+    observes_last_row: ClassVar[bool] = False
     needs_keys: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -242,10 +284,12 @@ class MemoryPolicy:
         own = vars(cls)
         if "observe" in own and "observe_sums" not in own and "observes_sums" not in own:
             cls.observes_sums = False  # it reads rows: an inherited column-sum shortcut would bypass its observe
+        if "observe" in own and "observe_last_row" not in own and "observes_last_row" not in own:
+            cls.observes_last_row = False  # likewise for the last-row shortcut
         if "select" in own and "select_layers" not in own:
             cls.select_layers = MemoryPolicy.select_layers  # type: ignore[method-assign]  # it decides per layer
 
-    def __init__(self, budget: Budget | str | float | int | None = None) -> None:
+    def __init__(self, budget: Budget | str | float | None = None) -> None:
         self.budget = parse_budget(budget)
         self.host: HostInfo | None = None
 
@@ -268,6 +312,13 @@ class MemoryPolicy:
         """(``observes_sums`` policies) Fold (B, H, S) float32: the rows :meth:`observe` would get, summed over
         every query of the chunk (padding queries count 0). ``sums`` may be reused after the call returns."""
         raise NotImplementedError(f"{type(self).__name__} sets observes_sums but does not define observe_sums")
+
+    def observe_last_row(self, state: LayerState, row: Tensor) -> None:
+        """(``observes_last_row`` policies) Fold (B, H, S) float32: the attention probabilities of the chunk's last
+        query over every slot of the layer (the chunk's own slots included), averaged over the query heads of each
+        KV head; all zeros for a sequence whose last query is padding (``state.valid[..., -1]`` is False there).
+        ``row`` may be reused after the call returns."""
+        raise NotImplementedError(f"{type(self).__name__} sets observes_last_row but does not define observe_last_row")
 
     def select(self, state: LayerState) -> Tensor:
         """Return (B, H, S) bool: which slots to keep. Invalid slots are dropped whatever is returned."""

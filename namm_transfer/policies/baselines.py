@@ -5,6 +5,7 @@
 * :class:`H2O` keeps a ``recent`` window plus the heavy hitters by accumulated attention (Zhang et al., 2023).
 * :class:`L2Norm` keeps the tokens whose keys have the lowest L2 norm (Devoto et al., 2024).
 * :class:`RandomEviction` keeps a random subset (seeded) plus the newest token.
+* :class:`TOVA` keeps the tokens the newest query attends to most (Oren et al., 2024).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from .base import Budget, LayerState, MemoryPolicy, stack_layers
 
-__all__ = ["FullCache", "StreamingLLM", "H2O", "L2Norm", "RandomEviction"]
+__all__ = ["FullCache", "StreamingLLM", "H2O", "L2Norm", "RandomEviction", "TOVA"]
 
 
 class FullCache(MemoryPolicy):
@@ -34,7 +35,7 @@ class FullCache(MemoryPolicy):
 class _Budgeted(MemoryPolicy):
     """Keeps the budget's number of live tokens with the highest :meth:`score` per row."""
 
-    def __init__(self, budget: Budget | str | float | int | None = 0.5) -> None:
+    def __init__(self, budget: Budget | str | float | None = 0.5) -> None:
         super().__init__(budget)
         if self.budget is None:
             raise ValueError(f"policy {self.name!r} needs a budget (ratio, tokens or replay)")
@@ -55,13 +56,16 @@ class StreamingLLM(_Budgeted):
 
     name: ClassVar[str] = "streaming"
 
-    def __init__(self, budget: Budget | str | float | int | None = 0.5, sinks: int = 4) -> None:
+    def __init__(self, budget: Budget | str | float | None = 0.5, sinks: int = 4) -> None:
         super().__init__(budget)
         self.sinks = sinks
 
     def score(self, state: LayerState) -> Tensor:
+        # sinks rank above every other token and among themselves the first first, so that a budget below the
+        # sink count keeps positions 0, 1, ... (plus the newest token, which the engine always keeps); the ranking
+        # squashes scores to at most 1e300, and 1e200 * k stays exact and distinct for any sink count
         pos = state.position.to(torch.float64)
-        return torch.where(state.position < self.sinks, torch.full_like(pos, float("inf")), pos)
+        return torch.where(state.position < self.sinks, (self.sinks - pos) * 1e200, pos)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "sinks": self.sinks}
@@ -77,7 +81,7 @@ class H2O(_Budgeted):
     needs_attention: ClassVar[bool] = True
     observes_sums: ClassVar[bool] = True  # the engine hands over column sums, never per-query rows
 
-    def __init__(self, budget: Budget | str | float | int | None = 0.5, recent_fraction: float = 0.5) -> None:
+    def __init__(self, budget: Budget | str | float | None = 0.5, recent_fraction: float = 0.5) -> None:
         super().__init__(budget)
         if not 0.0 <= recent_fraction <= 1.0:
             raise ValueError(f"recent_fraction must be in [0, 1], got {recent_fraction}")
@@ -134,7 +138,7 @@ class RandomEviction(_Budgeted):
 
     name: ClassVar[str] = "random"
 
-    def __init__(self, budget: Budget | str | float | int | None = 0.5, seed: int = 0) -> None:
+    def __init__(self, budget: Budget | str | float | None = 0.5, seed: int = 0) -> None:
         super().__init__(budget)
         self.seed = seed
         self._gen: torch.Generator | None = None
@@ -150,3 +154,34 @@ class RandomEviction(_Budgeted):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "seed": self.seed}
+
+
+class TOVA(_Budgeted):
+    """Token Omission Via Attention (Oren et al., 2024): keep the tokens the newest query attends to most.
+
+    Per (sequence, layer, KV head) the score of a cached token is its attention probability from the last query
+    fed before the update (the newest token's), averaged over the query heads that share the KV head; the budget's
+    number of highest-scoring tokens is kept (ties toward newer tokens, the newest token always). The engine
+    computes only that one row per chunk (``observes_last_row``): the host's attention itself runs fused, as for
+    a policy that reads no attention. A sequence whose last query was padding keeps the row of its newest real
+    query.
+    """
+
+    name: ClassVar[str] = "tova"
+    needs_attention: ClassVar[bool] = True
+    observes_last_row: ClassVar[bool] = True
+
+    def init_layer(self, state: LayerState) -> None:
+        b, h, s = state.shape
+        state.tokens["tova_row"] = torch.zeros(b, h, s, device=state.valid.device)
+
+    def observe(self, state: LayerState, rows: Tensor) -> None:
+        """Rows (B, H, Q, S) of consecutive queries (an engine that hands every row): the last one counts."""
+        self.observe_last_row(state, rows[:, :, -1])
+
+    def observe_last_row(self, state: LayerState, row: Tensor) -> None:
+        real = row.sum(-1, keepdim=True) > 0.5  # (B, H, 1): a real query's probabilities sum to 1, padding's are 0
+        state.tokens["tova_row"] = torch.where(real, row, state.tokens["tova_row"])
+
+    def score(self, state: LayerState) -> Tensor:
+        return state.tokens["tova_row"].to(torch.float64)

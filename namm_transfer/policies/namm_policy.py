@@ -32,7 +32,7 @@ class NAMMPolicy(MemoryPolicy):
     needs_attention: ClassVar[bool] = True
 
     def __init__(
-        self, namm: NAMM, budget: Budget | str | float | int | None = None, collect_statistics: bool = False
+        self, namm: NAMM, budget: Budget | str | float | None = None, collect_statistics: bool = False
     ) -> None:
         super().__init__(budget)
         self.namm = namm
