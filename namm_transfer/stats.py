@@ -6,6 +6,10 @@ strata (tasks, envs, lengths): the statistic is the **mean over strata of the wi
 difference**, the same weighting as the tables' ``score`` (mean over tasks / envs). A stratum with one
 unit counts as much as one with fifty, exactly as in the score.
 
+A stratum with a single unit has no spread to resample, so a stratified bootstrap would give it none: when any
+stratum holds fewer than two units, the strata are pooled (every unit weighs the same, the statistic is the mean
+difference over units) and the interval says so (``stratified`` is false).
+
 The interval is a percentile bootstrap: each resample draws, within every stratum independently, as many
 units as it holds, with replacement; the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the
 resampled statistic (numpy's ``inverted_cdf`` quantile: the smallest resampled value whose empirical CDF
@@ -54,6 +58,7 @@ class PairedInterval:
         level: the interval's coverage (0.95 by default).
         resamples: bootstrap resamples drawn.
         excludes_zero: ``lo > 0`` or ``hi < 0``: a difference the data can tell from none.
+        stratified: the units were resampled within their strata (false: pooled, see the module docstring).
     """
 
     mean: float
@@ -63,6 +68,7 @@ class PairedInterval:
     level: float = DEFAULT_LEVEL
     resamples: int = DEFAULT_RESAMPLES
     excludes_zero: bool = False
+    stratified: bool = True
 
     @property
     def half_width(self) -> float:
@@ -98,6 +104,9 @@ def paired_bootstrap(
         raise ValueError("no paired units to compare")
     if any(not np.all(np.isfinite(a)) for a in arrays):
         raise ValueError("differences must be finite")
+    stratified = len(arrays) == 1 or all(a.size >= 2 for a in arrays)
+    if not stratified:
+        arrays = [np.concatenate(arrays)]
     rng = np.random.default_rng(seed)
     mean = float(np.mean([a.mean() for a in arrays]))
     boot = np.zeros(resamples, dtype=np.float64)
@@ -109,7 +118,7 @@ def paired_bootstrap(
     lo, hi = (float(q) for q in np.quantile(boot, [tail, 1.0 - tail], method="inverted_cdf"))
     lo, hi = min(lo, mean), max(hi, mean)  # rounding of a constant difference
     n = int(sum(a.size for a in arrays))
-    return PairedInterval(mean, lo, hi, n, level, resamples, bool(lo > 0 or hi < 0))
+    return PairedInterval(mean, lo, hi, n, level, resamples, bool(lo > 0 or hi < 0), stratified)
 
 
 def paired_differences(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> tuple[list[Hashable], list[float]]:

@@ -37,11 +37,21 @@ def test_constant_difference_is_a_point_and_excludes_zero():
 
 
 def test_strata_are_weighted_equally_and_resampled_within():
-    # stratum a: one unit of +10, stratum b: four units of 0 -> mean over strata 5, not 2
-    ci = paired_bootstrap({"a": [10.0], "b": [0.0, 0.0, 0.0, 0.0]})
-    assert ci.mean == 5.0
+    # stratum a: two units of +10, stratum b: four units of 0 -> mean over strata 5, not 10/3
+    ci = paired_bootstrap({"a": [10.0, 10.0], "b": [0.0, 0.0, 0.0, 0.0]})
+    assert ci.mean == 5.0 and ci.stratified
     # stratum a cannot resample to anything but 10, b to anything but 0: the interval is the point
-    assert (ci.lo, ci.hi) == (5.0, 5.0) and ci.n == 5
+    assert (ci.lo, ci.hi) == (5.0, 5.0) and ci.n == 6
+
+
+def test_a_single_unit_stratum_pools_the_strata():
+    # one unit in stratum a has no spread: a stratified bootstrap would report a zero-width interval
+    ci = paired_bootstrap({"a": [10.0], "b": [0.0, 0.0, 0.0, 0.0]})
+    assert not ci.stratified and ci.mean == 2.0 and ci.n == 5
+    assert ci.lo == 0.0 and ci.hi > ci.mean  # resamples of [10, 0, 0, 0, 0]: all zeros is possible
+    # one unit per stratum (four categories, one question each): not a point at the mean
+    ci = paired_bootstrap({"c1": [25.0], "c2": [0.0], "c3": [0.0], "c4": [-25.0]})
+    assert not ci.stratified and ci.lo < 0 < ci.hi and not ci.excludes_zero
 
 
 def test_bootstrap_is_reproducible_and_seeded():
