@@ -4,7 +4,8 @@
 
     namm-transfer eval --target video-llava --model <hub id or folder> \\
         --bench longvideobench|mlvu|videomme|synthetic --data-dir DIR [--frames N] \\
-        [--policies full,namm,h2o,l2,streaming,random] [--update-interval 256] [--max-new-tokens 32]
+        [--policies full,namm,h2o,l2,streaming,random] [--protocols ratio:0.5,ratio:0.25,threshold] \\
+        [--no-noise-floor] [--update-interval 256] [--max-new-tokens 32]
 
 Without ``--model`` the model is the project's own small video LLM (:data:`DEFAULT_MODEL`, shipped in
 ``namm_transfer/weights/video/``; a SmolLM2-135M behind a small ViT, made by ``namm-transfer video train``)
@@ -23,11 +24,26 @@ What one sample does:
    first (:func:`namm_transfer.adapters.video_llm.format_prompt`); the template is recorded.
    The model's own processor and vision tower build the merged embeddings once per sample, shared by
    every policy.
-3. Policies run in this order: ``namm`` first (its eviction record kept), then ``full``, then every
-   baseline at NAMM's cache size: a :class:`~namm_transfer.policies.base.ReplayBudget` of NAMM's
-   per-update, per-layer, per-head kept counts for the same sample (``--budget namm``, the default).
-   ``--budget 0.25`` or ``256t`` gives every baseline that fixed budget instead (needed to run
-   baselines without NAMM).
+3. The full cache runs once (protocol null), then, with the noise floor on (the default;
+   ``--no-noise-floor`` turns it off), once more as ``full-alt`` with half the prefill chunk size
+   (:func:`alt_chunk_size`): a setting that must not change a full cache's answers, so ``full-alt``'s
+   paired difference from ``full`` is the noise floor of every comparison (the summary's
+   ``settings.noise_floor`` describes it). Then, for each matched-budget protocol of ``--protocols``
+   (:mod:`namm_transfer.protocols`; default ``ratio:0.5,ratio:0.25,threshold``), the NAMM first and
+   then every baseline:
+
+   - ``ratio:R`` (label ``ratio-50``): every baseline gets ``RatioBudget(R)`` and the NAMM keeps its own
+     top share of scores (``NAMMPolicy(net, budget=RatioBudget(R))``): ``floor(R x tokens seen)`` tokens in
+     every managed layer and KV head at every update and once more at the end of the prompt (the
+     engine's ``final_update``), so the answer is decoded from a cache held to the budget. The share is
+     of **all tokens seen** (video, prompt text and generated tokens), not of the video tokens alone;
+     ``retained_video`` (the video share kept) is reported beside ``retained_cache`` in every record
+     and row.
+   - ``threshold`` (the paper's): the NAMM keeps the tokens it scores at or above its threshold, and
+     every baseline runs at NAMM's cache size: a :class:`~namm_transfer.policies.base.ReplayBudget` of
+     NAMM's per-update, per-layer, per-head kept counts for the same sample (``--budget namm``, the
+     default). ``--budget 0.25`` or ``256t`` gives these baselines that fixed budget instead (needed to
+     run them without NAMM). No update at the end of the prompt, as before.
 4. Greedy decoding generates exactly ``--max-new-tokens`` tokens for every policy, with no early stop:
    a replayed budget needs the same update steps as NAMM's run, and decoding past EOS may cross
    an update boundary. The text is then cut at the first EOS (the model's ``eos_token_id`` and the
@@ -44,12 +60,16 @@ policy with an ``error`` field and ``score: null``) and the run goes on; the nex
 (resuming the file) tries those units again. A benchmark record without options is a data error and stops the run
 before any model is loaded, with a message naming the sample.
 
-Records (``NAME.jsonl``, key ``"{policy}/{sample id}"``): policy, id, category, duration_group,
-correct, score (100 or 0), prediction (letter), response (text up to EOS), retained_cache,
-retained_video, retained_text, peak_cache_mb, throughput, seconds, frames, frame_indices, prompt
-tokens; ``frame_kept_end`` (per-frame kept fraction at the end, mean over managed layers and KV
-heads) for every policy; for NAMM also ``frame_kept_updates`` (after each update), ``update_clock``
-and the ``kept_counts`` the baselines replay (so a resumed run replays them without rerunning NAMM).
+Records (``NAME.jsonl``, key ``"{policy}@{protocol label}/{sample id}"``, or ``"{policy}/{sample id}"``
+for ``full`` and ``full-alt``): policy, protocol (the label, null for the full cache), id, category,
+duration_group, correct, score (100 or 0), prediction (letter), response (text up to EOS), budget,
+final_update, chunk_size, retained_cache, retained_video, retained_text, peak_cache_mb, throughput,
+seconds, frames, frame_indices, prompt tokens; ``frame_kept_end`` (per-frame kept fraction at the end,
+mean over managed layers and KV heads) for every policy; under a protocol also ``kept_counts`` (per
+update, layer and head: what the threshold baselines replay, so a resumed run replays them without
+rerunning NAMM), ``update_clock`` and ``update_seen`` (tokens seen at each update); for NAMM also
+``frame_kept_updates`` (after each update) and ``frame_kept_end_layers`` (per managed layer and frame,
+at the end, mean over KV heads).
 
 - ``peak_cache_mb``: the largest number of live KV bytes over the forward calls of the sample: live
   tokens per managed layer from the engine statistics (just before each update and after every
@@ -63,13 +83,22 @@ and the ``kept_counts`` the baselines replay (so a resumed run replays them with
   :class:`~namm_transfer.adapters.video_llm.EvictionRecord`'s, over the managed layers (every
   full-attention layer of the language model; the summary names them).
 
-Summary (``NAME.json``): one row per policy with ``score`` = accuracy % (MLVU: M-Avg, the mean over
-task types, with the overall accuracy in ``accuracy``), ``score_std`` (population std of the
-per-sample 0/100 scores; MLVU: over task types), ``n``, ``n_missing`` (failed samples and
-questions without an answer), ``n_errors``, ``n_fallback``, retained_cache, retained_video,
-retained_text, peak_cache_mb, peak_memory_mb, throughput; ``breakdown`` per ``category`` and per
-``duration_group`` where the benchmark has them; the managed layers. Without ``--output`` the files
-are ``runs/video-llava/video-llava-<bench>.json(l)`` (relative to the current folder).
+Summary (``NAME.json``): one row per (protocol, policy), in the order the units run (``full``,
+``full-alt``, then each protocol's NAMM and baselines), with ``policy``, ``protocol`` (null for
+``full`` and ``full-alt``), ``score`` = accuracy % (MLVU: M-Avg, the mean over task types, with the
+overall accuracy in ``accuracy``), ``score_std`` (population std of the per-sample 0/100 scores; MLVU:
+over task types), ``n``, ``n_missing`` (failed samples and questions without an answer), ``n_errors``,
+``n_fallback``, retained_cache, retained_video, retained_text, peak_cache_mb, peak_memory_mb,
+throughput, and the paired intervals (:func:`paired_rows`, :func:`namm_transfer.stats.compare_policies`,
+stratified paired bootstrap, 2000 resamples, 95%): ``vs_full``, the row's per-question score minus the
+full cache's on the same questions, and ``vs_namm``, minus the NAMM's of the same protocol (unit = question
+id, stratum = category: the mean is the mean over categories of the within-category mean difference,
+which is the score difference when the categories hold as many questions each, as in the synthetic
+benchmark, and MLVU's M-Avg difference); absent where there is no reference (the ``full`` row; the NAMM's
+``vs_namm``; ``full-alt`` has ``vs_full`` only). ``breakdown`` per ``category`` and per
+``duration_group`` where the benchmark has them, the same rows and intervals within each group; the
+managed layers. Without ``--output`` the files are ``runs/video-llava/video-llava-<bench>.json(l)``
+(relative to the current folder).
 
 Data: ``--bench synthetic`` (the default) reads the synthetic benchmark's test split
 (:mod:`.synthetic`: ``--synthetic-videos`` 50 videos of ``--synthetic-frames`` 64 frames at 4 fps,
@@ -85,15 +114,19 @@ LLM is that small; the smallest LLaVA-OneVision has 896). Such runs are labelled
 measures mechanics and cache, not accuracy". ``--model tiny`` (or ``tiny:<family>``) builds such a
 model into the cache folder for a smoke run without the hub.
 
-Pictures: ``NAME.kept-frames.png`` next to the summary (:func:`plot_kept_frames`, needs matplotlib):
+Pictures (80 dpi, need matplotlib; none with ``--plot-samples 0``): ``NAME.kept-layers.png``
+(:func:`plot_kept_layers`): for the NAMM of each protocol, one heatmap of the kept fraction of every
+frame (x) in every managed layer (y) at the end, mean over the samples. ``NAME.kept-frames.png``
+(:func:`plot_kept_frames`), for the NAMM of the first protocol (``kept_frames_protocol`` in the summary):
 for the first ``--plot-samples`` samples (default 3), NAMM's kept fraction of every frame after
 every update; for the first, its frames as thumbnails titled with their kept fraction at their
 first eviction and at the end, and the patch-level kept map of its most-kept frame when the frame's
 tokens form a square grid (Video-LLaVA's CLS token, the first of each frame, is reported apart).
-NAMM's records of those samples carry the token-level fractions (``token_kept_first``,
+NAMM's records of those samples (every protocol) carry the token-level fractions (``token_kept_first``,
 ``token_kept_end``, one value per video token in frame order).
 
-Resuming and sharding: rerunning the same command skips the units already in ``NAME.jsonl``. Under
+Resuming and sharding: rerunning the same command skips the units (protocol, policy, sample) already
+in ``NAME.jsonl``. Under
 torchrun / accelerate (``RANK``, ``WORLD_SIZE``) each rank evaluates ``select_shard(samples)`` into
 ``NAME.rank{r}-of{w}.jsonl``; ``namm-transfer report --merge 'NAME.rank*-of*.jsonl' --output NAME.json``
 merges them and one more single-process run of the same command writes the summary.
@@ -113,35 +146,44 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from namm_transfer.evals.args import default_output
 from namm_transfer.evals.args import nonnegative_int as _nonneg_int
 from namm_transfer.evals.args import positive_int as _pos_int
 
+from namm_transfer.protocols import DEFAULT_PROTOCOLS, Protocol
+
 __all__ = [
     "BENCHES",
     "DEFAULT_FRAMES",
     "DEFAULT_MODEL",
+    "FULL_ALT",
     "MODEL_CLASSES",
     "SYNTHETIC_DEFAULTS",
     "TINY_FAMILIES",
     "TINY_MARKER",
+    "Unit",
     "add_arguments",
+    "alt_chunk_size",
     "byte_level_tokenizer",
     "find_annotations",
+    "frame_kept_end_layers",
     "is_mechanics_only",
     "kv_bytes_per_token",
     "load_samples",
     "load_video_llm",
     "main",
     "make_tiny_model",
+    "paired_rows",
     "peak_cache_mb",
     "plot_kept_frames",
+    "plot_kept_layers",
     "synthetic_benchmark",
     "tiny_text_config",
     "tiny_video_llm",
     "token_kept_fractions",
+    "units_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -201,6 +243,15 @@ class _UsageError(ValueError):
 # command line
 
 
+def _protocols(text: str) -> tuple[Any, ...]:
+    from namm_transfer.protocols import parse_protocols
+
+    try:
+        return parse_protocols(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The target's options (the common ones, --model, --policies, --namm, ..., come from the CLI)."""
     g = parser.add_argument_group(
@@ -240,6 +291,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="namm",
         help="baselines' budget: 'namm' replays NAMM's cache lengths per sample, layer and update (default); "
         "or a ratio (0.25), a token count (256t)",
+    )
+    g.add_argument(
+        "--protocols",
+        type=_protocols,
+        default=DEFAULT_PROTOCOLS,
+        help="matched-budget protocols, comma-separated: ratio:R (every policy, the NAMM included, keeps the share R "
+        "of the tokens seen, also at the end of the prompt), threshold (the NAMM thresholds, the baselines get "
+        f"--budget); default: {DEFAULT_PROTOCOLS}",
+    )
+    g.add_argument(
+        "--no-noise-floor",
+        dest="noise_floor",
+        action="store_false",
+        help="do not run the full cache a second time under another prefill chunk size (the full-alt row, whose "
+        "difference from full is the noise floor of the paired comparisons; on by default)",
     )
     g.add_argument(
         "--answer-fallback",
@@ -728,10 +794,50 @@ def _replay_record(kept_counts: Mapping[Any, Mapping[Any, Any]]) -> dict[int, di
     return {int(s): {int(layer): c for layer, c in layers.items()} for s, layers in kept_counts.items()}
 
 
-def _base_record(policy: str, sample: Any, frames: int) -> dict[str, Any]:
+FULL_ALT = "full-alt"
+"""The noise-floor row: the full cache run a second time with another prefill chunk size (:func:`alt_chunk_size`)."""
+
+
+class Unit(NamedTuple):
+    """One policy run on every sample: ``policy`` under ``protocol`` (None for ``full`` and ``full-alt``)."""
+
+    protocol: Protocol | None
+    policy: str
+
+    @property
+    def label(self) -> str | None:
+        """The protocol's label (``ratio-50``, ``threshold``), None for a protocol-free unit."""
+        return None if self.protocol is None else self.protocol.label
+
+    def key(self, sample_id: str) -> str:
+        """The record key: ``{policy}/{id}`` without a protocol, ``{policy}@{protocol label}/{id}`` with one."""
+        return f"{self.policy}/{sample_id}" if self.protocol is None else f"{self.policy}@{self.label}/{sample_id}"
+
+
+def units_of(policies: Sequence[str], protocols: Sequence[Protocol], noise_floor: bool) -> list[Unit]:
+    """The runs of one sample, in order: ``full`` (and ``full-alt`` with ``noise_floor``) once, then for every
+    protocol its NAMM (first: the threshold protocol's baselines replay it) and its baselines."""
+    units = []
+    if "full" in policies:
+        units.append(Unit(None, "full"))
+        if noise_floor:
+            units.append(Unit(None, FULL_ALT))
+    for proto in protocols:
+        units.extend(Unit(proto, p) for p in _order(policies) if p != "full")
+    return units
+
+
+def alt_chunk_size(chunk_size: int) -> int:
+    """The noise floor's prefill chunk size: half of ``chunk_size`` (2 for a chunk of 1). A full cache computes the
+    same attention whatever the chunking, so ``full-alt`` differs from ``full`` only by floating-point order."""
+    return chunk_size // 2 if chunk_size > 1 else 2
+
+
+def _base_record(unit: Unit, sample: Any, frames: int) -> dict[str, Any]:
     return {
-        "key": f"{policy}/{sample.id}",
-        "policy": policy,
+        "key": unit.key(sample.id),
+        "policy": unit.policy,
+        "protocol": unit.label,
         "id": sample.id,
         "category": sample.category,
         "duration_group": sample.duration_group,
@@ -741,14 +847,28 @@ def _base_record(policy: str, sample: Any, frames: int) -> dict[str, Any]:
     }
 
 
-def _failure_record(policy: str, sample: Any, frames: int, err: BaseException) -> dict[str, Any]:
-    rec = _base_record(policy, sample, frames)
+def _failure_record(unit: Unit, sample: Any, frames: int, err: BaseException) -> dict[str, Any]:
+    rec = _base_record(unit, sample, frames)
     rec.update({"error": f"{type(err).__name__}: {err}", "correct": None, "score": None, "prediction": None})
     return rec
 
 
+def frame_kept_end_layers(record: Any) -> Any:
+    """(L, F) fraction of each frame's tokens in each managed layer's cache at the end of the session (mean over
+    KV heads); NaN for a frame without tokens.
+
+    ``record``: an :class:`~namm_transfer.adapters.video_llm.EvictionRecord`.
+    """
+    import numpy as np
+
+    per = np.asarray(record.live_per_frame_end, dtype=float).mean(axis=1)  # (L, F)
+    tokens = np.asarray(record.frame_tokens, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tokens[None, :] > 0, per / np.maximum(tokens[None, :], 1), np.nan)
+
+
 class _Evaluator:
-    """Runs the policies of one command on one sample at a time."""
+    """Runs the units (protocol, policy) of one command on one sample at a time."""
 
     def __init__(self, args: argparse.Namespace, model: Any, processor: Any, namm: Any) -> None:
         self.args = args
@@ -759,30 +879,40 @@ class _Evaluator:
         self.eos = _eos_ids(model, processor) | {int(i) for i in getattr(self.tokenizer, "all_special_ids", [])}
         self.cuda = str(args.device).startswith("cuda")
 
-    def policy(self, name: str, replay: dict[int, dict[int, Any]] | None, sample_id: str) -> Any:
-        from namm_transfer.policies.base import ReplayBudget, parse_budget
+    def policy(self, unit: Unit, replay: dict[int, dict[int, Any]] | None, sample_id: str) -> tuple[Any, Any, bool]:
+        """``(policy, budget label, final_update)`` of ``unit``: a ratio protocol holds every policy, the NAMM's
+        top share included, to ``RatioBudget(R)`` at every update and at the end of the prompt; the threshold
+        protocol's NAMM thresholds and its baselines replay the NAMM's kept counts (or get ``--budget``)."""
+        from namm_transfer.policies.base import RatioBudget, ReplayBudget, parse_budget
         from namm_transfer.policies.namm_policy import NAMMPolicy
         from namm_transfer.registry import create_policy
 
+        name, proto = unit.policy, unit.protocol
+        if proto is None:  # full, full-alt
+            return create_policy("full"), None, False
+        ratio = proto.kind == "ratio"
+        budget: Any
         if name == "namm":
-            return NAMMPolicy(self.namm), "threshold"
-        if name == "full":
-            return create_policy("full"), None
-        if self.args.budget == "namm":
+            if ratio:
+                budget = RatioBudget(float(proto.ratio))  # type: ignore[arg-type]
+                return NAMMPolicy(self.namm, budget=budget), budget.describe(), True
+            return NAMMPolicy(self.namm), "threshold", False
+        if ratio:
+            budget = RatioBudget(float(proto.ratio))  # type: ignore[arg-type]
+        elif self.args.budget == "namm":
             if replay is None:
                 raise RuntimeError(f"no NAMM kept counts to replay for sample {sample_id!r}")
-            budget: Any = ReplayBudget(replay, source=f"namm/{sample_id}")
-            label = "replay:namm"
+            budget = ReplayBudget(replay, source=f"namm@{proto.label}/{sample_id}")
         else:
             budget = parse_budget(self.args.budget)
-            label = budget.describe()
+        label = "replay:namm" if isinstance(budget, ReplayBudget) else budget.describe()
         kw: dict[str, Any] = {"budget": budget}
         if name == "random":
             kw["seed"] = self.args.seed
-        return create_policy(name, **kw), label
+        return create_policy(name, **kw), label, ratio
 
     def run_policy(
-        self, name: str, sample: Any, inputs: dict[str, Any], replay: Any, extra: dict[str, Any], plot: bool = False
+        self, unit: Unit, sample: Any, inputs: dict[str, Any], replay: Any, extra: dict[str, Any], plot: bool = False
     ) -> dict[str, Any]:
         import torch
         from namm_transfer.adapters.video_llm import answer
@@ -790,7 +920,9 @@ class _Evaluator:
         from .benchmarks import score_response
 
         args = self.args
-        policy, budget_label = self.policy(name, replay, sample.id)
+        name = unit.policy
+        policy, budget_label, final_update = self.policy(unit, replay, sample.id)
+        chunk = alt_chunk_size(args.chunk_size) if name == FULL_ALT else args.chunk_size
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -803,7 +935,8 @@ class _Evaluator:
             policy,
             max_new_tokens=args.max_new_tokens,
             update_interval=args.update_interval,
-            chunk_size=args.chunk_size,
+            chunk_size=chunk,
+            final_update=final_update,
             eos_token_id=[],  # no early stop: every policy makes the same update steps (see the module doc)
             inputs=inputs,
         )
@@ -812,7 +945,7 @@ class _Evaluator:
         text, cut = answer_text(ids, self.eos, self.tokenizer)
         rng = random.Random(f"{args.seed}/{sample.id}") if args.answer_fallback == "random" else None
         scored = score_response(sample, text, rng=rng)
-        rec = _base_record(name, sample, int(inputs["n_frames"]))
+        rec = _base_record(unit, sample, int(inputs["n_frames"]))
         rec.update(
             {
                 "correct": scored["correct"],
@@ -823,6 +956,8 @@ class _Evaluator:
                 "response": text,
                 "n_generated": cut,
                 "budget": budget_label,
+                "final_update": final_update,
+                "chunk_size": chunk,
                 "retained_cache": res.retained_cache(),
                 "retained_video": res.retained_video(),
                 "retained_text": res.retained_text(),
@@ -843,10 +978,13 @@ class _Evaluator:
         else:
             rec["peak_memory_mb"] = rec["peak_cache_mb"]
             rec["peak_memory_source"] = "kv_cache"
-        if name == "namm":
+        if unit.protocol is not None:  # what the policy kept at every update (the threshold baselines replay NAMM's)
             rec["kept_counts"] = res.stats.kept_counts_json()
             rec["update_clock"] = list(res.record.update_clock)
+            rec["update_seen"] = list(res.record.update_seen)
+        if name == "namm":
             rec["frame_kept_updates"] = _finite_list(res.frame_kept_fraction(at="updates"))
+            rec["frame_kept_end_layers"] = _finite_list(frame_kept_end_layers(res.record), 3)
             if plot:
                 first, end = token_kept_fractions(res)
                 in_frame = inputs["frame_of_token"].numpy() >= 0
@@ -854,7 +992,7 @@ class _Evaluator:
                 rec["token_kept_end"] = _finite_list(end[in_frame], 3)
         return rec
 
-    def sample(self, sample: Any, todo: Sequence[str], writer: Any, plot: bool) -> None:
+    def sample(self, sample: Any, todo: Sequence[Unit], writer: Any, plot: bool) -> None:
         from .video_io import VideoError, read_frames
 
         args = self.args
@@ -862,8 +1000,8 @@ class _Evaluator:
             frames, indices, _ = read_frames(sample.video_path, num_frames=args.frames, mode=args.frame_sampling)
         except VideoError as err:
             logger.warning("sample %s: %s", sample.id, err)
-            for name in todo:
-                writer.add(_failure_record(name, sample, args.frames, err))
+            for unit in todo:
+                writer.add(_failure_record(unit, sample, args.frames, err))
             return
         from namm_transfer.adapters.video_llm import build_inputs
 
@@ -882,21 +1020,23 @@ class _Evaluator:
         if isinstance(events, list):
             shown = set(int(e) for e in events)
             extra["frames_with_events"] = [j for j, i in enumerate(indices) if int(i) in shown]
-        replay = None
-        replays = args.budget == "namm" and any(n not in ("namm", "full") for n in todo)
-        if replays and "namm" not in todo:  # resumed: NAMM ran on this sample before
-            done = _find_record(writer, f"namm/{sample.id}")
-            if done is None or "kept_counts" not in done:
-                missing = RuntimeError(f"NAMM's record for {sample.id} has no kept counts to replay")
-                for name in todo:
-                    writer.add(_failure_record(name, sample, args.frames, missing))
-                return
-            replay = _replay_record(done["kept_counts"])
-        for name in todo:
-            rec = self.run_policy(name, sample, inputs, replay, extra, plot=plot)
+        replays: dict[Protocol | None, Any] = {}  # threshold protocol -> NAMM's kept counts on this sample
+        for unit in todo:
+            proto = unit.protocol
+            replaying = (
+                proto is not None and proto.kind == "threshold" and args.budget == "namm" and unit.policy != "namm"
+            )
+            if replaying and proto not in replays:  # resumed: NAMM ran on this sample before
+                done = _find_record(writer, Unit(proto, "namm").key(sample.id))
+                if done is None or "kept_counts" not in done:
+                    missing = RuntimeError(f"NAMM's record for {sample.id} has no kept counts to replay")
+                    writer.add(_failure_record(unit, sample, args.frames, missing))
+                    continue
+                replays[proto] = _replay_record(done["kept_counts"])
+            rec = self.run_policy(unit, sample, inputs, replays.get(proto) if replaying else None, extra, plot=plot)
             writer.add(rec)
-            if name == "namm":
-                replay = _replay_record(rec["kept_counts"])
+            if unit.policy == "namm" and proto is not None and proto.kind == "threshold":
+                replays[proto] = _replay_record(rec["kept_counts"])
 
 
 def _find_record(writer: Any, key: str) -> dict[str, Any] | None:
@@ -923,19 +1063,21 @@ def _default_output(args: argparse.Namespace) -> str:
 
 
 def _rows(
-    records: list[dict[str, Any]], policies: Sequence[str], bench: str, mechanics_only: bool
+    records: list[dict[str, Any]], units: Sequence[Unit], bench: str, mechanics_only: bool
 ) -> list[dict[str, Any]]:
+    """One row per unit (protocol, policy) in ``units``' order, with its paired intervals (:func:`paired_rows`)."""
     from namm_transfer.results import summarize
 
     from .benchmarks import accuracy
 
-    rows = {r["policy"]: r for r in summarize(records)}
+    rows = {(r["protocol"], r["policy"]): r for r in summarize(records, group_by=("protocol", "policy"))}
+    paired = paired_rows(records)
     out = []
-    for name in policies:
-        if name not in rows:
+    for unit in units:
+        row = rows.get((unit.label, unit.policy))
+        if row is None:
             continue
-        row = rows[name]
-        recs = [r for r in records if r["policy"] == name]
+        recs = [r for r in records if (r.get("protocol"), r["policy"]) == (unit.label, unit.policy)]
         for field in ("retained_text", "peak_cache_mb"):
             vals = [r[field] for r in recs if isinstance(r.get(field), (int, float))]
             if vals:
@@ -950,21 +1092,63 @@ def _rows(
                 row["accuracy"] = row["score"]
                 row["score"] = math.fsum(accs) / len(accs)
                 row["score_std"] = math.sqrt(math.fsum((a - row["score"]) ** 2 for a in accs) / len(accs))
+        row.update(paired.get((unit.label, unit.policy), {}))
         if mechanics_only:
             row["mechanics_only"] = True
         out.append(row)
     return out
 
 
+def paired_rows(records: Sequence[Mapping[str, Any]]) -> dict[Any, dict[str, dict[str, Any]]]:
+    """``{(protocol label, policy): {"vs_full": ..., "vs_namm": ...}}``: paired bootstrap intervals
+    (:func:`namm_transfer.stats.compare_policies`) of each row's per-question score minus the full cache's (run once,
+    shared by every protocol) and minus the NAMM's of the same protocol; unit = question id, stratum = category
+    (the mean is the mean over categories of the within-category mean difference). Failed questions are left out.
+    """
+    from namm_transfer.stats import compare_policies
+
+    return compare_policies(
+        records,
+        unit=lambda r: r.get("id"),
+        stratum=lambda r: r.get("category"),
+        group=lambda r: (r.get("protocol"), r["policy"]),
+        references=("full", "namm"),
+    )
+
+
+def _breakdown(records: Sequence[Mapping[str, Any]], field: str) -> dict[str, list[dict[str, Any]]]:
+    """``breakdown_by`` per (protocol, policy) with each row's paired intervals within that group of questions."""
+    from namm_transfer.results import breakdown_by
+
+    out = breakdown_by(records, field, group_by=("protocol", "policy"))
+    for value, rows in out.items():
+        paired = paired_rows([r for r in records if r.get(field) is not None and str(r[field]) == value])
+        for row in rows:
+            row.update(paired.get((row["protocol"], row["policy"]), {}))
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
-    from namm_transfer.results import ResultsWriter, breakdown_by, select_shard
+    from namm_transfer.protocols import parse_protocols
+    from namm_transfer.results import ResultsWriter, select_shard
 
     policies = _order(list(args.policies))
-    if args.budget == "namm" and "namm" not in policies and any(p != "full" for p in policies):
+    protocols = getattr(args, "protocols", DEFAULT_PROTOCOLS)
+    if isinstance(protocols, str):
+        try:
+            protocols = parse_protocols(protocols)
+        except ValueError as err:
+            raise _UsageError(f"--protocols: {err}") from err
+    protocols = tuple(protocols)
+    noise_floor = bool(getattr(args, "noise_floor", True))
+    threshold = any(p.kind == "threshold" for p in protocols)
+    if threshold and args.budget == "namm" and "namm" not in policies and any(p != "full" for p in policies):
         raise _UsageError(
-            "the baselines replay NAMM's cache lengths (--budget namm), so --policies must include namm; "
-            "or give a fixed budget such as --budget 0.25"
+            "the threshold protocol's baselines replay NAMM's cache lengths (--budget namm), so --policies must "
+            "include namm; or give them a fixed budget such as --budget 0.25, or use only ratio protocols "
+            "(--protocols ratio:0.5)"
         )
+    units = units_of(policies, protocols, noise_floor)
     model_name = args.model or DEFAULT_MODEL
     model_path = _resolve_model(model_name)  # a missing shipped model fails before any data is made
     # data next: a bad annotation file fails before any model is loaded
@@ -1042,9 +1226,28 @@ def _run(args: argparse.Namespace) -> int:
         "chunk_size": args.chunk_size,
         "max_new_tokens": args.max_new_tokens,
         "decoding": "greedy, exactly max_new_tokens for every policy, text cut at the first EOS or special token",
-        "budget_rule": "replay NAMM's kept counts per sample, update, layer and head"
-        if args.budget == "namm"
-        else f"fixed:{args.budget}",
+        "protocols": [p.spec for p in protocols],
+        "protocol_labels": [p.label for p in protocols],
+        "ratio_rule": "ratio:R: every policy, the NAMM included (its top share of scores), keeps "
+        "floor(R x tokens seen) tokens (prompt incl. video + generated, not the video tokens alone) in every "
+        "managed layer and KV head at every update and once more at the end of the prompt; retained_video reports "
+        "the video share kept",
+        "budget_rule": "threshold protocol: the NAMM keeps what it scores >= its threshold; the baselines "
+        + (
+            "replay NAMM's kept counts per sample, update, layer and head"
+            if args.budget == "namm"
+            else f"get the fixed budget {args.budget}"
+        ),
+        "noise_floor": {
+            "policy": FULL_ALT,
+            "reference": "full",
+            "setting": "chunk_size",
+            "value": alt_chunk_size(args.chunk_size),
+            "note": "the full cache run again with another prefill chunk size, which must not change its answers: "
+            "its vs_full interval is the comparisons' noise floor",
+        }
+        if noise_floor and "full" in policies
+        else None,
         "answer_fallback": args.answer_fallback,
         "seed": args.seed,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -1087,17 +1290,17 @@ def _run(args: argparse.Namespace) -> int:
         logger.warning("mechanics-only run: %s", _mechanics_note())
     for sample in progress:
         done = writer.done_keys()
-        todo = [p for p in policies if f"{p}/{sample.id}" not in done]
+        todo = [u for u in units if u.key(sample.id) not in done]
         if todo:
             ev.sample(sample, todo, writer, plot=sample.id in plot_ids)
 
-    keys = {f"{p}/{s.id}" for p in policies for s in shard}
+    keys = {u.key(s.id) for u in units for s in shard}
     records = [r for r in writer.records() if r["key"] in keys]
-    rows = _rows(records, policies, args.bench, mechanics)
+    rows = _rows(records, units, args.bench, mechanics)
     breakdown: dict[str, Any] = {}
     for field in ("category", "duration_group"):
         if any(r.get(field) is not None for r in records):
-            breakdown[field] = breakdown_by(records, field)
+            breakdown[field] = _breakdown(records, field)
     extra: dict[str, Any] = {
         "breakdown_by": list(breakdown),
         "managed_layers": managed,
@@ -1108,7 +1311,7 @@ def _run(args: argparse.Namespace) -> int:
     if mechanics:
         extra["note"] = _mechanics_note()
     stem = writer.summary_path.with_suffix("")
-    picture = None
+    picture = layers_picture = None
     if args.plot_samples and "namm" in policies:
         try:
             picture = plot_kept_frames(
@@ -1116,11 +1319,21 @@ def _run(args: argparse.Namespace) -> int:
                 stem.with_name(stem.name + ".kept-frames.png"),
                 max_samples=args.plot_samples,
                 frame_sampling=args.frame_sampling,
+                protocol=protocols[0].label,
+            )
+            layers_picture = plot_kept_layers(
+                records,
+                stem.with_name(stem.name + ".kept-layers.png"),
+                protocols=[p.label for p in protocols],
+                layers=managed,
             )
         except ImportError as err:
             logger.warning("no picture of the kept frames: %s", err)
     if picture is not None:
         extra["kept_frames_png"] = picture.name
+        extra["kept_frames_protocol"] = protocols[0].label
+    if layers_picture is not None:
+        extra["kept_layers_png"] = layers_picture.name
     path = writer.finalize(rows, breakdown, extra=extra)
 
     from namm_transfer.report import render_rows
@@ -1129,7 +1342,8 @@ def _run(args: argparse.Namespace) -> int:
     if mechanics:
         print(f"note: {_mechanics_note()}")
     print(render_rows(rows))
-    print(f"wrote {path}" + (f" and {picture}" if picture else ""))
+    pictures = [str(p) for p in (picture, layers_picture) if p is not None]
+    print(f"wrote {path}" + (f" and {', '.join(pictures)}" if pictures else ""))
     return 0
 
 
@@ -1165,6 +1379,8 @@ def plot_kept_frames(
     max_samples: int = 3,
     policy: str = "namm",
     frame_sampling: str = "center",
+    protocol: str | None = None,
+    dpi: int = 80,
 ) -> Path | None:
     """Draw which frames and patches ``policy`` kept into a PNG; returns its path (None: nothing to draw).
 
@@ -1175,13 +1391,15 @@ def plot_kept_frames(
     CLS token for Video-LLaVA): the patch-level kept fraction of that sample's most-kept frame at its
     first eviction and at the end. The sample is the first one recorded with token-level fractions
     (``token_kept_first`` / ``token_kept_end``). ``frame_sampling`` re-reads the thumbnails as the run
-    read its frames.
+    read its frames. ``protocol``: draw only the records of that protocol label (None: any).
     """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure, SubFigure
 
     recs = [r for r in records if r.get("policy") == policy and r.get("frame_kept_updates") is not None]
+    if protocol is not None:
+        recs = [r for r in recs if r.get("protocol") == protocol]
     recs = sorted((r for r in recs if not r.get("error")), key=lambda r: not r.get("token_kept_end"))[:max_samples]
     if not recs:
         return None
@@ -1232,9 +1450,8 @@ def plot_kept_frames(
             ax.plot(j, -0.5, marker="v", color="red", markersize=7, clip_on=False)
     if image is not None:
         subs[0].colorbar(image, ax=list(axes), label="kept fraction", shrink=0.9)
-    subs[0].suptitle(
-        f"{policy}: kept fraction of each frame after each update (red: frames with an event)", fontsize=10
-    )
+    which = policy if protocol is None else f"{policy} ({protocol})"
+    subs[0].suptitle(f"{which}: kept fraction of each frame after each update (red: frames with an event)", fontsize=10)
 
     row = 1
     if frames is not None:
@@ -1286,5 +1503,80 @@ def plot_kept_frames(
         subs[row].colorbar(im, ax=[ax_first, ax_end, ax_over], shrink=0.8)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     return out
+
+
+def plot_kept_layers(
+    records: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    protocols: Sequence[str | None],
+    policy: str = "namm",
+    layers: Sequence[int] | None = None,
+    dpi: int = 80,
+) -> Path | None:
+    """Draw, for ``policy`` under each protocol label, the kept fraction of every frame (x) in every managed layer
+    (y) at the end of the session, mean over the recorded samples (``frame_kept_end_layers``, mean over KV heads),
+    into a PNG with one panel per protocol; returns its path (None: no record to draw).
+
+    The panels share one colour scale from 0 to the largest fraction drawn (1 when nothing was kept), so that a
+    cache holding little of the video still shows which frames and layers keep it. ``layers``: the managed layers'
+    indices in the model, for the y labels (default: their positions).
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels: list[tuple[str, Any, int, float]] = []
+    for proto in protocols:
+        recs = [
+            r
+            for r in records
+            if r.get("policy") == policy
+            and r.get("protocol") == proto
+            and not r.get("error")
+            and r.get("frame_kept_end_layers")
+        ]
+        shapes = {np.shape(r["frame_kept_end_layers"]) for r in recs}
+        if not recs or len(shapes) != 1:
+            if len(shapes) > 1:
+                logger.info("%s/%s: samples differ in frames or layers; not drawn", policy, proto)
+            continue
+        stack = np.stack([_floats2(r["frame_kept_end_layers"]) for r in recs])  # (N, L, F)
+        with np.errstate(invalid="ignore"):
+            mean = np.nanmean(stack, axis=0) if np.isfinite(stack).any() else stack[0]
+        cache = [float(r["retained_cache"]) for r in recs if isinstance(r.get("retained_cache"), (int, float))]
+        panels.append((str(proto), mean, len(recs), math.fsum(cache) / max(len(cache), 1)))
+    if not panels:
+        return None
+    finite = [float(np.nanmax(m)) for _, m, _, _ in panels if np.isfinite(m).any()]
+    top = max(finite) if finite and max(finite) > 0 else 1.0
+    fig = Figure(figsize=(3.6 * len(panels) + 0.8, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    image = None
+    for ax, (label, mean, n, retained) in zip(axes, panels, strict=True):
+        image = ax.imshow(
+            np.ma.masked_invalid(mean), aspect="auto", vmin=0, vmax=top, cmap="viridis", interpolation="nearest"
+        )
+        n_layers = mean.shape[0]
+        names = list(layers) if layers is not None and len(layers) == n_layers else list(range(n_layers))
+        ticks = list(range(0, n_layers, max(1, math.ceil(n_layers / 8))))
+        ax.set_yticks(ticks, [str(names[i]) for i in ticks])
+        ax.set_xlabel("frame")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{label}: {n} samples, cache {100 * retained:.0f}%", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="kept fraction at the end", shrink=0.9)
+    fig.suptitle(f"{policy}: kept fraction of each frame in each layer at the end (mean over samples)", fontsize=10)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+def _floats2(rows: Sequence[Sequence[Any]]) -> Any:
+    import numpy as np
+
+    return np.asarray([_floats(row) for row in rows], dtype=float)
