@@ -363,10 +363,12 @@ ABBREVIATED = [
     (["eval", "--target", "video-llava", "--ben", "mlvu"], "unknown option --ben; did you mean --bench?"),
     (["evolve", "--popul", "4"], "unknown option --popul; did you mean --population?"),
     (["rl", "collect", "--max-st", "9"], "unknown option --max-st; did you mean --max-steps?"),
+    (["rl", "derive-po", "--overw"], "unknown option --overw; did you mean --overwrite?"),
     (["rl", "train", "--batch", "8"], "unknown option --batch; did you mean --batch-size?"),
     (["video", "train", "--resta"], "unknown option --resta; did you mean --restart?"),
     (["models", "list", "--log-lev", "DEBUG"], "unknown option --log-lev; did you mean --log-level?"),
     (["models", "fetch", "x", "--log-lev", "DEBUG"], "unknown option --log-lev; did you mean --log-level?"),
+    (["models", "info", "x", "--log-lev", "DEBUG"], "unknown option --log-lev; did you mean --log-level?"),
     (["report", "--chec"], "unknown option --chec; did you mean --check?"),
     (["info", "--log-le=DEBUG"], "unknown option --log-le; did you mean --log-level?"),
 ]
@@ -396,8 +398,9 @@ def test_every_parser_and_subparser_takes_no_abbreviations(argv):
     parser, module, problem = cli.build_parser(argv)
     assert problem is None and (module is not None) == (argv[0] in ("eval", "evolve", "rl", "video"))
     parsers = list(_all_parsers(parser))
-    progs = ["namm-transfer", *(f"namm-transfer {c}" for c in ("eval", "evolve", "rl", "rl collect", "rl train"))]
-    progs += [f"namm-transfer {c}" for c in ("video", "video train", "models", "models list", "models fetch")]
+    progs = ["namm-transfer", *(f"namm-transfer {c}" for c in ("eval", "evolve", "rl", "rl collect", "rl derive-po"))]
+    progs += [f"namm-transfer {c}" for c in ("rl train", "video", "video train", "models", "models list")]
+    progs += [f"namm-transfer {c}" for c in ("models fetch", "models info")]
     assert [p.prog for p in parsers] == [*progs, "namm-transfer report", "namm-transfer info"]
     for p in parsers:
         assert isinstance(p, StrictParser) and p.allow_abbrev is False, p.prog
