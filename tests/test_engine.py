@@ -687,7 +687,7 @@ def test_sink_tokens_are_kept_whatever_the_score(model):
     from dataclasses import replace
 
     ids, _ = _batch(1, 16)
-    for sinks, budget, expect in ((0, None, range(2, 16)), (2, None, range(16)), (1, 8, [0, *range(9, 16)])):
+    for sinks, budget, expect in ((0, None, range(2, 16)), (2, None, range(16)), (1, "8t", [0, *range(9, 16)])):
         net = _namm(oldest_token_vector(14))  # negative for ages >= 14: positions 0 and 1 of 16
         net.config = replace(net.config, sink_tokens=sinks)
         with attach(model, NAMMPolicy(net, budget=budget), update_interval=16, chunk_size=16, record_kept=True) as mem:
