@@ -1,15 +1,33 @@
-"""``namm-transfer eval --target decision-transformer``: a frozen language NAMM on Decision Transformers.
+r"""``namm-transfer eval --target decision-transformer``: a frozen language NAMM on Decision Transformers.
 
-For every task (hopper, halfcheetah, walker2d) and every policy, a batch of episodes (seeds ``seed + i``)
-runs in lockstep in the Gymnasium MuJoCo env and the D4RL normalized return of each is recorded:
+For every task (hopper, halfcheetah, walker2d), episodes with seeds ``seed .. seed + n - 1`` (``--episodes``: one
+count for every task, or per task, ``20,hopper=30``) run in batches in lockstep in the Gymnasium MuJoCo env, and
+the D4RL normalized return of each is recorded. Every policy and protocol runs exactly the same seeds:
 
 * ``canonical`` -- the DT paper's evaluation: the last K timesteps recomputed every step (no cache).
 * ``full`` -- the whole history in the KV cache, nothing evicted.
+* ``full-alt`` -- the noise floor: the full cache again with twice the update interval (96 instead of 48). The
+  full cache evicts nothing, so only the split of the forward calls changes, i.e. float rounding, which moves a
+  MuJoCo trajectory as much as any small change of the actions does; its ``vs_full`` interval is the difference
+  that no setting of this kind can tell from none (``--no-noise-floor`` skips it).
 * ``namm`` -- the whole history in the cache, managed by the frozen, language-trained NAMM (``--namm``).
-* ``h2o``, ``l2``, ``streaming``, ``random`` (and any other registered budgeted policy) -- at NAMM's cache
-  sizes: NAMM's kept counts, recorded per episode, per update and per layer and head in NAMM's run of the
-  same episodes (same seeds, same batch, same update interval), are replayed as the baseline's budget
-  (``--budget namm``, the default; ``--budget 0.5`` / ``256t`` gives a fixed budget instead).
+* ``h2o``, ``l2``, ``streaming``, ``random`` (and any other registered budgeted policy) -- at matched budgets.
+
+``canonical``, ``full`` and ``full-alt`` run once per episode (``protocol`` null); NAMM and the baselines run once
+per matched-budget protocol (``--protocols``, :mod:`namm_transfer.protocols`; default
+``ratio:0.5,ratio:0.25,threshold``), and every record carries its ``protocol`` label:
+
+* ``ratio:R`` (label ``ratio-{100R}``) -- at every update, NAMM keeps its own top ``floor(R * seen)`` tokens by
+  score and every baseline ``floor(R * seen)`` by its rule, per layer and head (``RatioBudget(R)``). A DT
+  episode has no prompt end: the updates fall every ``--update-interval`` tokens.
+* ``threshold`` -- the paper's: NAMM keeps the tokens it scores >= 0; its kept counts, recorded per episode, per
+  update and per layer and head in NAMM's run of the same episodes (same seeds, same batch, same update
+  interval), are replayed as each baseline's budget (see below).
+
+Paired statistics: each row (``protocol``, ``policy``) has ``vs_full`` (minus the full cache) and, in a protocol,
+``vs_namm`` (minus that protocol's NAMM): the mean per-episode score difference over the same (env, seed) units
+with a 95% stratified paired bootstrap interval (:func:`namm_transfer.stats.compare_policies`, stratum = env); in
+``rows`` the mean over envs of the per-env mean difference (the weighting of ``score``), in ``breakdown`` per env.
 
 Replay when trajectories differ. Each policy acts differently, so an episode can end at a different step
 under NAMM and under a baseline. Update ``s`` happens at the same clock in every run (one lockstep clock
@@ -25,19 +43,38 @@ the budget falls back, per (layer, head) (``--replay-fallback``):
 Each baseline record says how many of its updates used the fallback (``replay_extrapolated`` out of
 ``replay_updates``). Updates after the baseline's own episode ended concern padding only and are ignored.
 
-Results: ``NAME.jsonl`` (one record per env x policy x episode, appended after each batch; a killed run
-resumes without repeating a finished batch, and baselines read NAMM's counts back from it), ``NAME.json``
-(summary: ``rows`` per policy with ``score`` = the mean over envs of the mean normalized return,
-``breakdown`` per env) and ``NAME.png`` (return and cache size over episode time). ``retained_cache`` of a
-cached policy is the mean over managed layers (all of them) and forward calls of live / seen tokens;
-the canonical window holds no cache (its ``context_fraction`` is the window's share of the history).
+Results: ``NAME.jsonl`` (one record per env x protocol x policy x episode, keys ``hopper/full/ep003`` and
+``hopper/ratio-50/h2o/ep003``, appended after each batch; a killed run resumes without repeating a finished batch,
+and baselines read NAMM's counts back from it), ``NAME.json`` (summary: ``rows`` per (protocol, policy) with
+``score`` = the mean over envs of the mean normalized return, ``vs_full`` / ``vs_namm``, ``breakdown`` per env;
+the protocols and ``noise_floor`` in ``settings``) and ``NAME.png`` (return and cache size over episode time).
+``retained_cache`` of a cached policy is the mean over managed layers (all of them) and forward calls of live /
+seen tokens; the canonical window holds no cache (its ``context_fraction`` is the window's share of the history).
+Under ``RANK`` / ``WORLD_SIZE`` each process takes whole (env, batch) groups (round robin) and writes
+``NAME.rank{r}-of{w}.jsonl``; ``namm-transfer report --merge`` joins them, and the same command run once more in
+one process writes the summary from the merged file.
 
-Defaults: 3 episodes of at most 1000 steps (the D4RL length) per task, update interval 48 tokens (16 timesteps),
-the shipped DTs (``namm_transfer/weights/dt/{env}-medium``), one torch thread. Measured with a canonical-size DT
-(3 layers, hidden 128) on halfcheetah, whose episodes always last 1000 steps: 7 policies x 3 episodes took 94 CPU
-seconds (4.6 min wall on 2 cores shared with two other jobs, load ~5); so the three tasks take about 5 min of CPU,
-less when hopper / walker2d episodes end early. Lockstep steps per second (3 episodes, loaded machine): canonical
-~36, full cache ~18, NAMM ~21, H2O ~26, L2 / streaming ~29.
+Defaults: 3 episodes (seeds 0, 1, 2) of at most 1000 steps (the D4RL length) per task, the three default
+protocols and the noise floor (3 + 3 x 5 = 18 runs of every batch), update interval 48 tokens (16 timesteps), the
+shipped DTs (``namm_transfer/weights/dt/{env}-medium``), one torch thread. Measured with
+``/usr/bin/time namm-transfer eval --target decision-transformer --env halfcheetah`` (episodes that always last
+1000 steps): 190 CPU seconds (20 min wall on 2 cores shared with other jobs, load 6 to 13). Hopper's episodes end
+earlier (about 580 steps with a cache), so the three tasks take about 8.5 min of CPU: within 10 min on a free core.
+More episodes per batch cost less than proportionally (a lockstep step's overhead is shared).
+
+Full-seed evaluation (20 seeds per task, 30 for hopper), in two processes, then merged and summarized (the
+merge refuses an older ``results/decision-transformer.jsonl`` of other settings: move it away first)::
+
+    for r in 0 1; do RANK=$r WORLD_SIZE=2 OMP_NUM_THREADS=1 nohup namm-transfer eval --target decision-transformer \
+        --episodes 20,hopper=30 --batch-episodes 10 --output results/decision-transformer.json --no-progress \
+        > dt-rank$r.log 2>&1 & done; wait
+    namm-transfer report --merge 'results/decision-transformer.rank*-of2.jsonl' \
+        --output results/decision-transformer.json
+    namm-transfer eval --target decision-transformer --episodes 20,hopper=30 --batch-episodes 10 \
+        --output results/decision-transformer.json --no-progress
+
+The committed ``results/decision-transformer.json`` ran these commands with ``--episodes 20 --protocols ratio:0.5``
+(see its ``command``; the whole set did not fit the time of that session).
 """
 
 from __future__ import annotations
