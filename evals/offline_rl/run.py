@@ -73,8 +73,8 @@ merge refuses an older ``results/decision-transformer.jsonl`` of other settings:
     namm-transfer eval --target decision-transformer --episodes 20,hopper=30 --batch-episodes 10 \
         --output results/decision-transformer.json --no-progress
 
-The committed ``results/decision-transformer.json`` ran these commands with ``--episodes 20 --protocols ratio:0.5``
-(see its ``command``; the whole set did not fit the time of that session).
+The committed ``results/decision-transformer.json`` ran these commands with ``--episodes 20`` (20 seeds for hopper
+too: 30 did not fit that session's time; see its ``command``): 42 min wall for the two processes on 2 shared cores.
 """
 
 from __future__ import annotations
