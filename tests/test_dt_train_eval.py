@@ -33,6 +33,11 @@ REF = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "w
 SIZES = {"hopper": (11, 3), "halfcheetah": (17, 6), "walker2d": (17, 6)}
 TINY = dict(hidden_size=32, n_layer=2, n_head=2, max_ep_len=100)
 POLICIES = ["canonical", "full", "namm", "h2o", "l2", "streaming", "random"]
+BASELINES = ["h2o", "l2", "streaming", "random"]
+LABELS = ["ratio-50", "ratio-25", "threshold"]  # the default protocols
+ROWS = [(None, "canonical"), (None, "full"), (None, "full-alt")] + [
+    (label, p) for label in LABELS for p in ["namm", *BASELINES]
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -405,6 +410,22 @@ def _records(path: Path) -> list[dict]:
     return [r for r in lines if "_header" not in r]
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["protocol"], r["policy"])
+
+
+def _expected_interval(records: list[dict], row: tuple, ref: tuple, envs: list[str]) -> dict:
+    """The paired bootstrap of ``row`` minus ``ref`` worked out from the records, unit (env, seed), stratum env."""
+    from namm_transfer.stats import paired_bootstrap
+
+    by = {(r["env"], r["seed"], _row_key(r)): r["score"] for r in records}
+    diffs = {
+        env: [by[(env, s, row)] - by[(env, s, ref)] for s in sorted({r["seed"] for r in records if r["env"] == env})]
+        for env in envs
+    }
+    return paired_bootstrap(diffs).as_dict()
+
+
 def test_eval_end_to_end_scores_schema_and_resume(eval_setup, capsys, monkeypatch):
     pytest.importorskip("mujoco")
     from namm_transfer.cli import main
@@ -412,81 +433,185 @@ def test_eval_end_to_end_scores_schema_and_resume(eval_setup, capsys, monkeypatc
     root, models = eval_setup
     assert main(_eval_argv(root, models)) == 0
     out = capsys.readouterr().out
-    assert "D4RL normalized return" in out and "results:" in out
+    assert "D4RL normalized return" in out and "results:" in out and "vs full (95%)" in out
     summary = json.loads((root / "res.json").read_text())
     for key in ("command", "target", "model", "namm_checkpoint", "settings", "versions", "hardware", "started"):
         assert key in summary
     assert summary["target"] == "decision-transformer" and summary["breakdown_by"] == "env"
-    assert summary["namm_checkpoint"]["sha256"] and summary["settings"]["seeds"] == [0, 1]
-    assert summary["settings"]["update_interval"] == 6 and summary["settings"]["budget"] == "replay:namm"
+    settings = summary["settings"]
+    assert summary["namm_checkpoint"]["sha256"] and settings["seeds"] == {env: [0, 1] for env in SIZES}
+    assert settings["episodes"] == {env: 2 for env in SIZES}
+    assert settings["protocols"] == ["ratio:0.5", "ratio:0.25", "threshold"] and settings["protocol_labels"] == LABELS
+    assert settings["update_interval"] == 6 and settings["replay_fallback"] == "hold"
+    assert settings["noise_floor"]["policy"] == "full-alt" and settings["noise_floor"]["update_interval"] == 12
     assert (root / "res.png").stat().st_size > 1000 and summary["plot"] == "res.png"
 
-    rows = {r["policy"]: r for r in summary["rows"]}
-    assert list(rows) == POLICIES
+    rows = {_row_key(r): r for r in summary["rows"]}
+    assert list(rows) == ROWS
     assert sorted(summary["breakdown"]) == sorted(SIZES)
     for env_rows in summary["breakdown"].values():
-        assert [r["policy"] for r in env_rows] == POLICIES
+        assert [_row_key(r) for r in env_rows] == ROWS
 
     records = _records(root / "res.jsonl")
-    assert len(records) == len(POLICIES) * 3 * 2 and len({r["key"] for r in records}) == len(records)
+    assert len(records) == len(ROWS) * 3 * 2 and len({r["key"] for r in records}) == len(records)
+    # the same seeds for every policy and protocol: exactly the same (env, seed) units in every row
+    units = {row: {(r["env"], r["seed"]) for r in records if _row_key(r) == row} for row in ROWS}
+    assert all(u == {(env, s) for env in SIZES for s in (0, 1)} for u in units.values())
     for r in records:
         lo, hi = REF[r["env"]]
         assert r["score"] == pytest.approx(100 * (r["return"] - lo) / (hi - lo), rel=1e-12, abs=1e-12)
         assert r["seed"] == r["episode"] and 1 <= r["length"] <= 12
         assert len(r["trace"]["t"]) == len(r["trace"]["return"]) == len(r["trace"]["cache_tokens"])
         assert r["trace"]["return"][-1] == pytest.approx(r["return"])
-    for p in POLICIES:
+        proto = "" if r["protocol"] is None else r["protocol"] + "/"
+        assert r["key"] == f"{r['env']}/{proto}{r['policy']}/ep{r['episode']:03d}"
+        assert r["update_interval"] == {"canonical": None, "full-alt": 12}.get(r["policy"], 6)
+    for row in ROWS:
         env_scores = []
         for env, env_rows in summary["breakdown"].items():
-            mine = [r["score"] for r in records if r["env"] == env and r["policy"] == p]
-            row = next(x for x in env_rows if x["policy"] == p)
-            assert row["score"] == pytest.approx(np.mean(mine)) and row["n"] == 2
-            assert row["score_std"] == pytest.approx(np.std(mine))
-            env_scores.append(row["score"])
-        assert rows[p]["score"] == pytest.approx(np.mean(env_scores)) and rows[p]["n"] == 6
+            mine = [r["score"] for r in records if r["env"] == env and _row_key(r) == row]
+            got = next(x for x in env_rows if _row_key(x) == row)
+            assert got["score"] == pytest.approx(np.mean(mine)) and got["n"] == 2 and got["seeds"] == [0, 1]
+            assert got["score_std"] == pytest.approx(np.std(mine))
+            env_scores.append(got["score"])
+        assert rows[row]["score"] == pytest.approx(np.mean(env_scores)) and rows[row]["n"] == 6
 
-    # cache sizes: full keeps everything, NAMM evicts, baselines replay NAMM's counts exactly while both run
-    assert rows["full"]["retained_cache"] == 1.0 and rows["canonical"]["retained_cache"] is None
-    assert 0 < rows["namm"]["retained_cache"] < 1
-    namm = {(r["env"], r["episode"]): r for r in records if r["policy"] == "namm"}
+    # paired statistics: vs_full against the shared full cache, vs_namm against the protocol's NAMM, pooled over
+    # envs (stratified) in rows and within the env in the breakdown; none against itself or a missing reference
+    envs = sorted(SIZES)
+    for row in ROWS:
+        refs = {"vs_full": (None, "full"), "vs_namm": (row[0], "namm")}
+        expected = {k: ref for k, ref in refs.items() if ref != row and ref in rows}
+        assert {k for k in ("vs_full", "vs_namm") if k in rows[row]} == set(expected), row
+        for k, ref in expected.items():
+            assert rows[row][k] == _expected_interval(records, row, ref, envs), (row, k)
+            for env in envs:
+                env_row = next(x for x in summary["breakdown"][env] if _row_key(x) == row)
+                assert env_row[k] == _expected_interval(records, row, ref, [env]), (row, k, env)
+    assert "vs_namm" not in rows[(None, "full-alt")] and rows[(None, "full-alt")]["vs_full"]["n"] == 6
+    pooled = rows[("ratio-50", "h2o")]["vs_full"]
+    per_env = [
+        np.mean([r["score"] for r in records if r["env"] == env and _row_key(r) == ("ratio-50", "h2o")])
+        - np.mean([r["score"] for r in records if r["env"] == env and r["policy"] == "full"])
+        for env in envs
+    ]
+    assert pooled["mean"] == pytest.approx(np.mean(per_env)) and pooled["lo"] <= pooled["mean"] <= pooled["hi"]
+
+    # cache sizes: full keeps everything, NAMM evicts; under ratio:R NAMM and the baselines keep floor(R * seen) at
+    # every update (the same counts); under threshold the baselines replay NAMM's counts exactly while both run
+    assert rows[(None, "full")]["retained_cache"] == 1.0 and rows[(None, "full-alt")]["retained_cache"] == 1.0
+    assert rows[(None, "canonical")]["retained_cache"] is None
+    assert 0 < rows[("threshold", "namm")]["retained_cache"] < 1
+    assert rows[("ratio-25", "namm")]["retained_cache"] < rows[("ratio-50", "namm")]["retained_cache"] < 1
+    namm = {(r["env"], r["episode"], r["protocol"]): r for r in records if r["policy"] == "namm"}
     for r in records:
-        if r["policy"] in ("h2o", "l2", "streaming", "random"):
-            ref = namm[(r["env"], r["episode"])]
+        if r["protocol"] in ("ratio-50", "ratio-25"):
+            share = {"ratio-50": "0.5", "ratio-25": "0.25"}[r["protocol"]]
+            assert r["budget"] == f"ratio:{share}" and "replay" not in r and "replay_updates" not in r
+            ref = namm[(r["env"], r["episode"], r["protocol"])]
+            if r["length"] == ref["length"]:
+                assert r["retained_cache"] == pytest.approx(ref["retained_cache"], abs=1e-12)
+        if r["protocol"] == "threshold" and r["policy"] in BASELINES:
+            ref = namm[(r["env"], r["episode"], "threshold")]
             assert r["budget"].startswith("replay:namm") and r["replay_updates"] > 0
             if r["length"] == ref["length"]:
                 assert r["replay_extrapolated"] == 0
                 assert r["retained_cache"] == pytest.approx(ref["retained_cache"], abs=1e-12)
-    assert all("replay" in r and r["replay"]["kept_counts"] for r in namm.values())
+    assert all("replay" in r and r["replay"]["kept_counts"] for k, r in namm.items() if k[2] == "threshold")
 
     # resume: a second run repeats nothing (no episode batch is run again, the file is unchanged)
     from namm_transfer.evals.offline_rl import run as dt_run
 
     ran, run_batch = [], dt_run._run_batch
-    monkeypatch.setattr(dt_run, "_run_batch", lambda s, env, p, *a: ran.append((env, p)) or run_batch(s, env, p, *a))
+    monkeypatch.setattr(
+        dt_run,
+        "_run_batch",
+        lambda s, env, p, proto, *a: ran.append((env, str(proto), p)) or run_batch(s, env, p, proto, *a),
+    )
     size = (root / "res.jsonl").stat().st_size
     assert main(_eval_argv(root, models)) == 0
     assert (root / "res.jsonl").stat().st_size == size and ran == []
 
-    # a run killed before the last batches: only those run again (baselines read NAMM's counts from the file),
-    # with the same results
+    # a run killed before the last batches: only those run again (threshold baselines read NAMM's counts from the
+    # file), with the same results; the same policy of another protocol is not run again
     lines = (root / "res.jsonl").read_text().splitlines()
-    dropped = [x for x in lines if '"walker2d/random/' in x or '"walker2d/streaming/' in x]
+    dropped = [x for x in lines if '"walker2d/threshold/random/' in x or '"walker2d/ratio-25/streaming/' in x]
     assert len(dropped) == 4
     (root / "res.jsonl").write_text("\n".join(x for x in lines if x not in dropped) + "\n")
     assert main(_eval_argv(root, models)) == 0
-    assert sorted(ran) == [("walker2d", "random"), ("walker2d", "streaming")]  # only the missing batches
+    assert sorted(ran) == [("walker2d", "ratio:0.25", "streaming"), ("walker2d", "threshold", "random")]
     again = {r["key"]: r for r in _records(root / "res.jsonl")}
     assert len(again) == len(records)
     for x in dropped:
         old = json.loads(x)
         new = again[old["key"]]
-        for field in ("return", "score", "length", "retained_cache", "replay_updates", "replay_extrapolated"):
+        for field in ("return", "score", "length", "retained_cache", "protocol", "budget"):
             assert new[field] == old[field], field
+        if old["protocol"] == "threshold":
+            assert (new["replay_updates"], new["replay_extrapolated"]) == (
+                old["replay_updates"],
+                old["replay_extrapolated"],
+            )
 
     # the same output with other settings is refused
     capsys.readouterr()
     assert main(_eval_argv(root, models, "res.json", "--update-interval", "12")) == 1
     assert "written by another command" in capsys.readouterr().err
+    assert main(_eval_argv(root, models, "res.json", "--protocols", "ratio:0.5")) == 1
+    assert "written by another command" in capsys.readouterr().err
+
+
+def test_eval_episodes_per_env_protocol_subset_and_no_noise_floor(eval_setup, capsys):
+    """--episodes 1,hopper=2: one seed per env, two for hopper, the same for every policy; one protocol; no full-alt."""
+    pytest.importorskip("mujoco")
+    from namm_transfer.cli import main
+
+    root, models = eval_setup
+    argv = _eval_argv(root, models, "per_env.json", "--policies", "full,h2o", "--protocols", "ratio:50%")
+    argv[argv.index("--episodes") + 1] = "1,hopper=2"
+    assert main([*argv, "--no-noise-floor", "--no-plot"]) == 0
+    summary = json.loads((root / "per_env.json").read_text())
+    assert summary["settings"]["episodes"] == {"hopper": 2, "halfcheetah": 1, "walker2d": 1}
+    assert summary["settings"]["seeds"] == {"hopper": [0, 1], "halfcheetah": [0], "walker2d": [0]}
+    assert summary["settings"]["noise_floor"] is None and summary["settings"]["replay_fallback"] is None
+    assert [_row_key(r) for r in summary["rows"]] == [(None, "full"), ("ratio-50", "namm"), ("ratio-50", "h2o")]
+    records = _records(root / "per_env.jsonl")
+    for row in [(None, "full"), ("ratio-50", "namm"), ("ratio-50", "h2o")]:
+        got = sorted((r["env"], r["seed"]) for r in records if _row_key(r) == row)
+        assert got == [("halfcheetah", 0), ("hopper", 0), ("hopper", 1), ("walker2d", 0)]
+    h2o = next(r for r in summary["rows"] if r["policy"] == "h2o")
+    assert h2o["vs_full"]["n"] == 4 and h2o["vs_namm"]["n"] == 4
+
+
+def test_parse_episodes_and_bad_options_are_clear_errors(eval_setup, capsys):
+    from namm_transfer.evals.offline_rl.run import DEFAULT_EPISODES, parse_episodes
+
+    assert parse_episodes("20,hopper=30") == (20, {"hopper": 30})
+    assert parse_episodes("Walker2d=4,7") == (7, {"walker2d": 4})
+    assert parse_episodes("hopper=5") == (DEFAULT_EPISODES, {"hopper": 5})
+    for bad, match in [
+        ("x", "not a number"),
+        ("0", ">= 1"),
+        ("3,4", "two counts"),
+        ("hopper=2,hopper=3", "hopper given twice"),
+        ("ant=3", "unknown offline-RL environment"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_episodes(bad)
+
+    pytest.importorskip("mujoco")
+    from namm_transfer.cli import main
+
+    root, models = eval_setup
+    for extra, message in [
+        (["--update-interval", "10"], "--update-interval must be a positive multiple of 3"),
+        (["--protocols", "ratio:2"], "a ratio protocol needs a share in (0, 1)"),
+        (["--protocols", "top"], "unknown protocol 'top'"),
+        (["--episodes", "2,hopper=x"], "--episodes: not a number in 'hopper=x'"),
+    ]:
+        assert main(_eval_argv(root, models, "bad_opts.json", *extra)) == 1
+        assert message in capsys.readouterr().err, extra
+    assert not (root / "bad_opts.jsonl").exists()
 
 
 def test_eval_errors_are_clear(eval_setup, capsys, monkeypatch):
@@ -539,11 +664,12 @@ def test_eval_shards_whole_batches_by_rank(eval_setup, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     argv = _eval_argv(root, models, "shard.json", "--policies", "h2o", "--batch-episodes", "1", "--no-plot")
+    argv += ["--protocols", "threshold", "--no-noise-floor"]
     argv[argv.index("all")] = "hopper"
     assert main(argv) == 0
     records = _records(root / "shard.rank1-of2.jsonl")
     # rank 1 of 2 gets the second (env, batch) group: episode 1 of hopper, with NAMM added for the replay
-    assert sorted(r["key"] for r in records) == ["hopper/h2o/ep001", "hopper/namm/ep001"]
+    assert sorted(r["key"] for r in records) == ["hopper/threshold/h2o/ep001", "hopper/threshold/namm/ep001"]
     assert not (root / "shard.jsonl").exists()
 
 

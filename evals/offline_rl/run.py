@@ -1,15 +1,33 @@
-"""``namm-transfer eval --target decision-transformer``: a frozen language NAMM on Decision Transformers.
+r"""``namm-transfer eval --target decision-transformer``: a frozen language NAMM on Decision Transformers.
 
-For every task (hopper, halfcheetah, walker2d) and every policy, a batch of episodes (seeds ``seed + i``)
-runs in lockstep in the Gymnasium MuJoCo env and the D4RL normalized return of each is recorded:
+For every task (hopper, halfcheetah, walker2d), episodes with seeds ``seed .. seed + n - 1`` (``--episodes``: one
+count for every task, or per task, ``20,hopper=30``) run in batches in lockstep in the Gymnasium MuJoCo env, and
+the D4RL normalized return of each is recorded. Every policy and protocol runs exactly the same seeds:
 
 * ``canonical`` -- the DT paper's evaluation: the last K timesteps recomputed every step (no cache).
 * ``full`` -- the whole history in the KV cache, nothing evicted.
+* ``full-alt`` -- the noise floor: the full cache again with twice the update interval (96 instead of 48). The
+  full cache evicts nothing, so only the split of the forward calls changes, i.e. float rounding, which moves a
+  MuJoCo trajectory as much as any small change of the actions does; its ``vs_full`` interval is the difference
+  that no setting of this kind can tell from none (``--no-noise-floor`` skips it).
 * ``namm`` -- the whole history in the cache, managed by the frozen, language-trained NAMM (``--namm``).
-* ``h2o``, ``l2``, ``streaming``, ``random`` (and any other registered budgeted policy) -- at NAMM's cache
-  sizes: NAMM's kept counts, recorded per episode, per update and per layer and head in NAMM's run of the
-  same episodes (same seeds, same batch, same update interval), are replayed as the baseline's budget
-  (``--budget namm``, the default; ``--budget 0.5`` / ``256t`` gives a fixed budget instead).
+* ``h2o``, ``l2``, ``streaming``, ``random`` (and any other registered budgeted policy) -- at matched budgets.
+
+``canonical``, ``full`` and ``full-alt`` run once per episode (``protocol`` null); NAMM and the baselines run once
+per matched-budget protocol (``--protocols``, :mod:`namm_transfer.protocols`; default
+``ratio:0.5,ratio:0.25,threshold``), and every record carries its ``protocol`` label:
+
+* ``ratio:R`` (label ``ratio-{100R}``) -- at every update, NAMM keeps its own top ``floor(R * seen)`` tokens by
+  score and every baseline ``floor(R * seen)`` by its rule, per layer and head (``RatioBudget(R)``). A DT
+  episode has no prompt end: the updates fall every ``--update-interval`` tokens.
+* ``threshold`` -- the paper's: NAMM keeps the tokens it scores >= 0; its kept counts, recorded per episode, per
+  update and per layer and head in NAMM's run of the same episodes (same seeds, same batch, same update
+  interval), are replayed as each baseline's budget (see below).
+
+Paired statistics: each row (``protocol``, ``policy``) has ``vs_full`` (minus the full cache) and, in a protocol,
+``vs_namm`` (minus that protocol's NAMM): the mean per-episode score difference over the same (env, seed) units
+with a 95% stratified paired bootstrap interval (:func:`namm_transfer.stats.compare_policies`, stratum = env); in
+``rows`` the mean over envs of the per-env mean difference (the weighting of ``score``), in ``breakdown`` per env.
 
 Replay when trajectories differ. Each policy acts differently, so an episode can end at a different step
 under NAMM and under a baseline. Update ``s`` happens at the same clock in every run (one lockstep clock
@@ -25,19 +43,38 @@ the budget falls back, per (layer, head) (``--replay-fallback``):
 Each baseline record says how many of its updates used the fallback (``replay_extrapolated`` out of
 ``replay_updates``). Updates after the baseline's own episode ended concern padding only and are ignored.
 
-Results: ``NAME.jsonl`` (one record per env x policy x episode, appended after each batch; a killed run
-resumes without repeating a finished batch, and baselines read NAMM's counts back from it), ``NAME.json``
-(summary: ``rows`` per policy with ``score`` = the mean over envs of the mean normalized return,
-``breakdown`` per env) and ``NAME.png`` (return and cache size over episode time). ``retained_cache`` of a
-cached policy is the mean over managed layers (all of them) and forward calls of live / seen tokens;
-the canonical window holds no cache (its ``context_fraction`` is the window's share of the history).
+Results: ``NAME.jsonl`` (one record per env x protocol x policy x episode, keys ``hopper/full/ep003`` and
+``hopper/ratio-50/h2o/ep003``, appended after each batch; a killed run resumes without repeating a finished batch,
+and baselines read NAMM's counts back from it), ``NAME.json`` (summary: ``rows`` per (protocol, policy) with
+``score`` = the mean over envs of the mean normalized return, ``vs_full`` / ``vs_namm``, ``breakdown`` per env;
+the protocols and ``noise_floor`` in ``settings``) and ``NAME.png`` (return and cache size over episode time).
+``retained_cache`` of a cached policy is the mean over managed layers (all of them) and forward calls of live /
+seen tokens; the canonical window holds no cache (its ``context_fraction`` is the window's share of the history).
+Under ``RANK`` / ``WORLD_SIZE`` each process takes whole (env, batch) groups (round robin) and writes
+``NAME.rank{r}-of{w}.jsonl``; ``namm-transfer report --merge`` joins them, and the same command run once more in
+one process writes the summary from the merged file.
 
-Defaults: 3 episodes of at most 1000 steps (the D4RL length) per task, update interval 48 tokens (16 timesteps),
-the shipped DTs (``namm_transfer/weights/dt/{env}-medium``), one torch thread. Measured with a canonical-size DT
-(3 layers, hidden 128) on halfcheetah, whose episodes always last 1000 steps: 7 policies x 3 episodes took 94 CPU
-seconds (4.6 min wall on 2 cores shared with two other jobs, load ~5); so the three tasks take about 5 min of CPU,
-less when hopper / walker2d episodes end early. Lockstep steps per second (3 episodes, loaded machine): canonical
-~36, full cache ~18, NAMM ~21, H2O ~26, L2 / streaming ~29.
+Defaults: 3 episodes (seeds 0, 1, 2) of at most 1000 steps (the D4RL length) per task, the three default
+protocols and the noise floor (3 + 3 x 5 = 18 runs of every batch), update interval 48 tokens (16 timesteps), the
+shipped DTs (``namm_transfer/weights/dt/{env}-medium``), one torch thread. Measured with
+``/usr/bin/time namm-transfer eval --target decision-transformer --env halfcheetah`` (episodes that always last
+1000 steps): 190 CPU seconds (20 min wall on 2 cores shared with other jobs, load 6 to 13). Hopper's episodes end
+earlier (about 580 steps with a cache), so the three tasks take about 8.5 min of CPU: within 10 min on a free core.
+More episodes per batch cost less than proportionally (a lockstep step's overhead is shared).
+
+Full-seed evaluation (20 seeds per task, 30 for hopper), in two processes, then merged and summarized (the
+merge refuses an older ``results/decision-transformer.jsonl`` of other settings: move it away first)::
+
+    for r in 0 1; do RANK=$r WORLD_SIZE=2 OMP_NUM_THREADS=1 nohup namm-transfer eval --target decision-transformer \
+        --episodes 20,hopper=30 --batch-episodes 10 --output results/decision-transformer.json --no-progress \
+        > dt-rank$r.log 2>&1 & done; wait
+    namm-transfer report --merge 'results/decision-transformer.rank*-of2.jsonl' \
+        --output results/decision-transformer.json
+    namm-transfer eval --target decision-transformer --episodes 20,hopper=30 --batch-episodes 10 \
+        --output results/decision-transformer.json --no-progress
+
+The committed ``results/decision-transformer.json`` ran these commands with ``--episodes 20`` (20 seeds for hopper
+too: 30 did not fit that session's time; see its ``command``): 42 min wall for the two processes on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -54,8 +91,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...protocols import DEFAULT_PROTOCOLS, Protocol, parse_protocols
 from ..args import default_output
 from .envs import ENVS, VERSIONS, get_env_info
+from .pomdp import PO_ENVS
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -70,6 +109,7 @@ __all__ = [
     "add_arguments",
     "evaluate",
     "main",
+    "parse_episodes",
     "plot_results",
     "summarize_results",
 ]
@@ -81,7 +121,42 @@ DEFAULT_UPDATE_INTERVAL = 48
 TRACE_POINTS = 100
 """Per-episode traces (return, cache size) are stored at about this many time steps."""
 UNBUDGETED = ("canonical", "full", "namm")
+NO_PROTOCOL = ("canonical", "full")
+"""Run once per episode, shared by every protocol (``protocol`` null)."""
+NOISE_FLOOR = "full-alt"
+"""The full cache run again with twice the update interval (see :func:`_noise_floor`)."""
 FALLBACKS = ("hold", "ratio")
+
+
+def parse_episodes(text: str | int) -> tuple[int, dict[str, int]]:
+    """``"20,hopper=30"`` -> ``(20, {"hopper": 30})``: episodes per env (a bare number for every env, ``ENV=N`` for
+    one env). ``"5"`` or ``5`` -> ``(5, {})``.
+
+    Raises:
+        ValueError: not numbers, fewer than 1, an unknown env or one given twice.
+    """
+    default, per_env = DEFAULT_EPISODES, {}
+    seen_default = False
+    for part in (x.strip() for x in str(text).split(",")):
+        if not part:
+            continue
+        name, _, value = part.rpartition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"--episodes: not a number in {part!r}; write e.g. 20 or 20,hopper=30") from None
+        if n < 1:
+            raise ValueError(f"--episodes: {part!r} must be >= 1")
+        if not name:
+            if seen_default:
+                raise ValueError(f"--episodes: two counts for every env in {text!r}; write e.g. 20,hopper=30")
+            default, seen_default = n, True
+            continue
+        env = get_env_info(name.strip()).name
+        if env in per_env:
+            raise ValueError(f"--episodes: {env} given twice in {text!r}")
+        per_env[env] = n
+    return default, per_env
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,13 +171,19 @@ class EvalSettings:
     """``--model``: None / "shipped", a path or hub id, ``ENV=PATH,...`` or a template with ``{env}``."""
     namm: str = "default"
     episodes: int = DEFAULT_EPISODES
+    """Episodes per env (seeds ``seed .. seed + n - 1``, the same for every policy), unless in ``env_episodes``."""
+    env_episodes: dict[str, int] = field(default_factory=dict)
+    """Per-env episode counts that replace ``episodes`` (``--episodes 20,hopper=30``)."""
     batch_episodes: int | None = None
-    """Episodes per lockstep batch (default: all in one)."""
+    """Episodes per lockstep batch (default: all of an env's in one)."""
     max_ep_len: int = DEFAULT_MAX_EP_LEN
     update_interval: int = DEFAULT_UPDATE_INTERVAL
     context: int | None = None
     """K of the canonical window (default: the model's, 20)."""
-    budget: str = "namm"
+    protocols: str = DEFAULT_PROTOCOLS
+    """Matched-budget protocols (:func:`namm_transfer.protocols.parse_protocols`)."""
+    noise_floor: bool = True
+    """Also run ``full-alt``: the full cache with twice the update interval (a setting that must not matter)."""
     replay_fallback: str = "hold"
     level: str = "medium"
     version: str = "v5"
@@ -118,17 +199,42 @@ class EvalSettings:
     threads: int | None = 1
     """torch CPU threads on the CPU (the rollouts are small sequential forwards: more threads rarely help)."""
 
+    def episodes_for(self, env: str) -> int:
+        """Episodes of ``env`` (seeds ``seed .. seed + n - 1``)."""
+        return int(self.env_episodes.get(env, self.episodes))
+
+    def protocol_list(self) -> tuple[Protocol, ...]:
+        return parse_protocols(self.protocols)
+
+    def noise_floor_setting(self) -> dict[str, Any] | None:
+        """What ``full-alt`` changes (the summary's ``noise_floor``), or None when it is off."""
+        if not self.noise_floor:
+            return None
+        return {
+            "policy": NOISE_FLOOR,
+            "reference": "full",
+            "update_interval": 2 * self.update_interval,
+            "description": f"the full cache run again with update interval {2 * self.update_interval} instead of "
+            f"{self.update_interval}: the full cache evicts nothing, so only the split of the forward calls "
+            "(float rounding) changes; its vs_full interval is the noise floor of every paired difference",
+        }
+
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share (recorded in the results header)."""
+        envs = [get_env_info(e).name for e in self.envs]
+        protocols = self.protocol_list()
+        threshold = any(p.kind == "threshold" for p in protocols)
         return {
-            "episodes": self.episodes,
-            "seeds": [self.seed + i for i in range(self.episodes)],
-            "batch_episodes": self.batch_episodes or self.episodes,
+            "episodes": {env: self.episodes_for(env) for env in envs},
+            "seeds": {env: [self.seed + i for i in range(self.episodes_for(env))] for env in envs},
+            "batch_episodes": self.batch_episodes,
             "max_ep_len": self.max_ep_len,
             "update_interval": self.update_interval,
             "context_length": self.context,
-            "budget": "replay:namm" if self.budget == "namm" else str(self.budget),
-            "replay_fallback": self.replay_fallback if self.budget == "namm" else None,
+            "protocols": [p.spec for p in protocols],
+            "protocol_labels": [p.label for p in protocols],
+            "noise_floor": self.noise_floor_setting(),
+            "replay_fallback": self.replay_fallback if threshold else None,
             "level": self.level,
             "gym_version": self.version,
             "dtype": self.dtype,
@@ -319,10 +425,16 @@ def _trace_index(length: int, max_ep_len: int) -> list[int]:
     return idx
 
 
+def _unit_key(env: str, protocol: Protocol | None, policy: str, episode: int) -> str:
+    """A record's key: ``hopper/full/ep003``, ``hopper/ratio-50/h2o/ep003`` (unique per protocol)."""
+    return f"{env}/{policy}/ep{episode:03d}" if protocol is None else f"{env}/{protocol.label}/{policy}/ep{episode:03d}"
+
+
 def _run_batch(
     s: EvalSettings,
     env_name: str,
     policy_name: str,
+    protocol: Protocol | None,
     episodes: list[int],
     model: Any,
     info: Mapping[str, Any],
@@ -342,20 +454,35 @@ def _run_batch(
     env_fn = _reward_env_factory(env_name, s.version, s.max_ep_len, rewards, progress)
     context = int(s.context or info.get("context_length") or 20)
     mode = "canonical" if policy_name == "canonical" else "cached"
+    update_interval = 2 * s.update_interval if policy_name == NOISE_FLOOR else s.update_interval
     policy: Any = "full"
     recorder = None
-    budget = None
+    budget: Any = None
+    budget_text: str | None = None
+    if (protocol is None) != (policy_name in (*NO_PROTOCOL, NOISE_FLOOR)):
+        raise ValueError(f"policy {policy_name} with protocol {protocol}: canonical and full run without one")
     if policy_name == "namm":
+        from ...policies.base import RatioBudget
         from ...policies.namm_policy import NAMMPolicy
 
-        recorder = _recording_policy(NAMMPolicy(namm))
-        policy = recorder
-    elif policy_name not in UNBUDGETED:
-        if s.budget == "namm":
+        assert protocol is not None
+        if protocol.kind == "ratio":  # its own top share of scores
+            assert protocol.ratio is not None
+            policy = NAMMPolicy(namm, budget=RatioBudget(protocol.ratio))
+            budget_text = policy.budget.describe()
+        else:  # thresholds; its kept counts are recorded for the baselines to replay
+            recorder = _recording_policy(NAMMPolicy(namm))
+            policy = recorder
+    elif policy_name not in (*UNBUDGETED, NOISE_FLOOR):
+        from ...policies.base import RatioBudget
+
+        assert protocol is not None
+        if protocol.kind == "threshold":
             assert replay is not None
             budget = _replay_budget(replay, s.replay_fallback)
         else:
-            budget = s.budget
+            assert protocol.ratio is not None
+            budget = RatioBudget(protocol.ratio)
         kwargs: dict[str, Any] = {"budget": budget}
         if policy_name == "random":
             kwargs["seed"] = seed0
@@ -375,7 +502,7 @@ def _run_batch(
         return_scale=float(info.get("return_scale") or 1000.0),
         max_ep_len=s.max_ep_len,
         seed=seed0,
-        update_interval=s.update_interval,
+        update_interval=update_interval,
         device=device,
         context_length=context,
         version=s.version,
@@ -399,8 +526,9 @@ def _run_batch(
         peak_tokens = max((c for c in (row[j] for row in res["trace"]["cache_tokens"]) if c is not None), default=0.0)
         ret = float(res["returns"][j])
         rec: dict[str, Any] = {
-            "key": f"{env_name}/{policy_name}/ep{ep:03d}",
+            "key": _unit_key(env_name, protocol, policy_name, ep),
             "policy": policy_name,
+            "protocol": None if protocol is None else protocol.label,
             "env": env_name,
             "episode": ep,
             "seed": seed0 + j,
@@ -417,7 +545,7 @@ def _run_batch(
             "batch_wall_s": float(res["wall_s"]),
             "peak_memory_mb": peak_mb,
             "policy_settings": res["policy"],
-            "update_interval": s.update_interval if mode == "cached" else None,
+            "update_interval": update_interval if mode == "cached" else None,
             "context_length": context if mode == "canonical" else None,
             "target_return": float(res["target_return"]),
             "return_scale": float(res["return_scale"]),
@@ -432,12 +560,11 @@ def _run_batch(
         }
         if replays is not None:
             rec["replay"] = replays[j]
-        if budget is not None and not isinstance(budget, str):
-            rec["budget"] = budget.describe()
+        if budget is not None or budget_text is not None:
+            rec["budget"] = budget_text or budget.describe()
+        if budget is not None and hasattr(budget, "extrapolated"):  # replayed NAMM counts
             rec["replay_updates"] = len(budget.updates[j])
             rec["replay_extrapolated"] = len(budget.extrapolated[j])
-        elif budget is not None:
-            rec["budget"] = str(budget)
         if j == 0 and res.get("kept_tokens"):
             rec["batch_kept_tokens"] = res["kept_tokens"]
         records.append(rec)
@@ -459,9 +586,18 @@ def _std(values: Sequence[Any]) -> float | None:
     return math.sqrt(math.fsum((v - m) ** 2 for v in vals) / len(vals))
 
 
-def _policy_row(policy: str, recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "policy": policy,
+Row = tuple[str | None, str]
+"""A summary row: ``(protocol label or None, policy)``."""
+
+
+def _row_of(rec: Mapping[str, Any]) -> Row:
+    return (rec.get("protocol"), str(rec["policy"]))
+
+
+def _policy_row(row: Row, recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "policy": row[1],
+        "protocol": row[0],
         "score": _mean([r["score"] for r in recs]),
         "score_std": _std([r["score"] for r in recs]),
         "n": len(recs),
@@ -478,43 +614,67 @@ def _policy_row(policy: str, recs: Sequence[Mapping[str, Any]]) -> dict[str, Any
     }
     extrap = [r for r in recs if "replay_updates" in r]
     if extrap:
-        row["replay_extrapolated_fraction"] = _mean(
+        out["replay_extrapolated_fraction"] = _mean(
             [r["replay_extrapolated"] / r["replay_updates"] if r["replay_updates"] else 0.0 for r in extrap]
         )
-    return row
+    return out
+
+
+def _paired(records: Sequence[Mapping[str, Any]]) -> dict[Any, dict[str, dict[str, Any]]]:
+    """``{(protocol, policy): {"vs_full": ..., "vs_namm": ...}}``: paired bootstrap intervals of the per-episode
+    score difference, unit = (env, seed), stratified by env (:func:`namm_transfer.stats.compare_policies`)."""
+    from ...stats import compare_policies
+
+    return compare_policies(
+        records,
+        unit=lambda r: (r["env"], int(r["seed"])),
+        stratum=lambda r: r["env"],
+        group=_row_of,
+        references=("full", "namm"),
+    )
 
 
 def summarize_results(
-    records: Sequence[Mapping[str, Any]], policies: Sequence[str] | None = None
+    records: Sequence[Mapping[str, Any]], rows: Sequence[Row] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """``(rows, breakdown)`` of the summary.
+    """``(rows, breakdown)`` of the summary, one row per ``(protocol, policy)`` (``rows`` gives the order; rows of
+    the records that it lacks follow in record order).
 
-    ``breakdown[env]`` has one row per policy over that env's episodes: ``score`` = mean D4RL normalized
-    return, ``score_std`` = its standard deviation over episodes, ``n`` episodes, mean ``return``,
-    ``retained_cache``, ``throughput`` (env steps/s of the batch), ... ``rows`` has one row per policy:
-    ``score`` = mean over envs of the per-env scores, ``score_std`` = mean over envs of the per-env stds,
-    ``n`` = episodes in all, ``envs`` = the envs averaged, other fields averaged over envs.
+    ``breakdown[env]`` has one row per (protocol, policy) over that env's episodes: ``score`` = mean D4RL
+    normalized return, ``score_std`` = its standard deviation over episodes, ``n`` episodes, mean ``return``,
+    ``retained_cache``, ``throughput`` (env steps/s of the batch), ``seeds``, ... ``rows`` has one row per
+    (protocol, policy): ``score`` = mean over envs of the per-env scores, ``score_std`` = mean over envs of the
+    per-env stds, ``n`` = episodes in all, ``envs`` = the envs averaged, other fields averaged over envs.
+
+    Every row has ``vs_full`` (against the full cache) and, in a protocol, ``vs_namm`` (against that protocol's
+    NAMM): the mean paired difference of the score over the same (env, seed) episodes with its 95% stratified
+    bootstrap interval (:class:`namm_transfer.stats.PairedInterval`); in ``rows`` pooled over envs (the mean over
+    envs of the per-env mean difference, like ``score``), in ``breakdown`` within the env. Absent where the
+    reference is (the row itself, or no such row).
     """
     envs = sorted({r["env"] for r in records})
-    order = list(policies or [])
+    order: list[Row] = list(rows or [])
     for r in records:
-        if r["policy"] not in order:
-            order.append(r["policy"])
+        if _row_of(r) not in order:
+            order.append(_row_of(r))
     breakdown: dict[str, list[dict[str, Any]]] = {}
     for env in envs:
-        rows = []
-        for p in order:
-            recs = [r for r in records if r["env"] == env and r["policy"] == p]
+        env_recs = [r for r in records if r["env"] == env]
+        paired = _paired(env_recs)
+        env_rows = []
+        for key in order:
+            recs = [r for r in env_recs if _row_of(r) == key]
             if recs:
-                rows.append(_policy_row(p, recs))
-        breakdown[env] = rows
+                env_rows.append({**_policy_row(key, recs), **paired.get(key, {})})
+        breakdown[env] = env_rows
+    paired = _paired(records)
     overall = []
-    for p in order:
-        per_env = [row for env in envs for row in breakdown[env] if row["policy"] == p]
+    for key in order:
+        per_env = [row for env in envs for row in breakdown[env] if (row["protocol"], row["policy"]) == key]
         if not per_env:
             continue
-        row: dict[str, Any] = {"policy": p}
-        for key in (
+        row: dict[str, Any] = {"policy": key[1], "protocol": key[0]}
+        for field_name in (
             "score",
             "score_std",
             "retained_cache",
@@ -525,17 +685,23 @@ def summarize_results(
             "peak_memory_mb",
             "replay_extrapolated_fraction",
         ):
-            row[key] = _mean([e.get(key) for e in per_env])
+            row[field_name] = _mean([e.get(field_name) for e in per_env])
         row["n"] = sum(e["n"] for e in per_env)
-        row["envs"] = [env for env in envs if any(e["policy"] == p for e in breakdown[env])]
+        row["envs"] = [e for e in envs if any((x["protocol"], x["policy"]) == key for x in breakdown[e])]
+        row.update(paired.get(key, {}))
         overall.append(row)
     return overall, breakdown
 
 
+def _label(row: Row) -> str:
+    return row[1] if row[0] is None else f"{row[1]} [{row[0]}]"
+
+
 def plot_results(
-    records: Sequence[Mapping[str, Any]], path: str | Path, policies: Sequence[str] | None = None
+    records: Sequence[Mapping[str, Any]], path: str | Path, rows: Sequence[Row] | None = None
 ) -> Path | None:
-    """Plot mean return so far and mean cache size (tokens) over episode time, one column per env.
+    """Plot mean return so far and mean cache size (tokens) over episode time, one column per env and one line per
+    (protocol, policy) row.
 
     Returns the PNG path, or None when matplotlib is not installed.
     """
@@ -548,18 +714,20 @@ def plot_results(
         logger.warning("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
     envs = sorted({r["env"] for r in records})
-    order = list(policies or [])
+    order: list[Row] = list(rows or [])
     for r in records:
-        if r["policy"] not in order:
-            order.append(r["policy"])
+        if _row_of(r) not in order:
+            order.append(_row_of(r))
     if not envs:
         return None
-    fig, axes = plt.subplots(2, len(envs), figsize=(4.5 * len(envs), 6.5), squeeze=False, sharex="col")
-    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(2, len(envs), figsize=(4.5 * len(envs), 7.5), squeeze=False, sharex="col")
+    colors = plt.get_cmap("tab20")
+    styles = ["-", "--", ":", "-."]
+    protocols = list(dict.fromkeys(row[0] for row in order))
     for c, env in enumerate(envs):
         ax_r, ax_c = axes[0][c], axes[1][c]
-        for k, p in enumerate(order):
-            recs = [r for r in records if r["env"] == env and r["policy"] == p and r.get("trace")]
+        for k, key in enumerate(order):
+            recs = [r for r in records if r["env"] == env and _row_of(r) == key and r.get("trace")]
             if not recs:
                 continue
             grid = sorted({t for r in recs for t in r["trace"]["t"]})
@@ -572,16 +740,17 @@ def plot_results(
                 cache_rows.append(np.interp(grid, ts, cache, right=np.nan) if len(ts) else None)
             rr = np.array([x for x in ret_rows if x is not None])
             cc = np.array([x for x in cache_rows if x is not None])
+            style = {"color": colors(k % 20), "linestyle": styles[protocols.index(key[0]) % len(styles)]}
             if rr.size:
-                ax_r.plot(grid, rr.mean(0), color=colors(k % 10), label=p)
+                ax_r.plot(grid, rr.mean(0), label=_label(key), **style)
             if cc.size:
                 with np.errstate(all="ignore"):
-                    ax_c.plot(grid, np.nanmean(cc, 0), color=colors(k % 10), label=p)
+                    ax_c.plot(grid, np.nanmean(cc, 0), label=_label(key), **style)
         ax_r.set_title(env)
         ax_r.set_ylabel("return so far (mean over episodes)")
         ax_c.set_ylabel("cache tokens (mean over running episodes)")
         ax_c.set_xlabel("episode step")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -592,21 +761,33 @@ def plot_results(
 
 # ----------------------------------------------------------------------------------------------------------------
 # the run
-def _ordered_policies(names: Sequence[str], budget: str) -> list[str]:
+Arm = tuple[Protocol | None, str]
+"""One run of every episode batch: ``(protocol or None, policy)``."""
+
+
+def _arms(names: Sequence[str], protocols: Sequence[Protocol], noise_floor: bool) -> list[Arm]:
+    """The runs of every episode batch, in order: ``canonical``, ``full``, ``full-alt`` (protocol None), then per
+    protocol NAMM followed by the budgeted baselines (the threshold protocol's replay NAMM's counts)."""
     from ...registry import list_policies
 
     known = ["canonical", *list_policies()]
     unknown = [p for p in names if p not in known]
     if unknown:
-        raise ValueError(f"unknown policies {unknown}; known: {', '.join(known)}")
+        raise ValueError(f"unknown policies {unknown}; known: {', '.join(known)} (full-alt: see --no-noise-floor)")
     out = list(dict.fromkeys(names))
-    needs_namm = budget == "namm" and any(p not in UNBUDGETED for p in out)
-    if needs_namm and "namm" not in out:
-        logger.info("adding the namm policy: the baselines replay its cache sizes (--budget namm)")
+    budgeted = [p for p in out if p not in UNBUDGETED]
+    if budgeted and "namm" not in out:
+        logger.info("adding the namm policy: the baselines are compared with it (and replay its cache sizes)")
         out.append("namm")
-    # NAMM runs before the baselines that replay it
-    head = [p for p in out if p in UNBUDGETED]
-    return sorted(head, key=UNBUDGETED.index) + [p for p in out if p not in UNBUDGETED]
+    if noise_floor and "full" not in out:
+        logger.info("adding the full policy: the noise floor (full-alt) is compared with it")
+        out.append("full")
+    arms: list[Arm] = [(None, p) for p in NO_PROTOCOL if p in out]
+    if noise_floor:
+        arms.append((None, NOISE_FLOOR))
+    for proto in protocols:  # NAMM runs before the baselines that replay it
+        arms += [(proto, p) for p in ("namm", *budgeted) if p in out]
+    return arms
 
 
 def evaluate(
@@ -623,18 +804,18 @@ def evaluate(
     from ...results import ResultsWriter
     from .train import load_dt, resolve_dt
 
-    if s.episodes < 1 or s.max_ep_len < 1:
+    envs = [get_env_info(e).name for e in s.envs]
+    if min(s.episodes_for(env) for env in envs) < 1 or s.max_ep_len < 1:
         raise ValueError("episodes and max_ep_len must be >= 1")
     if s.update_interval < 3 or s.update_interval % 3:
-        raise ValueError(f"--update-interval must be a positive multiple of 3, got {s.update_interval}")
+        raise ValueError(
+            f"--update-interval must be a positive multiple of 3 (whole return/state/action timesteps), got "
+            f"{s.update_interval}; e.g. {max(3, 3 * round(s.update_interval / 3))}"
+        )
     if s.replay_fallback not in FALLBACKS:
         raise ValueError(f"--replay-fallback must be one of {FALLBACKS}")
-    if s.budget != "namm":
-        from ...policies.base import parse_budget
-
-        parse_budget(s.budget)  # fail early on a bad spec
-    policies = _ordered_policies(s.policies, s.budget)
-    envs = [get_env_info(e).name for e in s.envs]
+    arms = _arms(s.policies, s.protocol_list(), s.noise_floor)
+    policies = list(dict.fromkeys(p for _, p in arms))
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if s.threads and str(device) == "cpu":
         torch.set_num_threads(int(s.threads))
@@ -681,34 +862,35 @@ def evaluate(
                 f"now {models[env][1]['content_hash'][:12]}); use a new --output"
             )
 
-    size = s.batch_episodes or s.episodes
-    batches = [list(range(i, min(i + size, s.episodes))) for i in range(0, s.episodes, size)]
-
-    def keys(env: str, policy: str, batch: list[int]) -> list[str]:
-        return [f"{env}/{policy}/ep{i:03d}" for i in batch]
+    def keys(env: str, arm: Arm, batch: list[int]) -> list[str]:
+        return [_unit_key(env, arm[0], arm[1], i) for i in batch]
 
     # under torchrun / accelerate (RANK, WORLD_SIZE) each rank takes whole (env, batch) groups, so that NAMM and the
     # baselines replaying it run on the same rank; merge the shards with `namm-transfer report --merge`
-    groups = [(env, batch) for env in envs for batch in batches]
+    groups = []
+    for env in envs:
+        n = s.episodes_for(env)
+        size = s.batch_episodes or n
+        groups += [(env, list(range(i, min(i + size, n)))) for i in range(0, n, size)]
     mine = [g for i, g in enumerate(groups) if i % writer.world_size == writer.rank]
-    todo = [(env, p, batch) for env, batch in mine for p in policies if not all(k in done for k in keys(env, p, batch))]
+    todo = [(env, arm, b) for env, b in mine for arm in arms if not all(k in done for k in keys(env, arm, b))]
     progress = _Progress(s.progress, len(todo))
     t0 = time.perf_counter()
     try:
-        for env, p, batch in todo:
+        for env, (proto, p), batch in todo:
             model, info = models[env]
             replay = None
-            if p not in UNBUDGETED and s.budget == "namm":
+            if proto is not None and proto.kind == "threshold" and p != "namm":
                 by_key = {r["key"]: r for r in writer.records()}
                 replay = []
-                for k in keys(env, "namm", batch):
+                for k in keys(env, (proto, "namm"), batch):
                     rec = by_key.get(k)
                     if rec is None or "replay" not in rec:
                         raise RuntimeError(f"NAMM's record {k} (with its kept counts) is missing; cannot replay")
                     replay.append(rec["replay"])
-            progress.unit(f"{env} {p} ep{batch[0]}-{batch[-1]}")
+            progress.unit(f"{env} {_label((None if proto is None else proto.label, p))} ep{batch[0]}-{batch[-1]}")
             # a partly recorded batch (killed while appending) is run again; only its missing records are added
-            for rec in _run_batch(s, env, p, batch, model, info, namm, replay, device, progress):
+            for rec in _run_batch(s, env, p, proto, batch, model, info, namm, replay, device, progress):
                 if rec["key"] not in writer.done_keys():
                     writer.add(rec)
             progress.done()
@@ -716,17 +898,32 @@ def evaluate(
         progress.close()
 
     records = writer.records()
-    rows, breakdown = summarize_results(records, policies)
+    order: list[Row] = [(None if proto is None else proto.label, p) for proto, p in arms]
+    rows, breakdown = summarize_results(records, order)
     png = Path(writer.summary_path).with_suffix(".png")
-    plotted = plot_results(records, png, policies) if s.plot else None
+    plotted = plot_results(records, png, order) if s.plot else None
+    threshold = any(proto.kind == "threshold" for proto in s.protocol_list())
     extra = {
         "breakdown_by": "env",
         "envs": sorted({r["env"] for r in records}),
         "policies": [row["policy"] for row in rows],
         "score_definition": "D4RL normalized return 100 * (return - REF_MIN) / (REF_MAX - REF_MIN); per env the mean "
         "over episodes, in rows the mean over envs",
+        "paired_statistics": "vs_full / vs_namm: mean paired score difference over the same (env, seed) episodes "
+        "(the protocol's NAMM for vs_namm) with a 95% stratified bootstrap interval (namm_transfer.stats, 2000 "
+        "resamples, fixed seed); rows pool envs (mean over envs of the per-env mean difference), breakdown per env",
+        "protocol_rules": {
+            proto.label: (
+                f"NAMM keeps its top {proto.ratio:g} share of scores and every budgeted baseline floor({proto.ratio:g}"
+                " * seen tokens), per layer and head at every update"
+                if proto.kind == "ratio"
+                else "NAMM thresholds its scores; baselines replay its kept counts per episode, update, layer and "
+                f"head; after NAMM's episode ended: {s.replay_fallback}"
+            )
+            for proto in s.protocol_list()
+        },
         "replay_rule": None
-        if s.budget != "namm"
+        if not threshold
         else f"baselines replay NAMM's kept counts per episode, update, layer and head; after NAMM's episode ended: "
         f"{s.replay_fallback}",
         "models": {
@@ -745,13 +942,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``eval --target decision-transformer`` (the common ones are already on ``parser``)."""
     parser.set_defaults(policies=DEFAULT_POLICIES, namm="default", dtype="float32")
     parser.add_argument(
-        "--env", default="all", choices=[*ENVS, "all"], help="task, or all three (default all); see also --model"
+        "--env",
+        default="all",
+        choices=[*ENVS, *PO_ENVS, "all"],
+        help="task, or all three (default all); -po: positions only (needs --model); see also --model",
     )
     parser.add_argument(
         "--episodes",
-        type=int,
-        default=DEFAULT_EPISODES,
-        help=f"episodes per task and policy, seeds SEED..SEED+N-1 (default {DEFAULT_EPISODES})",
+        default=str(DEFAULT_EPISODES),
+        help="episodes per task, the same seeds SEED..SEED+N-1 for every policy: N for every task, or e.g. "
+        f"20,hopper=30 (default {DEFAULT_EPISODES})",
     )
     parser.add_argument(
         "--max-ep-len",
@@ -767,18 +967,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--context", type=int, default=None, help="K of the canonical window (default: the model's)")
     parser.add_argument(
-        "--batch-episodes", type=int, default=None, help="episodes per lockstep batch (default: all in one)"
+        "--batch-episodes", type=int, default=None, help="episodes per lockstep batch (default: all of a task's in one)"
     )
     parser.add_argument(
-        "--budget",
-        default="namm",
-        help="baselines' cache budget: namm (replay NAMM's cache sizes, default), a ratio (0.5, 50%%) or tokens (256t)",
+        "--protocols",
+        default=DEFAULT_PROTOCOLS,
+        help="matched-budget protocols, comma-separated: ratio:R (NAMM keeps its top R share, baselines R of the "
+        "seen tokens) and threshold (NAMM thresholds, baselines replay its kept counts); canonical and full run "
+        f"once for all (default {DEFAULT_PROTOCOLS})",
+    )
+    parser.add_argument(
+        "--no-noise-floor",
+        action="store_true",
+        help="do not run full-alt (the full cache with twice the update interval, whose vs_full is the noise floor)",
     )
     parser.add_argument(
         "--replay-fallback",
         default="hold",
         choices=list(FALLBACKS),
-        help="budget of a baseline episode that outlives NAMM's: hold NAMM's last counts or keep its ratio",
+        help="threshold protocol: budget of a baseline episode that outlives NAMM's: hold NAMM's last counts or keep "
+        "its ratio",
     )
     parser.add_argument("--level", default="medium", help="dataset level of the shipped models (default medium)")
     parser.add_argument("--version", default="v5", choices=list(VERSIONS), help="Gymnasium MuJoCo version")
@@ -796,18 +1004,28 @@ def main(args: argparse.Namespace) -> int:
     """Run ``eval --target decision-transformer``; returns the exit code."""
     from .datasets import DatasetFormatError
 
-    episodes = args.episodes if args.limit is None else min(args.episodes, args.limit)
+    try:
+        episodes, env_episodes = parse_episodes(args.episodes)
+        parse_protocols(args.protocols)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.limit is not None:
+        episodes = min(episodes, args.limit)
+        env_episodes = {env: min(n, args.limit) for env, n in env_episodes.items()}
     settings = EvalSettings(
         envs=list(ENVS) if args.env == "all" else [args.env],
         policies=list(args.policies),
         model=args.model,
         namm=args.namm or "default",
         episodes=episodes,
+        env_episodes=env_episodes,
         batch_episodes=args.batch_episodes,
         max_ep_len=args.max_ep_len,
         update_interval=args.update_interval,
         context=args.context,
-        budget=args.budget,
+        protocols=args.protocols,
+        noise_floor=not args.no_noise_floor,
         replay_fallback=args.replay_fallback,
         level=args.level,
         version=args.version,
@@ -839,20 +1057,25 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _print_table(summary: Mapping[str, Any]) -> None:
-    head = f"{'policy':<11} {'score':>14} {'retained':>9} {'steps/s':>8}"
-    print("D4RL normalized return (mean over envs of the mean over episodes)")
-    print(head)
-    for row in summary["rows"]:
+def _interval(ci: Mapping[str, Any] | None) -> str:
+    if not ci:
+        return "-"
+    return f"{ci['mean']:+.1f} [{ci['lo']:+.1f}, {ci['hi']:+.1f}]"
+
+
+def _print_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+    print(f"{'protocol':<10} {'policy':<10} {'score':>14} {'retained':>9} {'vs full (95%)':>22} {'vs namm (95%)':>22}")
+    for row in rows:
         score = f"{_fmt(row['score'])} +- {_fmt(row['score_std'])}"
         print(
-            f"{row['policy']:<11} {score:>14} {_fmt(row.get('retained_cache'), 3):>9} {_fmt(row.get('throughput')):>8}"
+            f"{row.get('protocol') or '-':<10} {row['policy']:<10} {score:>14} {_fmt(row.get('retained_cache'), 3):>9} "
+            f"{_interval(row.get('vs_full')):>22} {_interval(row.get('vs_namm')):>22}"
         )
+
+
+def _print_table(summary: Mapping[str, Any]) -> None:
+    print("D4RL normalized return (mean over envs of the mean over episodes); paired differences over the same seeds")
+    _print_rows(summary["rows"])
     for env, rows in summary["breakdown"].items():
         print(f"\n{env}")
-        for row in rows:
-            score = f"{_fmt(row['score'])} +- {_fmt(row['score_std'])}"
-            print(
-                f"{row['policy']:<11} {score:>14} {_fmt(row.get('retained_cache'), 3):>9} "
-                f"{_fmt(row.get('throughput')):>8}"
-            )
+        _print_rows(rows)

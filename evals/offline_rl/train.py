@@ -869,10 +869,14 @@ def ship_dt(folder: str | os.PathLike[str], name: str | None = None) -> Path:
 
 
 def _missing_shipped(env: str, level: str, where: Path) -> FileNotFoundError:
+    base = env.removesuffix("-po")
+    collect = f"`namm-transfer rl collect --env {base} --level {level}`"
+    if base != env:  # a positions-only task trains on a dataset derived from the fully observed one
+        collect += f", `namm-transfer rl derive-po --env {env} --level {level}`"
     return FileNotFoundError(
-        f"no shipped Decision Transformer for {env}-{level} (looked in {where}). Train one with "
-        f"`namm-transfer rl collect --env {env} --level {level}` and then `namm-transfer rl train --env {env} "
-        f"--level {level} --ship`, or pass a model folder or hub id with --model"
+        f"no shipped Decision Transformer for {env}-{level} (looked in {where}). Train one with {collect} and "
+        f"then `namm-transfer rl train --env {env} --level {level} --ship`, or pass a model folder or hub id with "
+        "--model (training/dt-long.sh runs these steps)"
     )
 
 
