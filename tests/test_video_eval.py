@@ -436,21 +436,22 @@ def test_answer_text_stops_at_eos_and_other_special_tokens():
 
 
 def test_rows_pair_each_policy_with_the_full_cache_and_its_protocols_namm():
-    """Worked by hand: questions q1, q2 (category A) and q3 (B); h2o's q4 failed. The interval's mean is the mean over
+    """Worked by hand: questions q1, q2 (category A) and q3, q5 (B, q5 scored as q3: a stratum needs two units to
+    be resampled within); h2o's q4 failed. The interval's mean is the mean over
     categories of the within-category mean difference; vs_namm takes the NAMM of the row's own protocol."""
     scores = {
-        (None, "full"): [100, 0, 100],
-        (None, "full-alt"): [100, 0, 0],
-        ("ratio-50", "namm"): [100, 100, 0],
-        ("ratio-50", "h2o"): [0, 100, 100],
-        ("threshold", "namm"): [0, 0, 0],
-        ("threshold", "h2o"): [100, 0, 100],
+        (None, "full"): [100, 0, 100, 100],
+        (None, "full-alt"): [100, 0, 0, 0],
+        ("ratio-50", "namm"): [100, 100, 0, 0],
+        ("ratio-50", "h2o"): [0, 100, 100, 100],
+        ("threshold", "namm"): [0, 0, 0, 0],
+        ("threshold", "h2o"): [100, 0, 100, 100],
     }
-    cats = {"q1": "A", "q2": "A", "q3": "B", "q4": "B"}
+    cats = {"q1": "A", "q2": "A", "q3": "B", "q4": "B", "q5": "B"}
     records = [
         {"protocol": proto, "policy": pol, "id": q, "category": cats[q], "score": float(v), "correct": v == 100}
         for (proto, pol), values in scores.items()
-        for q, v in zip(("q1", "q2", "q3"), values, strict=True)
+        for q, v in zip(("q1", "q2", "q3", "q5"), values, strict=True)
     ]
     records.append({"protocol": "ratio-50", "policy": "h2o", "id": "q4", "category": "B", "score": None, "error": "x"})
     r50, thr = Protocol("ratio", 0.5), Protocol("threshold")
@@ -463,12 +464,12 @@ def test_rows_pair_each_policy_with_the_full_cache_and_its_protocols_namm():
 
     assert "vs_full" not in rows[(None, "full")] and "vs_namm" not in rows[(None, "full")]
     assert "vs_namm" not in rows[(None, "full-alt")] and "vs_namm" not in rows[("ratio-50", "namm")]
-    # full-alt - full: A (0, 0) -> 0, B (-100) -> -100: mean -50 in every resample (the pooled mean would be -33.3)
+    # full-alt - full: A (0, 0) -> 0, B (-100, -100) -> -100: mean -50 in every resample (the pooled mean would be -33.3)
     alt = rows[(None, "full-alt")]["vs_full"]
-    assert (alt["mean"], alt["lo"], alt["hi"], alt["n"], alt["excludes_zero"]) == (-50.0, -50.0, -50.0, 3, True)
+    assert (alt["mean"], alt["lo"], alt["hi"], alt["n"], alt["excludes_zero"]) == (-50.0, -50.0, -50.0, 4, True)
     # h2o under ratio-50 - its NAMM: A (-100, 0) -> -50, B (100) -> 100: 25 (the threshold NAMM would give 75)
-    assert mean(("ratio-50", "h2o"), "namm") == pytest.approx(25.0) and rows[("ratio-50", "h2o")]["vs_namm"]["n"] == 3
-    assert rows[("ratio-50", "h2o")]["n"] == 3 and rows[("ratio-50", "h2o")]["n_errors"] == 1
+    assert mean(("ratio-50", "h2o"), "namm") == pytest.approx(25.0) and rows[("ratio-50", "h2o")]["vs_namm"]["n"] == 4
+    assert rows[("ratio-50", "h2o")]["n"] == 4 and rows[("ratio-50", "h2o")]["n_errors"] == 1
     # ... - the full cache: A (-100, 100) -> 0, B (0) -> 0
     assert mean(("ratio-50", "h2o"), "full") == pytest.approx(0.0)
     # h2o under threshold - its NAMM: A (100, 0) -> 50, B (100) -> 100: 75; NAMM - full: A (-100, 0), B (-100): -75
@@ -484,6 +485,6 @@ def test_rows_pair_each_policy_with_the_full_cache_and_its_protocols_namm():
     # within one category: the same comparison on its questions only
     by_cat = vqa._breakdown(records, "category")
     b = {(r["protocol"], r["policy"]): r for r in by_cat["B"]}
-    assert b[("ratio-50", "h2o")]["vs_namm"]["mean"] == 100.0 and b[("ratio-50", "h2o")]["vs_namm"]["n"] == 1
+    assert b[("ratio-50", "h2o")]["vs_namm"]["mean"] == 100.0 and b[("ratio-50", "h2o")]["vs_namm"]["n"] == 2
     a = {(r["protocol"], r["policy"]): r for r in by_cat["A"]}
     assert a[("ratio-50", "h2o")]["vs_namm"]["mean"] == -50.0 and a[("threshold", "h2o")]["vs_full"]["n"] == 2
