@@ -78,6 +78,7 @@ Imports nothing heavy at import time (``--help`` stays torch-free).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -91,6 +92,9 @@ from pathlib import Path
 from typing import Any
 
 from namm_transfer.cli import positive_int
+from namm_transfer.protocols import DEFAULT_PROTOCOLS
+
+from .calibration import CALIBRATION_N, CALIBRATION_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +105,18 @@ __all__ = [
     "DEFAULT_N",
     "add_arguments",
     "main",
-    "parse_budget_mode",
+    "METRIC",
+    "NOISE_FLOOR_POLICY",
+    "breakdown",
+    "power_rule",
     "run_session",
+    "summary_rows",
+    "with_loglik_rel",
     "SessionResult",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_TASKS = ("passkey", "kv_retrieval", "multikey_needle", "variable_tracking", "prose_fact")
+DEFAULT_TASKS = ("passkey", "kv_retrieval", "multikey_needle", "variable_tracking", "prose_fact", "phonebook")
 DEFAULT_LENGTHS = (2048, 4096)
 DEFAULT_N = 4
 DEFAULT_UPDATE_INTERVAL = 256
@@ -117,7 +126,16 @@ SPLIT = "heldout"
 DATA_SEED_BASE = 0
 STREAMING_SINKS = 4
 H2O_RECENT_FRACTION = 0.5
+NOISE_FLOOR_POLICY = "full-alt"
+POWER_HALF_WIDTH = 3.0
+METRIC = (
+    "loglik_rel = 100 * exp(loglik - loglik of the full cache on the same prompt) (loglik: mean log-probability "
+    "of the teacher-forced answer tokens); a row's score is the mean over tasks of the task's mean loglik_rel "
+    "(the full cache scores exactly 100)"
+)
 _SUMMARY_FIELDS = (
+    "loglik_rel",
+    "exact_match",
     "loglik_score",
     "loglik",
     "retained_cache",
@@ -165,48 +183,24 @@ def _max_new_tokens(text: str) -> str:
     return str(positive_int(text))
 
 
-def parse_budget_mode(text: str) -> tuple[str, float | int | None]:
-    """Read ``--budget-mode``: ``"replay"`` -> ``("replay", None)``, ``"ratio:0.5"`` -> ``("ratio", 0.5)``,
-    ``"tokens:512"`` -> ``("tokens", 512)``."""
-    text = text.strip()
-    if text == "replay":
-        return "replay", None
-    kind, _, value = text.partition(":")
+def _protocols(text: str) -> str:
+    """``--protocols``: checked with :func:`namm_transfer.protocols.parse_protocols`, kept in its canonical form."""
+    from namm_transfer.protocols import parse_protocols
+
     try:
-        if kind == "ratio":
-            ratio = float(value)
-            if not 0.0 < ratio <= 1.0:
-                raise ValueError
-            return "ratio", ratio
-        if kind == "tokens":
-            tokens = int(value)
-            if tokens < 1:
-                raise ValueError
-            return "tokens", tokens
+        return ",".join(p.spec for p in parse_protocols(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
     except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(
-        f"budget mode {text!r}: use replay (NAMM's cache lengths), ratio:R with 0 < R <= 1, or tokens:N"
-    )
-
-
-def _budget_mode(text: str) -> str:
-    kind, value = parse_budget_mode(text)
-    return kind if value is None else f"{kind}:{value:g}"
-
-
-def _namm_selection(text: str) -> str:
-    """``threshold`` (the spec's rule) or ``ratio:R`` (NAMM keeps its R highest-scoring tokens of those seen)."""
-    if text.strip() == "threshold":
-        return "threshold"
-    message = f"NAMM selection {text!r}: use threshold or ratio:R with 0 < R <= 1"
-    try:
-        kind, value = parse_budget_mode(text)
-    except argparse.ArgumentTypeError:  # its message lists the budget modes, not the selections
-        raise argparse.ArgumentTypeError(message) from None
-    if kind != "ratio":
-        raise argparse.ArgumentTypeError(message)
-    return f"ratio:{value:g}"
+        value = -1.0
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"a percentage in [0, 100], got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -260,19 +254,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "48, kv_retrieval 64: its uuid answers take 33-37 SmolLM2 tokens) (default: task)",
     )
     g.add_argument(
-        "--budget-mode",
-        type=_budget_mode,
-        default="replay",
-        help="baselines' cache budget: replay (NAMM's per-layer, per-update cache lengths for the same "
-        "sample; default), ratio:R (keep R of the tokens seen) or tokens:N",
+        "--protocols",
+        type=_protocols,
+        default=DEFAULT_PROTOCOLS,
+        help="matched-budget protocols, comma-separated: ratio:R (every budgeted policy, NAMM included, keeps its "
+        "top R of the tokens seen, also at the end of the prompt) and threshold (NAMM keeps scores >= 0; "
+        f"baselines replay its kept counts) (default: {DEFAULT_PROTOCOLS}); the full cache runs once per prompt",
     )
     g.add_argument(
-        "--namm-selection",
-        type=_namm_selection,
-        default="threshold",
-        help="how NAMM turns scores into evictions: threshold (namm-spec.md: keep scores >= 0; default) or "
-        "ratio:R (keep the R highest-scoring tokens of those seen, per layer and head: the same network at a "
-        "budget the user fixes; the baselines then replay that budget)",
+        "--no-noise-floor",
+        action="store_true",
+        help="skip the full-alt row (the full cache again with half the prefill chunk: what no difference looks "
+        "like; on by default)",
     )
     g.add_argument(
         "--namm-sinks",
@@ -283,6 +276,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "0 for the paper's rule)",
     )
     g.add_argument("--no-plot", action="store_true", help="do not write the score vs retained-cache PNG")
+    c = parser.add_argument_group("calibration (which (task, length) cells the full cache answers)")
+    c.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure the full cache's exact match per (task, length) cell on the calibration split, walking each "
+        "task's difficulty ladder until it reaches the threshold; writes --calibration (resumable)",
+    )
+    c.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="calibration summary to write (--calibrate) or read (default: results/language-calibration-<model>.json)",
+    )
+    c.add_argument(
+        "--calibration-n",
+        type=positive_int,
+        default=CALIBRATION_N,
+        help=f"calibration prompts per cell and difficulty (default: {CALIBRATION_N})",
+    )
+    c.add_argument(
+        "--calibration-threshold",
+        type=_share,
+        default=CALIBRATION_THRESHOLD,
+        help=f"full-cache exact match (%%) a cell needs (default: {CALIBRATION_THRESHOLD:g})",
+    )
+    keep = c.add_mutually_exclusive_group()
+    keep.add_argument(
+        "--keep-uncalibrated",
+        action="store_true",
+        help="evaluate cells that failed (or lack) the calibration, at the task's default difficulty",
+    )
+    keep.add_argument(
+        "--drop-uncalibrated", action="store_true", help="leave out cells that failed (or lack) the calibration"
+    )
+    c.add_argument(
+        "--power",
+        metavar="RUN.jsonl",
+        help="print, from a finished (pilot) run's records, how many prompts give a +-3 point interval of each "
+        "row's loglik_rel difference from the full cache (namm_transfer.stats.required_units); runs nothing",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,11 +404,14 @@ def run_session(
     update_interval: int,
     chunk_size: int,
     device: Any,
+    final_update: bool = False,
 ) -> SessionResult:
     """Prefill ``prompt_ids``, fork, decode greedily on row 0 and teacher-force ``answer_ids`` on row 1.
 
     Both rows run ``max(max_new_tokens, len(answer_ids)) - 1`` steps, whatever is generated, so two
     policies given the same sample make the same update steps (what a replayed budget needs).
+    ``final_update``: run the policy once more at the end of the prompt (the ratio protocols: the budget holds
+    when the answer starts), see :func:`namm_transfer.session.attach`.
     """
     import torch
 
@@ -395,7 +430,7 @@ def run_session(
         torch.cuda.reset_peak_memory_stats(prompt.device)
     t0 = time.perf_counter()
     with (
-        attach(model, policy, update_interval=update_interval, chunk_size=chunk_size) as mem,
+        attach(model, policy, update_interval=update_interval, chunk_size=chunk_size, final_update=final_update) as mem,
         _cache_meter(mem.engine) as peak,
     ):
         engine = mem.engine
@@ -478,76 +513,149 @@ def _num(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _group_row(policy: str, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    scores = [s for s in (_num(r.get("score")) for r in records) if s is not None]
+def _label(protocol: Any, policy: str) -> str:
+    """A row's name: ``policy`` (no protocol: full, full-alt) or ``policy@protocol`` (``namm@ratio-50``)."""
+    return str(policy) if protocol is None else f"{policy}@{protocol}"
+
+
+def _row_key(record: Mapping[str, Any]) -> tuple[Any, str]:
+    return (record.get("protocol"), record["policy"])
+
+
+def _loglik_rel(loglik: float | None, loglik_full: float | None) -> float | None:
+    if loglik is None or loglik_full is None:
+        return None
+    return 100.0 * math.exp(loglik - loglik_full)
+
+
+def with_loglik_rel(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``records`` whose ``loglik_rel`` and ``score`` are ``100 * exp(loglik - loglik_full)`` with the full
+    cache's loglik on the same sample (None without one). Records written before loglik_rel (``score`` = exact match,
+    no ``protocol``) get ``exact_match`` = their old ``score`` and ``protocol`` None."""
+    full = {r.get("sample_id"): _num(r.get("loglik")) for r in records if r.get("policy") == "full"}
+    out = []
+    for rec in records:
+        r = dict(rec)
+        r.setdefault("protocol", None)
+        if "exact_match" not in r:
+            r["exact_match"] = r.get("score")
+        r["loglik_rel"] = r["score"] = _loglik_rel(_num(r.get("loglik")), full.get(r.get("sample_id")))
+        out.append(r)
+    return out
+
+
+def _group_row(key: tuple[Any, str], records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    scores = [s for s in (_num(r.get("loglik_rel")) for r in records) if s is not None]
     mean = _mean(scores)
-    row: dict[str, Any] = {"policy": policy, "score": mean}
+    row: dict[str, Any] = {"policy": key[1], "protocol": key[0], "score": mean}
     row["score_std"] = (
         math.sqrt(math.fsum((s - mean) ** 2 for s in scores) / len(scores)) if scores and mean is not None else None
     )
-    row["n"] = len(scores)
+    row["n"] = len(records)
     for field in _SUMMARY_FIELDS:
         row[field] = _mean([v for v in (_num(r.get(field)) for r in records) if v is not None])
     return row
 
 
-def _policy_order(records: Sequence[Mapping[str, Any]], preferred: Sequence[str]) -> list[str]:
-    seen = list(dict.fromkeys(r["policy"] for r in records))
-    return [p for p in preferred if p in seen] + [p for p in seen if p not in preferred]
+def _row_order(
+    records: Sequence[Mapping[str, Any]], preferred: Sequence[str], labels: Sequence[str]
+) -> list[tuple[Any, str]]:
+    """Rows without a protocol first (full, full-alt), then each protocol in ``labels`` order; within one, the
+    policies in ``preferred`` order (NAMM before the baselines), unknown ones last in the order seen."""
+    seen = list(dict.fromkeys(_row_key(r) for r in records))
+    policies = ["full", NOISE_FLOOR_POLICY, "namm", *[p for p in preferred if p not in ("full", "namm")]]
+
+    def rank(key: tuple[Any, str]) -> tuple[int, int]:
+        proto, policy = key
+        p = -1 if proto is None else (list(labels).index(proto) if proto in labels else len(labels))
+        return p, policies.index(policy) if policy in policies else len(policies)
+
+    return sorted(seen, key=rank)
+
+
+def _attach_paired(rows: list[dict[str, Any]], records: Sequence[Mapping[str, Any]]) -> None:
+    """Add ``vs_full`` / ``vs_namm`` (loglik_rel) and ``exact_match_vs_full`` / ``exact_match_vs_namm`` to ``rows``:
+    :func:`namm_transfer.stats.compare_policies` with unit = sample_id, stratum = task, rows = (protocol, policy)."""
+    from namm_transfer.stats import compare_policies
+
+    for value, prefix in (("loglik_rel", ""), ("exact_match", "exact_match_")):
+        table = compare_policies(
+            records,
+            unit=lambda r: r["sample_id"],
+            value=value,
+            stratum=lambda r: r.get("task"),
+            group=_row_key,
+        )
+        for row in rows:
+            for name, interval in table.get((row["protocol"], row["policy"]), {}).items():
+                row[prefix + name] = interval
+
+
+def summary_rows(
+    records: Sequence[Mapping[str, Any]], preferred: Sequence[str], labels: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """One row per (protocol, policy). ``score`` (loglik_rel), ``exact_match``, ``loglik_score`` and ``loglik`` are
+    means over tasks of the task means; ``score_std`` is over samples; the other fields are means over samples;
+    ``vs_full`` / ``vs_namm`` / ``exact_match_vs_*`` are paired intervals (:func:`_attach_paired`)."""
+    rows = []
+    for key in _row_order(records, preferred, labels):
+        recs = [r for r in records if _row_key(r) == key]
+        row = _group_row(key, recs)
+        tasks: dict[str, list[Mapping[str, Any]]] = {}
+        for r in recs:
+            tasks.setdefault(str(r.get("task")), []).append(r)
+        for field in ("score", "exact_match", "loglik_rel", "loglik_score", "loglik"):
+            task_means = [
+                _mean([v for v in (_num(r.get(field)) for r in rs) if v is not None]) for rs in tasks.values()
+            ]
+            row[field] = _mean([m for m in task_means if m is not None])
+        row["tasks"] = len(tasks)
+        rows.append(row)
+    _attach_paired(rows, records)
+    return rows
 
 
 def breakdown(
-    records: Sequence[Mapping[str, Any]], field: str, preferred: Sequence[str]
+    records: Sequence[Mapping[str, Any]], field: str, preferred: Sequence[str], labels: Sequence[str] = ()
 ) -> dict[str, list[dict[str, Any]]]:
-    """``{value of field: [one row per policy]}`` with score, score_std, n and the means of the other fields."""
+    """``{value of field: summary_rows of its records}`` (booleans as ``"true"`` / ``"false"``)."""
     parts: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
-        if r.get(field) is not None:
-            parts.setdefault(str(r[field]), []).append(r)
+        v = r.get(field)
+        if v is not None:
+            parts.setdefault(str(v).lower() if isinstance(v, bool) else str(v), []).append(r)
 
     def order(k: str) -> tuple[int, Any]:
         return (0, int(k)) if k.isdigit() else (1, k)
 
-    out = {}
-    for value in sorted(parts, key=order):
-        recs = parts[value]
-        out[value] = [_group_row(p, [r for r in recs if r["policy"] == p]) for p in _policy_order(recs, preferred)]
-    return out
-
-
-def summary_rows(records: Sequence[Mapping[str, Any]], preferred: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per policy. ``score`` and ``loglik_score`` are means over tasks of the task means;
-    ``score_std`` is over samples; the other fields are means over samples."""
-    by_task = breakdown(records, "task", preferred)
-    rows = []
-    for policy in _policy_order(records, preferred):
-        row = _group_row(policy, [r for r in records if r["policy"] == policy])
-        task_rows = [tr for rows_ in by_task.values() for tr in rows_ if tr["policy"] == policy]
-        for field in ("score", "loglik_score", "loglik"):
-            row[field] = _mean([tr[field] for tr in task_rows if tr.get(field) is not None])
-        row["tasks"] = len(task_rows)
-        rows.append(row)
-    return rows
+    return {value: summary_rows(parts[value], preferred, labels) for value in sorted(parts, key=order)}
 
 
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _interval(ci: Mapping[str, Any] | None) -> str:
+    return "-" if not ci else f"{ci['mean']:+.1f} [{ci['lo']:+.1f},{ci['hi']:+.1f}]"
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], by_task: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Rows (``policy@protocol``): loglik_rel score, its paired difference from the full cache, exact match, cache,
+    speed, and the score per task."""
     tasks = list(by_task)
-    head = f"{'policy':<12}{'score':>8}{'loglik%':>9}{'retained':>10}{'KV MB':>9}{'tok/s':>8}{'n':>5}"
-    head += "".join(f"{t[:14]:>16}" for t in tasks)
+    head = f"{'row':<22}{'score':>7}{'vs full [95%]':>22}{'exact':>7}{'retained':>9}{'KV MB':>8}{'tok/s':>7}{'n':>5}"
+    head += "".join(f"{t[:12]:>13}" for t in tasks)
     lines = [head, "-" * len(head)]
     for row in rows:
         line = (
-            f"{row['policy']:<12}{_fmt(row['score'], '8.1f')}{_fmt(row.get('loglik_score'), '9.1f')}"
-            f"{_fmt(row.get('retained_cache'), '10.3f')}{_fmt(row.get('peak_cache_mb'), '9.2f')}"
-            f"{_fmt(row.get('throughput'), '8.1f')}{row['n']:>5}"
+            f"{_label(row.get('protocol'), row['policy']):<22}{_fmt(row['score'], '7.1f')}"
+            f"{_interval(row.get('vs_full')):>22}{_fmt(row.get('exact_match'), '7.1f')}"
+            f"{_fmt(row.get('retained_cache'), '9.3f')}{_fmt(row.get('peak_cache_mb'), '8.2f')}"
+            f"{_fmt(row.get('throughput'), '7.1f')}{row['n']:>5}"
         )
         for t in tasks:
-            tr = next((x for x in by_task[t] if x["policy"] == row["policy"]), None)
-            line += f"{_fmt(tr and tr['score'], '16.1f')}"
+            tr = next((x for x in by_task[t] if _row_key(x) == _row_key(row)), None)
+            line += f"{_fmt(tr and tr['score'], '13.1f')}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -555,7 +663,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], by_task: Mapping[str, Sequen
 def write_plot(
     path: Path, rows: Sequence[Mapping[str, Any]], by_task: Mapping[str, Sequence[Mapping[str, Any]]], title: str
 ) -> Path | None:
-    """Score (%) against retained cache, one marker per policy (large: over tasks; small: per task)."""
+    """Score (loglik_rel, full cache = 100) against retained cache, one marker per row (large: over tasks; small:
+    per task)."""
     try:
         import matplotlib
 
@@ -574,17 +683,19 @@ def write_plot(
             (tr["retained_cache"], tr["score"])
             for trs in by_task.values()
             for tr in trs
-            if tr["policy"] == row["policy"] and tr.get("retained_cache") is not None and tr.get("score") is not None
+            if _row_key(tr) == _row_key(row) and tr.get("retained_cache") is not None and tr.get("score") is not None
         ]
         if pts:
             ax.scatter([x for x, _ in pts], [y for _, y in pts], s=14, alpha=0.35, color=color)
-        ax.scatter([row["retained_cache"]], [row["score"]], s=70, color=color, label=row["policy"], edgecolor="black")
+        label = _label(row.get("protocol"), row["policy"])
+        ax.scatter([row["retained_cache"]], [row["score"]], s=70, color=color, label=label, edgecolor="black")
     ax.set_xlabel("retained cache (fraction of a full cache, managed layers)")
-    ax.set_ylabel("score (%)")
+    ax.set_ylabel("loglik_rel (full cache = 100)")
     ax.set_title(title, fontsize=9)
     ax.set_xlim(0.0, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -617,19 +728,50 @@ def _interleave(per_task: Sequence[Sequence[Any]]) -> list[Any]:
     return out
 
 
+def _unit_plan(
+    sample_id: str, policies: Sequence[str], protocols: Sequence[Any], noise_floor: bool
+) -> list[tuple[str, str, Any]]:
+    """``(key, policy, protocol or None)`` of every session of one prompt, in run order: the full cache (and its
+    noise-floor rerun) once, then per protocol the NAMM before the baselines (the threshold protocol's baselines
+    replay its kept counts). Keys: ``full/<id>``, ``full-alt/<id>``, ``<policy>@<protocol label>/<id>``."""
+    units: list[tuple[str, str, Any]] = []
+    if "full" in policies:
+        units.append((f"full/{sample_id}", "full", None))
+        if noise_floor:
+            units.append((f"{NOISE_FLOOR_POLICY}/{sample_id}", NOISE_FLOOR_POLICY, None))
+    for proto in protocols:
+        names = (["namm"] if "namm" in policies else []) + [p for p in policies if p not in ("namm", "full")]
+        units.extend((f"{name}@{proto.label}/{sample_id}", name, proto) for name in names)
+    return units
+
+
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "power", None):
+        return power_main(args.power)
     import torch
 
     from namm_transfer.checkpoint import load_namm, namm_record
     from namm_transfer.evolution.cli import encode_sample
     from namm_transfer.models import load_model
-    from namm_transfer.policies.base import ReplayBudget
+    from namm_transfer.policies.base import RatioBudget, ReplayBudget
     from namm_transfer.policies.namm_policy import NAMMPolicy
+    from namm_transfer.protocols import parse_protocols
     from namm_transfer.registry import create_policy, find_adapter, list_policies
     from namm_transfer.results import ResultsWriter, select_shard
 
-    from .scoring import score_sample
-    from .tasks import make_split
+    from . import scoring
+    from .calibration import CalibrationError, calibration_path, cell_key, load_calibration, plan_cells
+    from .tasks import EVAL_ONLY_TASKS, make_split
+
+    model_name = args.model or DEFAULT_MODEL
+    cal_path = Path(args.calibration) if args.calibration else calibration_path(model_name)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or "float32"
+    torch.manual_seed(args.seed)
+    if args.calibrate:
+        model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+        find_adapter(model)
+        return calibrate_main(args, model, tokenizer, model_name, cal_path, device, dtype)
 
     policies: list[str] = list(args.policies)
     known = list_policies()
@@ -637,14 +779,33 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown policy {', '.join(unknown)}; registered: {', '.join(known)}", file=sys.stderr)
         return 2
-    mode, budget_value = parse_budget_mode(args.budget_mode)
+    protocols = parse_protocols(args.protocols)
     budgeted = [p for p in policies if p not in ("namm", "full")]
-    need_namm = "namm" in policies or (mode == "replay" and bool(budgeted))
+    need_namm = "namm" in policies or (any(p.kind == "threshold" for p in protocols) and bool(budgeted))
+    noise_floor = "full" in policies and not args.no_noise_floor
+    alt_chunk = max(1, args.chunk_size // 2)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or "float32"
-    torch.manual_seed(args.seed)
-    model_name = args.model or DEFAULT_MODEL
+    # which (task, length) cells, at which difficulty: refused before anything is loaded or written
+    try:
+        if cal_path.is_file() or not args.keep_uncalibrated:
+            cells, threshold = load_calibration(cal_path, model_name)  # (a missing file: says how to write it)
+        else:
+            cells, threshold = None, None
+        plan, kept, dropped = plan_cells(
+            args.tasks,
+            args.lengths,
+            cells,
+            keep_uncalibrated=args.keep_uncalibrated,
+            drop_uncalibrated=args.drop_uncalibrated,
+            threshold=threshold if threshold is not None else args.calibration_threshold,
+            source=str(cal_path) if cells is not None else f"{cal_path} (no such file)",
+        )
+    except CalibrationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if dropped:
+        logger.warning("left out uncalibrated (task, length) cells: %s", ", ".join(dropped))
+
     try:
         namm_net = load_namm(args.namm or "default", device=device) if need_namm else None
     except FileNotFoundError as err:  # no default NAMM shipped yet, or a wrong path
@@ -661,10 +822,21 @@ def main(args: argparse.Namespace) -> int:
     find_adapter(model)  # an unsupported model is refused before anything is written
     chat = bool(getattr(tokenizer, "chat_template", None))
 
-    per_task = [
-        make_split(task, SPLIT, n=args.n, lengths=args.lengths, tokenizer=tokenizer, seed_base=DATA_SEED_BASE)
-        for task in args.tasks
-    ]
+    per_task = []
+    for task in args.tasks:
+        lengths = [n for n in args.lengths if n in plan.get(task, {})]
+        if lengths:
+            per_task.append(
+                make_split(
+                    task,
+                    SPLIT,
+                    n=args.n,
+                    lengths=lengths,
+                    tokenizer=tokenizer,
+                    seed_base=DATA_SEED_BASE,
+                    options_by_length=plan[task],
+                )
+            )
     samples = _interleave(per_task)
     if args.limit is not None:
         samples = samples[: args.limit]
@@ -678,8 +850,30 @@ def main(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "update_interval": args.update_interval,
         "chunk_size": args.chunk_size,
-        "budget_mode": args.budget_mode,
-        "namm_selection": args.namm_selection,
+        "protocols": [p.spec for p in protocols],
+        "protocol_labels": [p.label for p in protocols],
+        "final_update": {p.label: p.kind == "ratio" for p in protocols},
+        "metric": METRIC,
+        "noise_floor": (
+            {
+                "policy": NOISE_FLOOR_POLICY,
+                "setting": "chunk_size",
+                "value": alt_chunk,
+                "instead_of": args.chunk_size,
+                "why": "the full cache again with another prefill chunk length, which changes only the order of "
+                "floating-point sums: its vs_full is what no difference looks like",
+            }
+            if noise_floor
+            else None
+        ),
+        "calibration": {
+            "file": cal_path.name if cells is not None else None,
+            "threshold": threshold,
+            "cells": {cell_key(t, n): o for t, lens in plan.items() for n, o in sorted(lens.items())},
+            "kept_uncalibrated": kept,
+            "dropped_uncalibrated": dropped,
+        },
+        "eval_only_tasks": sorted(t for t in args.tasks if t in EVAL_ONLY_TASKS),
         "namm_sink_tokens": namm_net.config.sink_tokens if namm_net is not None else None,
         "max_new_tokens": args.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens),
         "dtype": dtype,
@@ -702,33 +896,31 @@ def main(args: argparse.Namespace) -> int:
     writer.refuse_samples_outside(s.id for s in samples)
     mine = select_shard(samples, writer.rank, writer.world_size)
     done = writer.done_keys()
-    order = (["namm"] if "namm" in policies else []) + [p for p in policies if p != "namm"]
+    order = (["full"] if "full" in policies else []) + (["namm"] if "namm" in policies else []) + budgeted
     eos = _eos_ids(tokenizer, model)
     logger.info(
-        "language eval: %d samples (%d in this shard), policies %s, budget %s, %s on %s",
+        "language eval: %d samples (%d in this shard), policies %s, protocols %s, %s on %s",
         len(samples),
         len(mine),
         ",".join(order),
-        args.budget_mode,
+        args.protocols,
         model_name,
         device,
     )
     records_by_key = {r["key"]: r for r in writer.records()}
 
-    def make_policy(name: str, replay: dict[int, dict[int, Any]] | None, sample_id: str) -> Any:
+    def make_policy(name: str, proto: Any, replay: dict[int, dict[int, Any]] | None, sample_id: str) -> Any:
+        if name in ("full", NOISE_FLOOR_POLICY):
+            return create_policy("full")
         if name == "namm":
             if namm_net is None:  # cannot happen: need_namm is true whenever namm is a policy
                 raise RuntimeError("policy namm requested but no NAMM was loaded")
-            if args.namm_selection == "threshold":
-                return NAMMPolicy(namm_net)
-            return NAMMPolicy(namm_net, budget=parse_budget_mode(args.namm_selection)[1])
-        if name == "full":
-            return create_policy("full")
-        if mode == "replay":
+            return NAMMPolicy(namm_net) if proto.kind == "threshold" else NAMMPolicy(namm_net, RatioBudget(proto.ratio))
+        if proto.kind == "threshold":
             assert replay is not None
-            budget: Any = ReplayBudget(replay, source=f"namm/{sample_id}")
+            budget: Any = ReplayBudget(replay, source=f"namm@threshold/{sample_id}")
         else:
-            budget = budget_value
+            budget = RatioBudget(proto.ratio)
         kwargs: dict[str, Any] = {"budget": budget}
         if name == "random":
             kwargs["seed"] = args.seed
@@ -740,79 +932,105 @@ def main(args: argparse.Namespace) -> int:
 
     n_done = 0
     for si, sample in enumerate(mine):
-        todo = [p for p in order if f"{p}/{sample.id}" not in done]
+        todo = [u for u in _unit_plan(sample.id, policies, protocols, noise_floor) if u[0] not in done]
         if not todo:
             continue
         ids, (a0, a1) = encode_sample(tokenizer, sample)
         max_new = sample.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens)
         prompt_ids, answer_ids = ids[:a0], ids[a0:a1]
+        cell = cell_key(sample.task, sample.target_length)
+        extra = {
+            "difficulty": plan[sample.task][sample.target_length],
+            "calibrated": cell not in kept,
+            "family_seen_in_training": sample.task not in EVAL_ONLY_TASKS,
+        }
         replay: dict[int, dict[int, Any]] | None = None
-        replay_needed = mode == "replay" and any(p not in ("namm", "full") for p in todo)
-        namm_rec = records_by_key.get(f"namm/{sample.id}")
-        if replay_needed and namm_rec is not None and "kept_counts" in namm_rec:
+        namm_threshold_key = f"namm@threshold/{sample.id}"
+        namm_rec = records_by_key.get(namm_threshold_key)
+        if namm_rec is not None and "kept_counts" in namm_rec:
             replay = replay_record(namm_rec["kept_counts"], namm_rec["fork_update"])
-        run_list = list(todo)
-        if replay_needed and replay is None and "namm" not in run_list:
-            run_list.insert(0, "namm")  # needed for its cache lengths only (not a requested policy)
-        for policy_name in run_list:
-            key = f"{policy_name}/{sample.id}"
+        run_list: list[tuple[str, str, Any, bool]] = []
+        for key, name, proto in todo:
+            if proto is not None and proto.kind == "threshold" and name != "namm" and replay is None:
+                if not any(k == namm_threshold_key for k, *_ in run_list):
+                    run_list.append((namm_threshold_key, "namm", proto, False))  # for its cache lengths only
+            run_list.append((key, name, proto, True))
+        for key, name, proto, wanted in run_list:
             res = run_session(
                 model,
-                make_policy(policy_name, replay, sample.id),
+                make_policy(name, proto, replay, sample.id),
                 prompt_ids,
                 answer_ids,
                 max_new,
                 update_interval=args.update_interval,
-                chunk_size=args.chunk_size,
+                chunk_size=alt_chunk if name == NOISE_FLOOR_POLICY else args.chunk_size,
                 device=device,
+                final_update=proto is not None and proto.kind == "ratio",
             )
-            if policy_name == "namm":
+            if name == "namm" and proto.kind == "threshold":
                 replay = replay_record(res.kept_counts, res.fork_update)
-                if policy_name not in todo:
-                    continue
+            if not wanted:
+                continue
+            full_rec = records_by_key.get(f"full/{sample.id}")
             record = _record(
                 key,
-                policy_name,
+                name,
                 sample,
                 res,
                 tokenizer,
                 eos,
-                score_sample,
+                scoring.score_sample,
                 prompt_ids,
                 answer_ids,
                 max_new,
                 device,
-                make_budget_label(policy_name, mode, budget_value),
+                make_budget_label(name, proto),
+                protocol=proto.label if proto is not None else None,
+                loglik_full=full_rec.get("loglik") if full_rec is not None else None,
+                extra=extra,
             )
+            if name == "namm" and proto.kind == "threshold":
+                record["kept_counts"] = {
+                    str(s): {str(layer): c for layer, c in d.items()} for s, d in res.kept_counts.items()
+                }
+                record["fork_update"] = res.fork_update
             writer.add(record)
             records_by_key[key] = record
             n_done += 1
             logger.info(
-                "[%d/%d] %-10s %-34s score %5.1f loglik%% %5.1f retained %.3f (%.1fs)",
+                "[%d/%d] %-22s %-34s loglik_rel %6.1f exact %5.1f retained %.3f (%.1fs)",
                 si + 1,
                 len(mine),
-                policy_name,
+                key.split("/", 1)[0],
                 sample.id,
-                record["score"],
-                record["loglik_score"],
+                record["loglik_rel"] if record["loglik_rel"] is not None else float("nan"),
+                record["exact_match"],
                 record["retained_cache"],
                 record["wall_s"],
             )
     if writer.resumed and not n_done:
         logger.info("every unit was already in %s", writer.jsonl_path)
 
-    records = writer.records()
-    by_task = breakdown(records, "task", order)
-    rows = summary_rows(records, order)
+    records = with_loglik_rel(writer.records())
+    labels = [p.label for p in protocols]
+    rows = summary_rows(records, order, labels)
+    by_task = breakdown(records, "task", order, labels)
     managed = next((r.get("managed_layers") for r in records if r.get("managed_layers") is not None), None)
     n_layers = next((r.get("n_layers") for r in records if r.get("n_layers") is not None), None)
-    extra: dict[str, Any] = {
+    extra_summary: dict[str, Any] = {
         "breakdown_by": "task",
-        "by_length": breakdown(records, "length", order),
+        "by_length": breakdown(records, "length", order, labels),
+        "by_family_seen_in_training": breakdown(records, "family_seen_in_training", order, labels),
         "managed_layers": managed,
         "n_layers": n_layers,
         "retained_cache_over": "managed (full-attention) layers only; forward calls of prefill and decoding",
-        "score": "mean over tasks of the task score (% of samples answered, contains / contains_all)",
+        "metric": METRIC,
+        "score": METRIC,
+        "exact_match": "mean over tasks of the task's exact match (% of samples answered, contains / contains_all)",
+        "paired": "vs_full / vs_namm (loglik_rel) and exact_match_vs_full / exact_match_vs_namm: "
+        "namm_transfer.stats.compare_policies, unit = sample_id, stratum = task, rows = (protocol, policy)",
+        "noise_floor": settings["noise_floor"],
+        "power": power_rule(records),
         "peak_memory_mb": "torch.cuda.max_memory_allocated on GPU; the KV-cache peak (peak_cache_mb) on CPU",
         "samples": len(samples),
         "limit": args.limit,
@@ -820,26 +1038,26 @@ def main(args: argparse.Namespace) -> int:
     png = writer.summary_path.with_suffix(".png")
     if not args.no_plot and records:
         ckpt = writer.namm_checkpoint or {}
-        title = f"{model_name}, NAMM {ckpt.get('name') or '-'}, budget {args.budget_mode}"
-        if args.namm_selection != "threshold":
-            title += f", NAMM top {args.namm_selection.split(':')[1]}"
+        title = f"{model_name}, NAMM {ckpt.get('name') or '-'}, protocols {args.protocols}"
         if namm_net is not None and namm_net.config.sink_tokens:
             title += f", {namm_net.config.sink_tokens} sinks kept"
         if write_plot(png, rows, by_task, title) is not None:
-            extra["plot"] = png.name
-    path = writer.finalize(rows, by_task, extra=extra)
+            extra_summary["plot"] = png.name
+    path = writer.finalize(rows, by_task, extra=extra_summary)
     print(format_table(rows, by_task))
-    print(f"managed layers: {managed} of {n_layers}; budget: {args.budget_mode}")
+    print(f"managed layers: {managed} of {n_layers}; protocols: {args.protocols}")
     print(f"results: {path} ({len(records)} records in {writer.jsonl_path})")
     return 0
 
 
-def make_budget_label(policy: str, mode: str, value: Any) -> str | None:
-    if policy == "full":
+def make_budget_label(policy: str, proto: Any) -> str | None:
+    """What a record's policy was held to: None (full cache), ``threshold`` (NAMM under the threshold protocol),
+    ``replay:namm`` (its baselines) or ``ratio:R``."""
+    if proto is None:
         return None
-    if policy == "namm":
-        return "threshold"
-    return "replay:namm" if mode == "replay" else f"{mode}:{value:g}"
+    if proto.kind == "ratio":
+        return f"ratio:{proto.ratio:g}"
+    return "threshold" if policy == "namm" else "replay:namm"
 
 
 def _record(
@@ -855,18 +1073,26 @@ def _record(
     max_new_tokens: int,
     device: str,
     budget: str | None,
+    *,
+    protocol: str | None = None,
+    loglik_full: float | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One JSONL record. ``score`` is ``loglik_rel`` (None until the sample's full-cache loglik is known; the full
+    cache itself scores exactly 100); ``exact_match`` is the generation scored by ``score_sample`` (percent)."""
     gen = list(res.generated)
     cut = next((i for i, t in enumerate(gen) if t in eos), None)
     kept = gen if cut is None else gen[:cut]
     text = tokenizer.decode(kept, skip_special_tokens=True)
-    score = 100.0 * float(score_sample(sample, text))
+    em = 100.0 * float(score_sample(sample, text))
     loglik = _mean(res.answer_logprobs)
+    rel = 100.0 if policy == "full" else _loglik_rel(loglik, loglik_full)
     wall = res.prefill_s + res.decode_s
     cache_mb = res.peak_cache_bytes / 2**20
     record: dict[str, Any] = {
         "key": key,
         "policy": policy,
+        "protocol": protocol,
         "task": sample.task,
         "sample_id": sample.id,
         "length": sample.target_length,
@@ -874,7 +1100,9 @@ def _record(
         "prompt_tokens": len(prompt_ids),
         "answer_tokens": len(answer_ids),
         "answer": sample.answer,
-        "score": score,
+        "score": rel,
+        "loglik_rel": rel,
+        "exact_match": em,
         "loglik": loglik,
         "loglik_score": 100.0 * math.exp(loglik) if loglik is not None else None,
         "generation": text,
@@ -896,8 +1124,179 @@ def _record(
         "n_layers": res.n_layers,
         "updates": res.n_updates,
         "kept_counts_hash": kept_counts_hash(res.kept_counts),
+        **dict(extra or {}),
     }
-    if policy == "namm":
-        record["kept_counts"] = {str(s): {str(layer): c for layer, c in d.items()} for s, d in res.kept_counts.items()}
-        record["fork_update"] = res.fork_update
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration
+
+
+def calibrate_main(
+    args: argparse.Namespace, model: Any, tokenizer: Any, model_name: str, path: Path, device: str, dtype: str
+) -> int:
+    """``--calibrate``: walk every (task, length) cell down its difficulty ladder (see :mod:`.calibration`)."""
+    from namm_transfer.evolution.cli import encode_sample
+    from namm_transfer.results import ResultsWriter
+
+    from . import scoring
+    from .calibration import CALIBRATION_SPLIT, cell_key, summarize_cells, walk_cell
+    from .tasks import DIFFICULTY, make_split
+
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    threshold = float(args.calibration_threshold)
+    settings = {
+        "split": CALIBRATION_SPLIT,
+        "n": args.calibration_n,
+        "threshold": threshold,
+        "data_seed_base": DATA_SEED_BASE,
+        "update_interval": args.update_interval,
+        "chunk_size": args.chunk_size,
+        "max_new_tokens": args.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens),
+        "dtype": dtype,
+        "prompt": "chat template + answer cue" if chat else "raw prompt ending in the answer cue",
+        "ladders": {t: list(DIFFICULTY[t]) for t in args.tasks},
+    }
+    writer = ResultsWriter(
+        path, args.command, target="language-calibration", settings=settings, model=model_name,
+        namm_checkpoint=None, rank=0, world_size=1,
+    )  # fmt: skip
+    done = {r["key"]: r for r in writer.records()}
+    eos = _eos_ids(tokenizer, model)
+    previous: dict[str, Any] = {}
+    if writer.summary_path.is_file():  # cells of earlier calls (other tasks / lengths) stay in the summary
+        try:
+            previous = dict(json.loads(writer.summary_path.read_text()).get("cells") or {})
+        except ValueError:
+            previous = {}
+    cells: dict[str, Any] = dict(previous)
+    todo = [(t, n) for n in sorted(args.lengths) for t in args.tasks]
+    if args.limit is not None:
+        todo = todo[: args.limit]
+    pools: dict[tuple[str, int, int], list[Any]] = {}
+
+    def measure(task: str, length: int, level: int, options: Mapping[str, Any], i: int) -> float:
+        if (task, length, level) not in pools:
+            pools[task, length, level] = make_split(
+                task, CALIBRATION_SPLIT, n=args.calibration_n, lengths=[length], tokenizer=tokenizer,
+                seed_base=DATA_SEED_BASE, **options,
+            )  # fmt: skip
+        sample = pools[task, length, level][i]
+        key = f"full/{sample.id}/level{level}"
+        if key in done:
+            return float(done[key]["exact_match"])
+        ids, (a0, a1) = encode_sample(tokenizer, sample)
+        max_new = sample.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens)
+        res = run_session(
+            model, "full", ids[:a0], ids[a0:a1], max_new, update_interval=args.update_interval,
+            chunk_size=args.chunk_size, device=device,
+        )  # fmt: skip
+        record = _record(
+            key, "full", sample, res, tokenizer, eos, scoring.score_sample, ids[:a0], ids[a0:a1], max_new, device,
+            None, extra={"level": level, "difficulty": dict(options)},
+        )  # fmt: skip
+        record.pop("kept_counts_hash", None)
+        writer.add(record)
+        done[key] = record
+        logger.info(
+            "calibration %-20s %5d level %d #%d: exact %5.1f (%.1fs)", task, length, level, i, record["exact_match"],
+            record["wall_s"],
+        )  # fmt: skip
+        return float(record["exact_match"])
+
+    def write() -> Path:
+        ordered = dict(sorted(cells.items(), key=lambda kv: (int(kv[1]["length"]), kv[1]["task"])))
+        rows = summarize_cells(list(ordered.values()))
+        return writer.finalize(
+            rows,
+            {},
+            extra={
+                "cells": ordered,
+                "threshold": threshold,
+                "metric": "full-cache exact match (contains / contains_all of the greedy answer), %",
+                "tuned": {k: c["options"] for k, c in ordered.items() if c["passed"] and c["level"]},
+                "failed": [k for k, c in ordered.items() if not c["passed"]],
+            },
+        )
+
+    out = path
+    for task, length in todo:
+        cell = walk_cell(
+            task,
+            length,
+            DIFFICULTY[task],
+            functools.partial(measure, task, length),
+            args.calibration_n,
+            threshold,
+        )
+        cells[cell_key(task, length)] = cell
+        out = write()  # after every cell: a long run shows its progress
+        tried = ", ".join(f"{t['exact_match']:.0f}%" for t in cell["tried"])
+        print(f"{cell_key(task, length):<28} {'passed' if cell['passed'] else 'FAILED':<7} exact match {tried}")
+    if not todo:
+        out = write()
+    print(f"calibration: {out} ({len(writer.records())} prompts in {writer.jsonl_path})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# power
+
+
+def power_rule(records: Sequence[Mapping[str, Any]], half_width: float = POWER_HALF_WIDTH) -> dict[str, dict[str, Any]]:
+    """Prompts needed for a ``+-half_width``-point 95% interval of each row's loglik_rel difference from the full cache.
+
+    The paired statistic is the mean over tasks of the within-task mean difference; with N prompts spread
+    evenly over T tasks its variance is ``mean_t(var_t) / N`` (``var_t``: the within-task variance of the
+    per-prompt differences, ddof 1). So ``sd = sqrt(mean_t var_t)`` and N = ``required_units(sd, half_width)``
+    (``ceil((1.96 sd / half_width)^2)``, :func:`namm_transfer.stats.required_units`).
+
+    Returns:
+        ``{row label: {"sd", "n" (pilot prompts), "required_prompts"}}`` for rows with at least two prompts in
+        some task.
+    """
+    from namm_transfer.stats import required_units
+
+    full = {r["sample_id"]: r.get("loglik_rel") for r in records if r.get("policy") == "full"}
+    diffs: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        if r.get("policy") == "full":
+            continue
+        a, b = _num(r.get("loglik_rel")), _num(full.get(r["sample_id"]))
+        if a is None or b is None:
+            continue
+        diffs.setdefault(_label(r.get("protocol"), r["policy"]), {}).setdefault(str(r["task"]), []).append(a - b)
+    out: dict[str, dict[str, Any]] = {}
+    for label, by_task in diffs.items():
+        variances = []
+        for values in by_task.values():
+            if len(values) >= 2:
+                m = math.fsum(values) / len(values)
+                variances.append(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
+        if not variances:
+            continue
+        sd = math.sqrt(math.fsum(variances) / len(variances))
+        n = sum(len(v) for v in by_task.values())
+        out[label] = {"sd": sd, "n": n, "half_width": half_width, "required_prompts": required_units(sd, half_width)}
+    return out
+
+
+def power_main(path: str) -> int:
+    """``--power RUN.jsonl``: print :func:`power_rule` of a finished run (older runs: loglik_rel from loglik)."""
+    from namm_transfer.results import read_results
+
+    try:
+        _, records, _ = read_results(path)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read {path}: {err}", file=sys.stderr)
+        return 2
+    table = power_rule(with_loglik_rel(records))
+    if not table:
+        print(f"error: {path} has no row with two prompts of one task beside the full cache", file=sys.stderr)
+        return 2
+    print(f"prompts for a +-{POWER_HALF_WIDTH:g} point 95% interval of loglik_rel - full ({path})")
+    print(f"{'row':<24}{'sd':>8}{'pilot n':>9}{'needed':>8}")
+    for label, v in table.items():
+        print(f"{label:<24}{v['sd']:8.2f}{v['n']:9d}{v['required_prompts']:8d}")
+    return 0
