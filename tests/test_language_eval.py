@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -517,3 +518,122 @@ def test_power_rule_worked_example(tmp_path, capsys):
     (label, v), = power_rule(recs, half_width=1.0).items()  # fmt: skip
     assert label == "x@p" and v["sd"] == pytest.approx(5**0.5) and v["n"] == 4 and v["required_prompts"] == 20
     assert power_rule(recs)["x@p"]["required_prompts"] == 3
+
+
+def test_walk_cell_walks_the_ladder_and_stops_early():
+    """n = 10, threshold 70: after 4 misses the rest cannot lift the mean to 70 (60 at best), so the setting is
+    abandoned; 3 misses (70%) still pass. The first setting that passes is kept."""
+    from namm_transfer.evals.language.calibration import walk_cell
+
+    calls: list[tuple[int, int]] = []
+
+    def measure(level, options, i):
+        calls.append((level, i))
+        return 0.0 if level == 0 or (level == 1 and i < 4) or (level == 2 and i < 3) else 100.0
+
+    ladder = [{}, {"hops": 2}, {"hops": 1}, {"hops": 0}]
+    cell = walk_cell("t", 96, ladder, measure, 10, 70.0)
+    assert cell["passed"] and cell["level"] == 2 and cell["options"] == {"hops": 1} and cell["exact_match"] == 70.0
+    assert [(t["level"], t["n"], t["stopped_early"], t["exact_match"]) for t in cell["tried"]] == [
+        (0, 4, True, 0.0),
+        (1, 4, True, 0.0),
+        (2, 10, False, 70.0),
+    ]
+    assert calls == [(0, i) for i in range(4)] + [(1, i) for i in range(4)] + [(2, i) for i in range(10)]
+    failed = walk_cell("t", 96, [{}], lambda *a: 50.0, 2, 70.0)  # (50 + 100) / 2 = 75: both prompts are run
+    assert not failed["passed"] and failed["level"] is None and failed["tried"][0]["n"] == 2
+
+
+def test_calibration_refuses_cells_below_the_threshold_unless_asked(assets, tmp_path, capsys, monkeypatch):
+    """--calibrate on the tiny model (which answers nothing: every cell fails at every difficulty) writes the
+    calibration file; the eval then refuses those cells unless --keep-uncalibrated (or --drop-uncalibrated). With a
+    scorer that makes cells pass, the eval runs them at the difficulty they passed at."""
+    from namm_transfer.evals.language import scoring
+
+    cal = tmp_path / "cal.json"
+    tasks = ("--tasks", "passkey,prose_fact")
+    calibrate = ("--calibrate", "--calibration", str(cal), "--calibration-n", "2", *tasks)
+    assert _eval(assets, "llama", tmp_path / "unused.json", *calibrate, common=SETTINGS) == 0
+    assert not (tmp_path / "unused.jsonl").exists()
+    data = json.loads(cal.read_text())
+    assert data["target"] == "language-calibration" and data["threshold"] == 70.0
+    assert data["model"] == str(assets["llama"]) and data["settings"]["split"] == "calibration"
+    assert sorted(data["cells"]) == ["passkey/96", "prose_fact/96"] and data["failed"] == sorted(data["cells"])
+    prose = data["cells"]["prose_fact/96"]  # 0% on the first prompt: (0 + 100) / 2 < 70, next setting
+    assert [(t["level"], t["options"], t["n"], t["stopped_early"]) for t in prose["tried"]] == [
+        (0, {}, 1, True),
+        (1, {"n_distractors": 1}, 1, True),
+        (2, {"n_distractors": 0}, 1, True),
+    ]
+    _, cal_records = _jsonl(cal)
+    assert [r["key"] for r in cal_records] == [
+        "full/passkey-calibration-96-0000/level0",
+        *(f"full/prose_fact-calibration-96-0000/level{i}" for i in range(3)),
+    ]
+    assert all(r["exact_match"] == 0.0 for r in cal_records)
+    capsys.readouterr()
+
+    out = tmp_path / "lang.json"
+    base = ("--calibration", str(cal), *tasks, "--policies", "full,namm", "--protocols", "threshold", "--no-plot")
+    assert _eval(assets, "llama", out, *base, common=SETTINGS) == 2
+    err = capsys.readouterr().err
+    assert "2 (task, length) cell(s) failed or lack the full-cache calibration" in err
+    assert "prose_fact/96 (full-cache exact match 0%, 0%, 0% < 70%)" in err and "--keep-uncalibrated" in err
+    assert not out.with_suffix(".jsonl").exists()
+    assert _eval(assets, "llama", out, *base, "--keep-uncalibrated", common=SETTINGS) == 0
+    header, records = _jsonl(out)
+    assert header["settings"]["calibration"]["kept_uncalibrated"] == ["passkey/96", "prose_fact/96"]
+    assert len(records) == 2 * 3 and not any(r["calibrated"] for r in records)
+
+    # the calibration file of another model is refused
+    assert _eval(assets, "gemma3", tmp_path / "g.json", *base, common=SETTINGS) == 2
+    assert "calibrates model" in capsys.readouterr().err
+
+    # a scorer under which passkey passes and prose_fact passes with one distractor only
+    def score(sample, text):
+        return float(sample.task == "passkey" or len(sample.metadata.get("distractors", [])) == 1)
+
+    monkeypatch.setattr(scoring, "score_sample", score)
+    cal2 = tmp_path / "cal2.json"
+    calibrate2 = ("--calibrate", "--calibration", str(cal2), "--calibration-n", "2", *tasks)
+    assert _eval(assets, "llama", tmp_path / "unused.json", *calibrate2, common=SETTINGS) == 0
+    data = json.loads(cal2.read_text())
+    assert data["failed"] == [] and data["tuned"] == {"prose_fact/96": {"n_distractors": 1}}
+    assert data["cells"]["passkey/96"]["exact_match"] == 100.0 and data["cells"]["passkey/96"]["level"] == 0
+    assert [(t["level"], t["n"]) for t in data["cells"]["prose_fact/96"]["tried"]] == [(0, 1), (1, 2)]
+    out2 = tmp_path / "lang2.json"
+    base2 = ("--calibration", str(cal2), *tasks, "--policies", "full", "--no-noise-floor", "--no-plot")
+    assert _eval(assets, "llama", out2, *base2, common=SETTINGS) == 0
+    header, records = _jsonl(out2)
+    assert header["settings"]["calibration"]["cells"] == {"passkey/96": {}, "prose_fact/96": {"n_distractors": 1}}
+    prose_rec = next(r for r in records if r["task"] == "prose_fact")
+    assert prose_rec["difficulty"] == {"n_distractors": 1} and prose_rec["calibrated"] is True
+
+    # --drop-uncalibrated leaves out the failed cells (here: every prose_fact cell of the first calibration)
+    monkeypatch.setattr(scoring, "score_sample", lambda sample, text: float(sample.task == "passkey"))
+    cal3 = tmp_path / "cal3.json"
+    assert _eval(assets, "llama", tmp_path / "u.json", "--calibrate", "--calibration", str(cal3),
+                 "--calibration-n", "2", *tasks, common=SETTINGS) == 0  # fmt: skip
+    out3 = tmp_path / "lang3.json"
+    base3 = ("--calibration", str(cal3), *tasks, "--policies", "full", "--no-noise-floor", "--no-plot")
+    assert _eval(assets, "llama", out3, *base3, common=SETTINGS) == 2
+    assert _eval(assets, "llama", out3, *base3, "--drop-uncalibrated", common=SETTINGS) == 0
+    header, records = _jsonl(out3)
+    assert header["settings"]["calibration"]["dropped_uncalibrated"] == ["prose_fact/96"]
+    assert {r["task"] for r in records} == {"passkey"}
+
+
+def test_power_command_reads_a_finished_run(tmp_path, capsys):
+    from namm_transfer.results import ResultsWriter
+
+    w = ResultsWriter(tmp_path / "pilot.json", "pilot", target="language", settings={}, model="m",
+                      namm_checkpoint=None, rank=0, world_size=1)  # fmt: skip
+    for task, diffs in (("a", [1.0, 3.0]), ("b", [0.0, 4.0])):
+        for i, d in enumerate(diffs):  # a run written before loglik_rel: loglik only
+            w.add({"key": f"full/{task}{i}", "policy": "full", "task": task, "sample_id": f"{task}{i}", "loglik": -1.0})
+            w.add({"key": f"x/{task}{i}", "policy": "x", "task": task, "sample_id": f"{task}{i}",
+                   "loglik": -1.0 + math.log1p(d / 100)})  # fmt: skip
+    argv = ["eval", "--target", "language", "--power", str(tmp_path / "pilot.jsonl")]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "+-3 point" in printed and "x " in printed and printed.rstrip().endswith("3")

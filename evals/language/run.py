@@ -10,7 +10,7 @@ session is run on the host model:
    state, statistics): sequence 0 decodes greedily, sequence 1 is fed the reference answer
    (teacher forcing). Both advance one token per step, so they reach every later update step
    together, and each keeps its own tokens.
-3. ``score``: the generation of sequence 0 is scored by the sample's metric (``contains`` /
+3. ``exact_match``: the generation of sequence 0 is scored by the sample's metric (``contains`` /
    ``contains_all``, :func:`.scoring.score_sample`), in percent. ``loglik`` is the mean log
    probability of the answer tokens (nats per token) on sequence 1 and ``loglik_score`` is
    ``100 * exp(loglik)``, the geometric-mean answer-token probability in percent. Sequence 1 is
@@ -18,59 +18,89 @@ session is run on the host model:
    are chunked between update steps), at the cost of a second decoding row instead of a second
    prefill.
 
-Matched budgets (``--budget-mode replay``, the default): NAMM runs first and its per-layer,
-per-update, per-(sequence, KV head) kept counts (``stats.kept_counts``) are replayed by every
-budgeted baseline (:class:`~namm_transfer.policies.base.ReplayBudget`), so a baseline holds exactly
-NAMM's cache length at every update of the prompt *and* of the decoding phase. For that the
-baselines must feed as many tokens as NAMM did, whatever they generate: every policy therefore
-decodes exactly ``max(--max-new-tokens, answer tokens)`` steps with no early stop, and the
-generation is cut at the first EOS token only for scoring. ``--max-new-tokens`` defaults to each
-task's own budget (``task``: passkey 16, multikey_needle and prose_fact 24, variable_tracking 48,
-kv_retrieval 64, whose uuid answers alone take 33-37 SmolLM2 tokens). The NAMM record stores its kept counts,
-so an interrupted run resumes the baselines of a sample without rerunning NAMM; every record holds
-``kept_counts_hash`` (sha256 of its kept counts), equal for NAMM and every replaying baseline.
-``--budget-mode ratio:0.5`` / ``tokens:512`` give baselines a fixed budget instead (NAMM is never
-budgeted: it keeps what it scores at or above its threshold).
+Primary metric (per prompt): ``loglik_rel = 100 * exp(loglik - loglik_full)``, the answer's
+teacher-forced likelihood relative to the full cache's on the same prompt (the full cache scores exactly
+100; above 100: the policy made the answer more likely). A record's ``score`` is its loglik_rel and a
+summary row's ``score`` is the mean over tasks of the task's mean loglik_rel (``metric`` in the settings
+and the summary says so); ``exact_match`` (the score of earlier versions) is kept beside it, averaged the
+same way. Rows carry paired intervals (:func:`namm_transfer.stats.compare_policies`, unit = sample_id,
+stratum = task, rows = (protocol, policy), 95%, 2000 resamples): ``vs_full`` and ``vs_namm`` on
+loglik_rel (the NAMM row of the same protocol), ``exact_match_vs_full`` / ``exact_match_vs_namm`` on exact
+match; so do the rows of ``breakdown`` (per task), ``by_length`` and ``by_family_seen_in_training``.
 
-Per record (``key = f"{policy}/{sample_id}"``): policy, task, sample_id, length (the target
-length), prompt_tokens, score, loglik, loglik_score, retained_cache (mean over managed layers and
-forward calls of kept / seen tokens for the generated sequence; the statistic of
-:class:`~namm_transfer.engine.EvictionStats`, prefill and decoding calls alike), retained_prefill
-(prefill calls only), peak_cache_mb, peak_memory_mb, throughput, the generation, the managed layers
-and timings.
+Protocols (``--protocols``, default ``ratio:0.5,ratio:0.25,threshold``, :mod:`namm_transfer.protocols`):
 
-``peak_cache_mb`` is the largest KV-cache footprint of the generated sequence over the session:
-keys and values of every layer (managed layers: the live tokens of each KV head; unmanaged
-sliding-window layers: their whole window cache), measured after every forward call and just
-before every eviction, when the cache is largest. It is measured the same way on every device and
-does not depend on what else runs in the process. ``peak_memory_mb`` is
-``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, where the process's resident-set
-high-water mark cannot be attributed to one policy (it never goes down, and other sessions ran in
-the same process before), it equals ``peak_cache_mb``; ``peak_memory_source`` says which.
-``throughput`` is (prompt tokens + max_new_tokens) / wall-clock seconds of the whole session
-(prefill, fork and both decoding rows).
+* ``ratio:R`` (label ``ratio-50``...): every budgeted baseline gets ``RatioBudget(R)`` and the NAMM keeps
+  its own top share (``NAMMPolicy(net, budget=RatioBudget(R))``): ``floor(R * seen)`` tokens per managed
+  layer and KV head at every update and once more at the end of the prompt (``final_update``), so the
+  budget holds when the answer starts. Every policy then keeps the same number of tokens: equal kept
+  counts (``kept_counts_hash``) and retained cache.
+* ``threshold``: NAMM keeps what it scores at or above zero (namm-spec.md); its per-layer, per-update,
+  per-(sequence, KV head) kept counts (``stats.kept_counts``) are replayed by every budgeted baseline
+  (:class:`~namm_transfer.policies.base.ReplayBudget`), at update steps only, in the prompt *and* in the
+  decoding phase. For that every policy decodes exactly ``max(--max-new-tokens, answer tokens)`` steps
+  with no early stop; the generation is cut at the first EOS token only for scoring. The NAMM record
+  stores its kept counts, so an interrupted run resumes the baselines of a sample without rerunning NAMM.
+
+The full cache runs once per prompt (``protocol`` null) and is shared by every protocol. Noise floor (on
+by default; ``--no-noise-floor`` turns it off): the ``full-alt`` row is the full cache run again with half
+the prefill chunk (``--chunk-size // 2``), which changes only the order of floating-point sums; its
+``vs_full`` (settings ``noise_floor``) shows what "no difference" looks like. ``--max-new-tokens``
+defaults to each task's own budget (``task``: passkey and phonebook 16, multikey_needle and prose_fact 24,
+variable_tracking 48, kv_retrieval 64, whose uuid answers alone take 33-37 SmolLM2 tokens).
+
+Per record (key ``full/<sample_id>``, ``full-alt/<sample_id>`` or ``<policy>@<protocol label>/<sample_id>``):
+policy, protocol, task, sample_id, length (the target length), prompt_tokens, score (= loglik_rel),
+exact_match, loglik, loglik_score, difficulty (the task options the calibration chose), calibrated,
+family_seen_in_training (false for ``phonebook``, which ``evolve`` refuses to train on:
+:data:`.tasks.EVAL_ONLY_TASKS`), budget, retained_cache (mean over managed layers and forward calls of
+kept / seen tokens for the generated sequence; the statistic of
+:class:`~namm_transfer.engine.EvictionStats`, prefill and decoding calls alike), retained_prefill (prefill
+calls only), peak_cache_mb, peak_memory_mb, throughput, the generation, the managed layers, timings and
+``kept_counts_hash`` (sha256 of the kept counts).
+
+Calibration (held-out suite v2, :mod:`.calibration`): ``--calibrate`` measures the full cache's exact
+match per (task, length) cell on the ``calibration`` split (seeds disjoint from train and held-out),
+walking each task's difficulty ladder (:data:`.tasks.DIFFICULTY`: fewer distractors, fewer hops) until a
+setting reaches 70%, and writes ``results/language-calibration-<model>.json`` (``--calibration PATH``). The
+eval reads that file and runs each cell at the difficulty it passed at; it refuses cells that failed (or
+are missing) with an error unless ``--keep-uncalibrated`` (run them at the default difficulty) or
+``--drop-uncalibrated`` (leave them out); the settings record both lists.
+
+Sample sizes (``--power RUN.jsonl``, :func:`power_rule`): the paired statistic is the mean over T tasks
+of within-task mean differences, so with N prompts spread evenly its variance is ``mean_t(var_t) / N``
+and a ``+-h`` 95% interval needs ``N = ceil((1.96 * sd / h)^2)`` prompts with ``sd = sqrt(mean_t var_t)``
+(:func:`namm_transfer.stats.required_units`). Pilot: ``namm-transfer eval --target language --power
+results/language.jsonl`` (the session-7 run, 20 prompts at 2k/4k, threshold protocol) gives sd 42.6 (namm),
+28.9 (h2o), 22.9 (l2), 36.7 (streaming), 44.0 (random) points, so 774, 358, 225, 575 and 826 prompts for
++-3 points; ``--power results/language-budget-cal.jsonl`` (10 prompts) 430 (namm) down to 54 (h2o). A
++-3 point interval of loglik_rel is therefore a GPU-sized run (hundreds of prompts per row); the summary's
+``power`` gives the same numbers for every finished run.
 
 Managed layers: the host's full-attention layers (every layer of SmolLM2; the global layers of
 Gemma 3, whose sliding-window layers keep their own window cache). ``retained_cache`` is over
 managed layers only; the summary names them.
 
-Outputs (``--output results/NAME.json``): ``NAME.jsonl`` (one record per policy and sample,
-appended as each finishes; rerun the same command to resume), ``NAME.json`` (summary: ``rows`` one
-per policy with ``score`` = mean over tasks of the task score, ``breakdown`` per task,
-``by_length``) and ``NAME.png`` (score against retained cache; needs matplotlib). Sharded runs
-(``RANK`` / ``WORLD_SIZE``) evaluate ``select_shard(samples, rank, world)``; merge them with
-``namm-transfer report --merge``.
+Outputs (``--output results/NAME.json``): ``NAME.jsonl`` (one record per session, appended as each
+finishes; rerun the same command to resume), ``NAME.json`` (summary: ``rows`` one per (protocol, policy)
+plus ``full`` and ``full-alt``, ``breakdown`` per task, ``by_length``, ``by_family_seen_in_training``,
+``power``) and ``NAME.png`` (loglik_rel against retained cache; needs matplotlib). Sharded runs (``RANK`` /
+``WORLD_SIZE``) evaluate ``select_shard(samples, rank, world)``; merge them with ``namm-transfer report
+--merge``.
 
-Default size and cost: 5 tasks x 4 samples (two at 2048 and two at 4096 tokens) x 6 policies = 120
-sessions. Measured for SmolLM2-135M in float32 on this project's CPU machine (CPU seconds on one
-thread, update interval and chunk 256): a 2048-token prefill (2070 tokens with the chat template)
-takes 18.6 s with the full cache, 18.7 s with H2O at half the cache, 16.4 s with a NAMM; a
-4096-token prefill (4118) 45.3 s full, 38.5 s H2O; a decoding step 0.17-0.25 s. With the per-task
-decoding budgets (16-64 tokens) that was estimated at about 70 CPU-minutes; the committed default run
-(results/language.json, session 7) took 98 minutes of session wall time summed over its 120 sessions, as
-two one-thread shards side by side (``RANK=0/1 WORLD_SIZE=2``, 46 and 52 minutes), so about 50 minutes
-on two cores; Gemma 3 270M's (results/language-gemma3.json) took 33 and 35 minutes. ``--limit`` runs a
-smoke test.
+Sizes. Per prompt: 2 full-cache sessions + 3 protocols x 5 policies = 17 sessions (6 before the
+protocols). The default run (6 tasks x 4 prompts at 2048 and 4096 tokens) is 24 prompts, 408 sessions; it
+needs the calibration file (or ``--keep-uncalibrated`` / ``--drop-uncalibrated``). Suite v2 (at least 50
+prompts per length): ``namm-transfer eval --target language --n 27 --lengths 2048,4096,8192
+--drop-uncalibrated --output results/language-v2.json`` (6 tasks x 9 prompts per length = 54 per
+length, fewer where cells were dropped), after ``namm-transfer eval --target language --calibrate`` (2048, 4096 and
+8192 tokens by default). Measured for SmolLM2-135M in float32 on this project's CPU machine (CPU seconds on one
+thread, update interval and chunk 256, before the protocols): a 2048-token prefill (2070 tokens with the
+chat template) takes 18.6 s with the full cache, 18.7 s with H2O at half the cache, 16.4 s with a NAMM; a
+4096-token prefill (4118) 45.3 s full, 38.5 s H2O; a decoding step 0.17-0.25 s. The committed default run
+of session 7 (results/language.json, 120 sessions) took 98 minutes of session wall time as two one-thread
+shards; with 17 sessions per prompt a 2k/4k prompt costs about 3 times that per prompt. ``--limit`` runs
+a smoke test.
 
 Imports nothing heavy at import time (``--help`` stays torch-free).
 """
@@ -118,6 +148,7 @@ __all__ = [
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TASKS = ("passkey", "kv_retrieval", "multikey_needle", "variable_tracking", "prose_fact", "phonebook")
 DEFAULT_LENGTHS = (2048, 4096)
+CALIBRATION_LENGTHS = (2048, 4096, 8192)
 DEFAULT_N = 4
 DEFAULT_UPDATE_INTERVAL = 256
 DEFAULT_CHUNK_SIZE = 256
@@ -207,16 +238,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(model=DEFAULT_MODEL, namm="default", dtype="float32")
     parser.description = (
         "Zero-shot evaluation of a frozen NAMM on held-out generated long-context tasks against the full "
-        "cache and eviction baselines (StreamingLLM, H2O, L2, random) at NAMM's own cache lengths. "
-        f"Defaults: model {DEFAULT_MODEL}, the shipped default NAMM, float32."
+        "cache and eviction baselines (StreamingLLM, H2O, L2, random) under matched-budget protocols. Score: "
+        "the answer's log-likelihood relative to the full cache (loglik_rel, full = 100), with exact match "
+        f"beside it. Defaults: model {DEFAULT_MODEL}, the shipped default NAMM, float32."
     )
     parser.epilog = (
-        "The default size (5 tasks x 4 samples at 2048 and 4096 tokens, all six policies: about 100 minutes on "
-        "one thread, measured) takes about 50 minutes on 2 CPU cores as two shards (RANK=0 and RANK=1 with "
-        "WORLD_SIZE=2, then `namm-transfer report --merge`); --limit N gives a smoke "
-        "test; on a GPU raise --n and --lengths (held-out lengths go up to 8192). For Gemma 3 "
-        "(--model gemma3-270m, the base model: raw prompts) the managed layers are its "
-        "global-attention layers; write it to another file, e.g. --output results/language-gemma3.json."
+        "First calibrate the (task, length) cells the model answers with its full cache: `namm-transfer eval "
+        "--target language --calibrate` (2048, 4096 and 8192 tokens; writes "
+        "results/language-calibration-<model>.json; resumable). Default run: 6 tasks x 4 prompts at 2048 and 4096 "
+        "tokens, 17 sessions a prompt (full, full-alt, 3 protocols x 5 policies); suite v2: --n 27 --lengths "
+        "2048,4096,8192 --drop-uncalibrated (54 prompts a "
+        "length when every cell passed). Shards: RANK and WORLD_SIZE, then `namm-transfer report --merge`; --limit N "
+        "gives a smoke test; --power RUN.jsonl says how many prompts a +-3 point interval needs. For Gemma 3 "
+        "(--model gemma3-270m, the base model: raw prompts) the managed layers are its global-attention layers."
     )
     g = parser.add_argument_group("language target")
     g.add_argument(
@@ -229,9 +263,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lengths",
         type=_lengths,
-        default=list(DEFAULT_LENGTHS),
+        default=None,
         help="comma-separated held-out prompt lengths in tokens; samples cycle through them "
-        f"(default: {','.join(map(str, DEFAULT_LENGTHS))})",
+        f"(default: {','.join(map(str, DEFAULT_LENGTHS))}; with --calibrate: "
+        f"{','.join(map(str, CALIBRATION_LENGTHS))})",
     )
     g.add_argument(
         "--update-interval",
@@ -763,6 +798,8 @@ def main(args: argparse.Namespace) -> int:
     from .calibration import CalibrationError, calibration_path, cell_key, load_calibration, plan_cells
     from .tasks import EVAL_ONLY_TASKS, make_split
 
+    if args.lengths is None:
+        args.lengths = list(CALIBRATION_LENGTHS if args.calibrate else DEFAULT_LENGTHS)
     model_name = args.model or DEFAULT_MODEL
     cal_path = Path(args.calibration) if args.calibration else calibration_path(model_name)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
