@@ -571,6 +571,11 @@ def test_calibration_refuses_cells_below_the_threshold_unless_asked(assets, tmp_
         *(f"full/prose_fact-calibration-96-0000/level{i}" for i in range(3)),
     ]
     assert all(r["exact_match"] == 0.0 for r in cal_records)
+    # a later call for another task resumes the file and adds its cell
+    more = ("--calibrate", "--calibration", str(cal), "--calibration-n", "2", "--tasks", "phonebook")
+    assert _eval(assets, "llama", tmp_path / "unused.json", *more, common=SETTINGS) == 0
+    assert sorted(json.loads(cal.read_text())["cells"]) == ["passkey/96", "phonebook/96", "prose_fact/96"]
+    assert len(_jsonl(cal)[1]) == len(cal_records) + 1
     capsys.readouterr()
 
     out = tmp_path / "lang.json"

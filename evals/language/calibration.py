@@ -15,7 +15,9 @@ eval uses: the split's name is part of every seed, :func:`.tasks.derive_seed`):
 
 Files: ``results/language-calibration-<model>.json`` (summary: ``cells``, one entry per cell with the
 setting it passed at, its exact match and every setting tried) and its ``.jsonl`` (one record per prompt
-and setting; rerun the command to resume). The eval reads the summary (``--calibration PATH``).
+and setting; rerun the command to resume; the summary is rewritten after every cell, and a later call for
+other tasks or lengths adds its cells to it). Cells run by length, then task; ``--limit N`` runs the first N
+cells. The eval reads the summary (``--calibration PATH``).
 
 Imports nothing heavy at import time.
 """

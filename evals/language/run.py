@@ -1193,7 +1193,7 @@ def calibrate_main(
         "max_new_tokens": args.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens),
         "dtype": dtype,
         "prompt": "chat template + answer cue" if chat else "raw prompt ending in the answer cue",
-        "ladders": {t: list(DIFFICULTY[t]) for t in args.tasks},
+        "ladders": {t: list(ladder) for t, ladder in DIFFICULTY.items()},  # (not the tasks: a later call adds cells)
     }
     writer = ResultsWriter(
         path, args.command, target="language-calibration", settings=settings, model=model_name,
