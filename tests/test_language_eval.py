@@ -642,3 +642,37 @@ def test_power_command_reads_a_finished_run(tmp_path, capsys):
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert "+-3 point" in printed and "x " in printed and printed.rstrip().endswith("3")
+
+
+def test_per_length_splits_prompts_over_the_tasks_run_at_each_length(assets, tmp_path):
+    """--per-length 3 with prose_fact calibrated at 96 tokens only: at 96, ceil(3 / 2) = 2 prompts of each task; at
+    128, passkey alone, 3 prompts. The prompts are the first of each task's cycle over both lengths."""
+    from namm_transfer.evals.language.tasks import make_split
+
+    from namm_transfer.models import load_model
+
+    cal = tmp_path / "cal.json"
+    cells = {
+        "passkey/96": {"passed": True, "options": {}},
+        "passkey/128": {"passed": True, "options": {}},
+        "prose_fact/96": {"passed": True, "options": {"n_distractors": 1}},
+        "prose_fact/128": {"passed": False, "options": None, "tried": [{"exact_match": 10.0}]},
+    }
+    cal.write_text(json.dumps({"model": str(assets["llama"]), "threshold": 70.0, "cells": cells}))
+    out = tmp_path / "pl.json"
+    argv = ["--lengths", "96,128", "--tasks", "passkey,prose_fact", "--per-length", "3", "--calibration", str(cal),
+            "--drop-uncalibrated", "--policies", "full", "--no-noise-floor", "--no-plot"]  # fmt: skip
+    assert _eval(assets, "llama", out, *argv, common=SETTINGS[2:]) == 0
+    header, records = _jsonl(out)
+    assert header["settings"]["per_length"] == 3 and header["settings"]["n"] is None
+    assert header["settings"]["calibration"]["dropped_uncalibrated"] == ["prose_fact/128"]
+    assert Counter((r["task"], r["length"]) for r in records) == {
+        ("passkey", 96): 2,
+        ("prose_fact", 96): 2,
+        ("passkey", 128): 3,
+    }
+    _, tok = load_model(str(assets["llama"]), device="cpu", dtype="float32")
+    cycle = [s.id for s in make_split("passkey", "heldout", n=6, lengths=[96, 128], tokenizer=tok)]
+    assert sorted(r["sample_id"] for r in records if r["task"] == "passkey") == sorted(cycle[:4] + cycle[5:6])
+    prose = [r for r in records if r["task"] == "prose_fact"]
+    assert all(r["difficulty"] == {"n_distractors": 1} for r in prose)

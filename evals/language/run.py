@@ -91,11 +91,11 @@ plus ``full`` and ``full-alt``, ``breakdown`` per task, ``by_length``, ``by_fami
 Sizes. Per prompt: 2 full-cache sessions + 3 protocols x 5 policies = 17 sessions (6 before the
 protocols). The default run (6 tasks x 4 prompts at 2048 and 4096 tokens) is 24 prompts, 408 sessions; it
 needs the calibration file (or ``--keep-uncalibrated`` / ``--drop-uncalibrated``). Suite v2 (at least 50
-prompts per length): ``namm-transfer eval --target language --n 27 --lengths 2048,4096,8192
---drop-uncalibrated --output results/language-v2.json`` (6 tasks x 9 prompts per length = 54 per
-length, fewer where cells were dropped), after ``namm-transfer eval --target language --calibrate`` (2048, 4096 and
-8192 tokens by default). Measured for SmolLM2-135M in float32 on this project's CPU machine (CPU seconds on one
-thread, update interval and chunk 256, before the protocols): a 2048-token prefill (2070 tokens with the
+prompts per length): ``namm-transfer eval --target language --per-length 50 --lengths 2048,4096,8192
+--drop-uncalibrated --output results/language-v2.json`` (at each length ``ceil(50 / tasks run there)``
+prompts of every task whose cell passed: 9 x 6 = 54 when all did), after ``namm-transfer eval
+--target language --calibrate`` (2048, 4096 and 8192 tokens by default). Measured for SmolLM2-135M in
+float32 on this project's CPU machine (CPU seconds on one thread, update interval and chunk 256, before the protocols): a 2048-token prefill (2070 tokens with the
 chat template) takes 18.6 s with the full cache, 18.7 s with H2O at half the cache, 16.4 s with a NAMM; a
 4096-token prefill (4118) 45.3 s full, 38.5 s H2O; a decoding step 0.17-0.25 s. The committed default run
 of session 7 (results/language.json, 120 sessions) took 98 minutes of session wall time as two one-thread
@@ -246,10 +246,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "First calibrate the (task, length) cells the model answers with its full cache: `namm-transfer eval "
         "--target language --calibrate` (2048, 4096 and 8192 tokens; writes "
         "results/language-calibration-<model>.json; resumable). Default run: 6 tasks x 4 prompts at 2048 and 4096 "
-        "tokens, 17 sessions a prompt (full, full-alt, 3 protocols x 5 policies); suite v2: --n 27 --lengths "
-        "2048,4096,8192 --drop-uncalibrated (54 prompts a "
-        "length when every cell passed). Shards: RANK and WORLD_SIZE, then `namm-transfer report --merge`; --limit N "
-        "gives a smoke test; --power RUN.jsonl says how many prompts a +-3 point interval needs. For Gemma 3 "
+        "tokens, 17 sessions a prompt (full, full-alt, 3 protocols x 5 policies); suite v2: --per-length 50 "
+        "--lengths 2048,4096,8192 --drop-uncalibrated (at least 50 prompts a length). Shards: RANK and WORLD_SIZE, "
+        "then `namm-transfer report --merge`; --limit N gives a smoke test; --power RUN.jsonl says how many prompts a +-3 point interval needs. For Gemma 3 "
         "(--model gemma3-270m, the base model: raw prompts) the managed layers are its global-attention layers."
     )
     g = parser.add_argument_group("language target")
@@ -260,6 +259,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated held-out tasks (default: {','.join(DEFAULT_TASKS)})",
     )
     g.add_argument("--n", type=positive_int, default=DEFAULT_N, help=f"samples per task (default: {DEFAULT_N})")
+    g.add_argument(
+        "--per-length",
+        type=positive_int,
+        metavar="N",
+        help="instead of --n: at least N prompts per length, split evenly over the tasks whose (task, length) cell "
+        "is run (suite v2: 50)",
+    )
     g.add_argument(
         "--lengths",
         type=_lengths,
@@ -860,9 +866,12 @@ def main(args: argparse.Namespace) -> int:
     chat = bool(getattr(tokenizer, "chat_template", None))
 
     per_task = []
+    tasks_at = {n: [t for t in args.tasks if n in plan.get(t, {})] for n in args.lengths}
     for task in args.tasks:
         lengths = [n for n in args.lengths if n in plan.get(task, {})]
-        if lengths:
+        if not lengths:
+            continue
+        if args.per_length is None:
             per_task.append(
                 make_split(
                     task,
@@ -874,6 +883,24 @@ def main(args: argparse.Namespace) -> int:
                     options_by_length=plan[task],
                 )
             )
+            continue
+        # --per-length N: ceil(N / tasks run at that length) prompts of this task at each of its lengths, the first
+        # ones of the task's cycle through every requested length (ids and seeds do not depend on dropped cells)
+        want = {n: math.ceil(args.per_length / len(tasks_at[n])) for n in lengths}
+        pool = make_split(
+            task,
+            SPLIT,
+            n=max(want.values()) * len(args.lengths),
+            lengths=args.lengths,
+            tokenizer=tokenizer,
+            seed_base=DATA_SEED_BASE,
+            options_by_length=plan[task],
+        )
+        picked: list[Any] = []
+        for sample in pool:
+            if want.get(sample.target_length, 0) > sum(x.target_length == sample.target_length for x in picked):
+                picked.append(sample)
+        per_task.append(picked)
     samples = _interleave(per_task)
     if args.limit is not None:
         samples = samples[: args.limit]
@@ -881,7 +908,8 @@ def main(args: argparse.Namespace) -> int:
     settings = {
         "split": SPLIT,
         "tasks": list(args.tasks),
-        "n": args.n,
+        "n": args.n if args.per_length is None else None,
+        "per_length": args.per_length,
         "lengths": list(args.lengths),
         "data_seed_base": DATA_SEED_BASE,
         "seed": args.seed,
