@@ -100,6 +100,13 @@ the chat template) takes 18.6 s with the full cache, 18.7 s with H2O at half the
 4096-token prefill (4118) 45.3 s full, 38.5 s H2O; a decoding step 0.17-0.25 s. The committed default run of
 session 7 (results/language.json, 120 sessions) took 98 minutes of session wall time as two one-thread shards;
 with 17 sessions per prompt a 2k/4k prompt costs about 3 times that per prompt. ``--limit`` runs a smoke test.
+Through this eval with the protocols (``namm-transfer eval --target language --model smollm2-135m --policies
+full --no-noise-floor --tasks passkey --n 3 --lengths 2048,4096,8192 --keep-uncalibrated --output
+runs/cost.json``, one torch thread, on the shared 2-core machine at a load average of 11-13, so wall time is
+about 6 times the CPU time) one full-cache prompt took 75.9 s (2070 tokens: prefill 59.7 s, 16 decoding steps
+16.1 s), 183.1 s (4118: 156.0 s + 27.1 s) and 561.3 s (8212: 537.2 s + 24.1 s) of wall time; the whole process
+used 137 CPU seconds. SmolLM2-135M's context is 8192 positions: an 8k prompt with the chat template (8212
+tokens) runs past it, and its full cache missed that passkey.
 
 Imports nothing heavy at import time (``--help`` stays torch-free).
 """
