@@ -195,6 +195,10 @@ def test_phonebook_is_an_eval_only_family():
     lines = s.context.splitlines()
     assert f"{name}: {number}" in lines and sum(line.startswith(f"{name}:") for line in lines) == 1
     assert s.metadata["entries"] == len(lines) and 300 < s.length_tokens <= 400
+    easy = T.generate("phonebook", 400, 7, count_tokens=T.whitespace_count, depth=0.5, entries=3)
+    listed = [line for line in easy.context.splitlines() if re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+: \d{3}-\d{4}", line)]
+    assert len(listed) == 3 and listed.count(f"{name}: {number}") == 1 and easy.answers == [number]
+    assert easy.metadata["entries"] == 3 and easy.metadata["filler_units"] > 20 and 300 < easy.length_tokens <= 400
     assert T.EVAL_ONLY_TASKS == {"phonebook"}
     assert _stage("passkey,kv_retrieval:3") == (["passkey", "kv_retrieval"], 3)
     with pytest.raises(argparse.ArgumentTypeError, match="phonebook is an evaluation-only task family"):

@@ -1210,7 +1210,7 @@ def calibrate_main(
 ) -> int:
     """``--calibrate``: walk every (task, length) cell down its difficulty ladder (see :mod:`.calibration`)."""
     from namm_transfer.evolution.cli import encode_sample
-    from namm_transfer.results import ResultsWriter
+    from namm_transfer.results import ResultsFileError, ResultsWriter
 
     from . import scoring
     from .calibration import CALIBRATION_SPLIT, cell_key, summarize_cells, walk_cell
@@ -1228,7 +1228,6 @@ def calibrate_main(
         "max_new_tokens": args.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens),
         "dtype": dtype,
         "prompt": "chat template + answer cue" if chat else "raw prompt ending in the answer cue",
-        "ladders": {t: list(ladder) for t, ladder in DIFFICULTY.items()},  # (not the tasks: a later call adds cells)
     }
     writer = ResultsWriter(
         path, args.command, target="language-calibration", settings=settings, model=model_name,
@@ -1257,6 +1256,11 @@ def calibrate_main(
         sample = pools[task, length, level][i]
         key = f"full/{sample.id}/level{level}"
         if key in done:
+            if done[key].get("difficulty") != dict(options):
+                raise ResultsFileError(
+                    f"{writer.jsonl_path} holds {key} measured at difficulty {done[key].get('difficulty')}, but "
+                    f"level {level} of {task}'s ladder is now {dict(options)}: pass another --calibration PATH"
+                )
             return float(done[key]["exact_match"])
         ids, (a0, a1) = encode_sample(tokenizer, sample)
         max_new = sample.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens)

@@ -16,7 +16,8 @@ Tasks (``TASKS``):
   train on it, so it measures transfer to a task family the NAMM never saw.
 
 Difficulty knobs (``generate``'s ``options``): ``n_distractors`` (multikey_needle, prose_fact: the
-facts besides the asked one), ``hops`` and ``n_chains`` (variable_tracking). ``DIFFICULTY`` lists, per
+facts besides the asked one), ``hops`` and ``n_chains`` (variable_tracking), ``entries`` (phonebook: that
+many directory lines among filler instead of a whole directory). ``DIFFICULTY`` lists, per
 task, the settings from the default (hardest) to the easiest, the ladder the language eval's
 calibration walks down (see :mod:`.calibration`).
 
@@ -507,26 +508,42 @@ def _phone_number(rng: random.Random) -> str:
     return f"{rng.randint(200, 989)}-{rng.randint(0, 9999):04d}"
 
 
-def _phonebook(target: int, seed: int, count: TokenCounter, depth: float | None) -> _Built:
+def _phonebook(target: int, seed: int, count: TokenCounter, depth: float | None, entries: int | None = None) -> _Built:
+    """A phone directory filling the prompt (``entries`` None), or ``entries`` directory lines (the asked one and
+    ``entries - 1`` others at depths drawn from the seed) scattered through filler lines (an easier variant)."""
     rng = random.Random(seed)
     d = _depth(rng, depth)
     name = f"{rng.choice(RESIDENTS)} {invented_name(rng, 2)}"
     number = _phone_number(rng)
     entry_rng = random.Random(derive_seed(seed, "entries"))
 
-    def entries() -> Iterator[str]:
+    def others() -> Iterator[str]:
         while True:
             other = f"{entry_rng.choice(RESIDENTS)} {invented_name(entry_rng, 2)}"
             if other != name:  # the asked person is listed once
                 yield f"{other}: {_phone_number(entry_rng)}"
 
-    instruction = "Below is a phone directory: one person per line, with their phone number."
     question = f"What is the phone number of {name}? Answer with the number only."
     cue = f"The phone number of {name} is"
-    prompt, user_text, context, n, k = _needle_task(
-        instruction, question, cue, _Units(entries()), [(d, f"{name}: {number}")], "\n".join, count, target
+    asked = f"{name}: {number}"
+    if entries is None:
+        instruction = "Below is a phone directory: one person per line, with their phone number."
+        prompt, user_text, context, n, k = _needle_task(
+            instruction, question, cue, _Units(others()), [(d, asked)], "\n".join, count, target
+        )
+        return _Built(prompt, user_text, context, question, cue, [number], n, metadata={"depth": d, "entries": k + 1})
+    if entries < 1:
+        raise ValueError(f"phonebook entries must be >= 1, got {entries}")
+    stream = others()
+    needles = [(d, asked)] + [(rng.uniform(0.05, 0.95), next(stream)) for _ in range(entries - 1)]
+    instruction = (
+        "A few entries of a phone directory (a name, then the phone number) are scattered through the text below."
     )
-    return _Built(prompt, user_text, context, question, cue, [number], n, metadata={"depth": d, "entries": k + 1})
+    prompt, user_text, context, n, k = _needle_task(
+        instruction, question, cue, _Units(_repetitive_filler()), needles, "\n".join, count, target
+    )
+    meta = {"depth": d, "entries": entries, "filler_units": k}
+    return _Built(prompt, user_text, context, question, cue, [number], n, metadata=meta)
 
 
 MAX_NEW_TOKENS: dict[str, int] = {
@@ -556,7 +573,7 @@ DIFFICULTY: dict[str, tuple[dict[str, Any], ...]] = {
     "multikey_needle": ({}, {"n_distractors": 1}),  # (the near-miss distractor is always there)
     "variable_tracking": ({}, {"hops": 2}, {"hops": 1, "n_chains": 1}),
     "prose_fact": ({}, {"n_distractors": 1}, {"n_distractors": 0}),
-    "phonebook": ({},),
+    "phonebook": ({}, {"entries": 8}, {"entries": 2}),
 }
 """Per task, the difficulty settings (``generate`` options) from the default (hardest) to the easiest."""
 
