@@ -156,6 +156,55 @@ def test_make_split_rejects_bad_input():
         T.make_split("nope", "train", n=1)
 
 
+def test_calibration_split_is_disjoint_from_train_and_heldout():
+    """The calibration split (what the language eval measures the full cache on) shares no seed with the split
+    evolution trains on (train, seed bases 0 and 1: the pools and the bias calibration) nor the held-out split."""
+    for task in T.TASKS:
+        seeds = {
+            (split, base): {T.derive_seed(base, task, split, i) for i in range(200)}
+            for split, base in (("calibration", 0), ("heldout", 0), ("train", 0), ("train", 1))
+        }
+        cal = seeds["calibration", 0]
+        assert len(cal) == 200
+        assert not cal & (seeds["heldout", 0] | seeds["train", 0] | seeds["train", 1]), task
+    s = T.make_split("passkey", "calibration", n=5, count_tokens=T.whitespace_count)
+    assert [x.target_length for x in s] == [*T.HELDOUT_LENGTHS, T.HELDOUT_LENGTHS[0]]
+    assert s[0].id == "passkey-calibration-2048-0000" and s[0].split == "calibration"
+    assert s[0].seed == T.derive_seed(0, "passkey", "calibration", 0)
+
+
+def test_options_by_length_and_difficulty_ladders():
+    s = T.make_split("prose_fact", "heldout", n=4, lengths=[300, 600], count_tokens=T.whitespace_count,
+                     options_by_length={600: {"n_distractors": 0}})  # fmt: skip
+    assert [len(x.metadata["distractors"]) for x in s] == [3, 0, 3, 0]
+    assert set(T.DIFFICULTY) == set(T.TASKS) and all(ladder[0] == {} for ladder in T.DIFFICULTY.values())
+    for task, ladder in T.DIFFICULTY.items():  # every setting is accepted by its task
+        for options in ladder:
+            T.generate(task, 200, 1, count_tokens=T.whitespace_count, **options)
+
+
+def test_phonebook_is_an_eval_only_family():
+    import argparse
+
+    from namm_transfer.evolution.cli import _stage
+
+    s = T.generate("phonebook", 400, 7, count_tokens=T.whitespace_count, depth=0.5)
+    (number,) = s.answers
+    assert re.fullmatch(r"\d{3}-\d{4}", number) and s.max_new_tokens == 16
+    name = s.answer_cue.removeprefix("The phone number of ").removesuffix(" is")
+    lines = s.context.splitlines()
+    assert f"{name}: {number}" in lines and sum(line.startswith(f"{name}:") for line in lines) == 1
+    assert s.metadata["entries"] == len(lines) and 300 < s.length_tokens <= 400
+    easy = T.generate("phonebook", 400, 7, count_tokens=T.whitespace_count, depth=0.5, entries=3)
+    listed = [line for line in easy.context.splitlines() if re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+: \d{3}-\d{4}", line)]
+    assert len(listed) == 3 and listed.count(f"{name}: {number}") == 1 and easy.answers == [number]
+    assert easy.metadata["entries"] == 3 and easy.metadata["filler_units"] > 20 and 300 < easy.length_tokens <= 400
+    assert T.EVAL_ONLY_TASKS == {"phonebook"}
+    assert _stage("passkey,kv_retrieval:3") == (["passkey", "kv_retrieval"], 3)
+    with pytest.raises(argparse.ArgumentTypeError, match="phonebook is an evaluation-only task family"):
+        _stage("passkey,phonebook:3")
+
+
 # ----------------------------------------------------------------------------------------- scoring
 
 

@@ -21,9 +21,17 @@ logger = logging.getLogger(__name__)
 def _stage(text: str) -> tuple[list[str], int]:
     try:
         tasks, gens = text.rsplit(":", 1)
-        return [t for t in tasks.split(",") if t], int(gens)
+        names, n = [t for t in tasks.split(",") if t], int(gens)
     except ValueError:
         raise argparse.ArgumentTypeError(f"stage {text!r}: use TASK[,TASK...]:GENERATIONS") from None
+    from namm_transfer.evals.language.tasks import EVAL_ONLY_TASKS
+
+    held = [t for t in names if t in EVAL_ONLY_TASKS]
+    if held:  # whole task families kept out of training, so the eval can measure transfer to an unseen family
+        raise argparse.ArgumentTypeError(
+            f"stage {text!r}: {', '.join(held)} is an evaluation-only task family (never trained on); drop it"
+        )
+    return names, n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
