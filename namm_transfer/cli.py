@@ -1,7 +1,7 @@
 """The ``namm-transfer`` command line.
 
     namm-transfer eval --target {language,decision-transformer,video-llava} [--model M]
-                       [--policies full,namm,h2o,l2,streaming,random] [--namm NAME_OR_PATH]
+                       [--policies full,namm,h2o,tova,l2,streaming,random] [--namm NAME_OR_PATH]
                        [--device cpu|cuda] [--dtype float32|bfloat16|float16]
                        [--output NAME.json] [--seed N] [--limit N] [target options]
                        (default output: runs/<target>/<name>.json, relative to the current folder)
@@ -61,7 +61,7 @@ __all__ = ["main", "build_parser", "Plugin", "EVAL_TARGETS", "COMMANDS", "DEFAUL
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_POLICIES = "full,namm,h2o,l2,streaming,random"
+DEFAULT_POLICIES = "full,namm,h2o,tova,l2,streaming,random"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

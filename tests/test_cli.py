@@ -147,7 +147,7 @@ def test_eval_dispatch_contract(tmp_path, monkeypatch):
     # default policies come as a list too
     assert main(["eval", "--target", "language", "--log-level", "debug"]) == 3
     args = fake_eval_target.SEEN["args"]
-    assert args.policies == ["full", "namm", "h2o", "l2", "streaming", "random"] and args.log_level == "DEBUG"
+    assert args.policies == ["full", "namm", "h2o", "tova", "l2", "streaming", "random"] and args.log_level == "DEBUG"
 
 
 def test_bad_common_options_exit_2(tmp_path, monkeypatch, capsys):

@@ -32,8 +32,8 @@ from namm_transfer.evals.offline_rl.train import (  # noqa: E402
 REF = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 SIZES = {"hopper": (11, 3), "halfcheetah": (17, 6), "walker2d": (17, 6)}
 TINY = dict(hidden_size=32, n_layer=2, n_head=2, max_ep_len=100)
-POLICIES = ["canonical", "full", "namm", "h2o", "l2", "streaming", "random"]
-BASELINES = ["h2o", "l2", "streaming", "random"]
+POLICIES = ["canonical", "full", "namm", "h2o", "tova", "l2", "streaming", "random"]
+BASELINES = ["h2o", "tova", "l2", "streaming", "random"]
 LABELS = ["ratio-50", "ratio-25", "threshold"]  # the default protocols
 ROWS = [(None, "canonical"), (None, "full"), (None, "full-alt")] + [
     (label, p) for label in LABELS for p in ["namm", *BASELINES]

@@ -37,8 +37,8 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 )
-POLICIES = ["full", "namm", "h2o", "l2", "streaming", "random"]
-BASELINES = ["h2o", "l2", "streaming", "random"]
+POLICIES = ["full", "namm", "h2o", "tova", "l2", "streaming", "random"]
+BASELINES = ["h2o", "tova", "l2", "streaming", "random"]
 TASKS = ["passkey", "kv_retrieval", "multikey_needle", "variable_tracking", "prose_fact", "phonebook"]
 PROTOCOLS = ["ratio-50", "ratio-25", "threshold"]
 SETTINGS = ["--n", "1", "--lengths", "96", "--update-interval", "32", "--chunk-size", "32", "--max-new-tokens", "4"]

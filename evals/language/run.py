@@ -89,7 +89,7 @@ Outputs (``runs/language/language.json`` by default; ``--output results/NAME.jso
 needs matplotlib). Sharded runs (``RANK`` / ``WORLD_SIZE``) evaluate ``select_shard(samples, rank, world)``; merge
 them with ``namm-transfer report --merge``.
 
-Sizes. Per prompt: 2 full-cache sessions + 3 protocols x 5 policies = 17 sessions (6 before the protocols).
+Sizes. Per prompt: 2 full-cache sessions + 3 protocols x 6 policies (namm and the five baselines) = 20 sessions (6 before the protocols).
 The default run (6 tasks x 4 prompts at 2048 and 4096 tokens) is 24 prompts, 408 sessions; it needs the
 calibration file (or ``--keep-uncalibrated`` / ``--drop-uncalibrated``). Suite v2 (at least 50 prompts per
 length): ``namm-transfer eval --target language --per-length 50 --lengths 2048,4096,8192 --drop-uncalibrated
@@ -100,7 +100,7 @@ on one thread, update interval and chunk 256, before the protocols): a 2048-toke
 the chat template) takes 18.6 s with the full cache, 18.7 s with H2O at half the cache, 16.4 s with a NAMM; a
 4096-token prefill (4118) 45.3 s full, 38.5 s H2O; a decoding step 0.17-0.25 s. The committed default run of
 session 7 (results/language.json, 120 sessions) took 98 minutes of session wall time as two one-thread shards;
-with 17 sessions per prompt a 2k/4k prompt costs about 3 times that per prompt. ``--limit`` runs a smoke test.
+with 20 sessions per prompt a 2k/4k prompt costs about 3 times that per prompt. ``--limit`` runs a smoke test.
 Through this eval with the protocols (``namm-transfer eval --target language --model smollm2-135m --policies
 full --no-noise-floor --tasks passkey --n 3 --lengths 2048,4096,8192 --keep-uncalibrated --output
 runs/cost.json``, one torch thread, on the shared 2-core machine at a load average of 11-13, so wall time is
@@ -254,7 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "First calibrate the (task, length) cells the model answers with its full cache: `namm-transfer eval "
         "--target language --calibrate` (2048, 4096 and 8192 tokens; writes "
         "results/language-calibration-<model>.json; resumable). Default run: 6 tasks x 4 prompts at 2048 and 4096 "
-        "tokens, 17 sessions a prompt (full, full-alt, 3 protocols x 5 policies); suite v2: --per-length 50 "
+        "tokens, 20 sessions a prompt (full, full-alt, 3 protocols x 6 policies); suite v2: --per-length 50 "
         "--lengths 2048,4096,8192 --drop-uncalibrated (at least 50 prompts a length). Shards: RANK and WORLD_SIZE, "
         "then `namm-transfer report --merge`; --limit N gives a smoke test; --power RUN.jsonl says how many prompts "
         "a +-3 point interval needs. For Gemma 3 "

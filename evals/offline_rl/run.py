@@ -114,7 +114,7 @@ __all__ = [
     "summarize_results",
 ]
 
-DEFAULT_POLICIES = "canonical,full,namm,h2o,l2,streaming,random"
+DEFAULT_POLICIES = "canonical,full,namm,h2o,tova,l2,streaming,random"
 DEFAULT_EPISODES = 3
 DEFAULT_MAX_EP_LEN = 1000
 DEFAULT_UPDATE_INTERVAL = 48

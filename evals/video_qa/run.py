@@ -4,7 +4,7 @@
 
     namm-transfer eval --target video-llava --model <hub id or folder> \\
         --bench longvideobench|mlvu|videomme|synthetic --data-dir DIR [--frames N] \\
-        [--policies full,namm,h2o,l2,streaming,random] [--protocols ratio:0.5,ratio:0.25,threshold] \\
+        [--policies full,namm,h2o,tova,l2,streaming,random] [--protocols ratio:0.5,ratio:0.25,threshold] \\
         [--no-noise-floor] [--update-interval 256] [--max-new-tokens 32]
 
 Without ``--model`` the model is the project's own small video LLM (:data:`DEFAULT_MODEL`, shipped in
