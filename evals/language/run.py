@@ -89,8 +89,9 @@ Outputs (``runs/language/language.json`` by default; ``--output results/NAME.jso
 needs matplotlib). Sharded runs (``RANK`` / ``WORLD_SIZE``) evaluate ``select_shard(samples, rank, world)``; merge
 them with ``namm-transfer report --merge``.
 
-Sizes. Per prompt: 2 full-cache sessions + 3 protocols x 6 policies (namm and the five baselines) = 20 sessions (6 before the protocols).
-The default run (6 tasks x 4 prompts at 2048 and 4096 tokens) is 24 prompts, 408 sessions; it needs the
+Sizes. Per prompt: 2 full-cache sessions + 3 protocols x 6 policies (namm and the five baselines) = 20
+sessions (6 before the protocols). The default run (6 tasks x 4 prompts at 2048 and 4096 tokens) is 24 prompts,
+480 sessions, over the cells that passed the calibration (the others are left out with a notice: see the
 calibration file (or ``--keep-uncalibrated`` / ``--drop-uncalibrated``). Suite v2 (at least 50 prompts per
 length): ``namm-transfer eval --target language --per-length 50 --lengths 2048,4096,8192 --drop-uncalibrated
 --output results/language-v2.json`` (at each length ``ceil(50 / tasks run there)`` prompts of every task whose
