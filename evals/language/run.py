@@ -91,8 +91,8 @@ them with ``namm-transfer report --merge``.
 
 Sizes. Per prompt: 2 full-cache sessions + 3 protocols x 6 policies (namm and the five baselines) = 20
 sessions (6 before the protocols). The default run (6 tasks x 4 prompts at 2048 and 4096 tokens) is 24 prompts,
-480 sessions, over the cells that passed the calibration (the others are left out with a notice: see the
-calibration file (or ``--keep-uncalibrated`` / ``--drop-uncalibrated``). Suite v2 (at least 50 prompts per
+480 sessions, over the cells that passed the calibration (the others are left out with a notice; see
+Calibration above). Suite v2 (at least 50 prompts per
 length): ``namm-transfer eval --target language --per-length 50 --lengths 2048,4096,8192 --drop-uncalibrated
 --output results/language-v2.json`` (at each length ``ceil(50 / tasks run there)`` prompts of every task whose
 cell passed: 9 x 6 = 54 when all did), after ``namm-transfer eval --target language --calibrate`` (2048, 4096
