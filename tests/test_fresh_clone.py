@@ -11,6 +11,8 @@ import subprocess
 import pytest
 from namm_transfer.evals.args import repository_root
 
+from namm_transfer.protocols import DEFAULT_PROTOCOLS, parse_protocols
+
 # the shipped DT and NAMM on one env, one short episode: the same command as the README's, made tiny
 TINY = ["--env", "hopper", "--episodes", "1", "--max-ep-len", "6", "--update-interval", "6", "--device", "cpu"]
 COMMAND = ["eval", "--target", "decision-transformer", *TINY, "--no-progress"]
@@ -45,7 +47,12 @@ def test_the_main_eval_command_in_a_fresh_clone_runs_every_unit_and_leaves_the_c
 
     ran: list[tuple[str, str]] = []
     run_batch = dt_run._run_batch
-    monkeypatch.setattr(dt_run, "_run_batch", lambda s, env, p, *a: ran.append((env, p)) or run_batch(s, env, p, *a))
+
+    def spy(s, env, p, proto, *a):
+        ran.append((env, p, proto.label if proto is not None else None))
+        return run_batch(s, env, p, proto, *a)
+
+    monkeypatch.setattr(dt_run, "_run_batch", spy)
     committed = {p.name: p.read_bytes() for p in (fresh_clone / "results").iterdir()}
 
     assert main(COMMAND) == 0
@@ -57,9 +64,15 @@ def test_the_main_eval_command_in_a_fresh_clone_runs_every_unit_and_leaves_the_c
     summary_path = runs / "decision-transformer.json"
     summary = json.loads(summary_path.read_text())
     policies = dt_run.DEFAULT_POLICIES.split(",")
-    assert ran == [("hopper", p) for p in policies]  # every unit ran: none was taken from results/
-    assert summary["n_records"] == len(policies) and [r["policy"] for r in summary["rows"]] == policies
-    assert summary["settings"]["episodes"] == 1 and summary["settings"]["max_ep_len"] == 6
+    shared = ["canonical", "full", "full-alt"]  # once per seed; the others once per protocol
+    labels = [p.label for p in parse_protocols(DEFAULT_PROTOCOLS)]
+    units = [("hopper", p, None) for p in shared] + [
+        ("hopper", p, label) for label in labels for p in policies if p not in shared
+    ]
+    assert sorted(ran, key=str) == sorted(units, key=str)  # every unit ran: none was taken from results/
+    assert summary["n_records"] == len(units)
+    assert sorted((r["policy"], r["protocol"]) for r in summary["rows"]) == sorted((p, lab) for _, p, lab in units)
+    assert summary["settings"]["episodes"] == {"hopper": 1} and summary["settings"]["max_ep_len"] == 6
     assert "results: runs/decision-transformer/decision-transformer.json\n" in out
     assert "\nthis run: runs/decision-transformer/decision-transformer.json\n" in out
     reference = repository_root() / "results" / "decision-transformer.json"
