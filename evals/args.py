@@ -41,26 +41,24 @@ _OUTPUT_NAMES: dict[str, str] = {"video-llava": "video-llava-{bench}"}
 # argument types
 
 
-def positive_int(text: str) -> int:
-    """argparse type for a positive integer (``--limit``, and the targets' own counts)."""
+def _int_at_least(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a positive integer (``--limit``, and the targets' own counts)."""
+    return _int_at_least(text, 1, "positive")
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type for an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+    return _int_at_least(text, 0, "non-negative")
 
 
 # ----------------------------------------------------------------------------------------------
