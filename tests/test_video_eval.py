@@ -464,7 +464,7 @@ def test_rows_pair_each_policy_with_the_full_cache_and_its_protocols_namm():
 
     assert "vs_full" not in rows[(None, "full")] and "vs_namm" not in rows[(None, "full")]
     assert "vs_namm" not in rows[(None, "full-alt")] and "vs_namm" not in rows[("ratio-50", "namm")]
-    # full-alt - full: A (0, 0) -> 0, B (-100, -100) -> -100: mean -50 in every resample (the pooled mean would be -33.3)
+    # full-alt - full: A (0, 0) -> 0, B (-100, -100) -> -100: mean -50 in every resample (strata resampled within)
     alt = rows[(None, "full-alt")]["vs_full"]
     assert (alt["mean"], alt["lo"], alt["hi"], alt["n"], alt["excludes_zero"]) == (-50.0, -50.0, -50.0, 4, True)
     # h2o under ratio-50 - its NAMM: A (-100, 0) -> -50, B (100) -> 100: 25 (the threshold NAMM would give 75)
