@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import random_d4rl_file
 
 pytest.importorskip("h5py")
 pytest.importorskip("mujoco")
@@ -175,19 +176,8 @@ def test_derive_po_command_and_errors(tmp_path, capsys):
 def _long_dataset(path: Path, env: str = "hopper", lengths=(380, 250, 320, 60), seed: int = 0) -> Path:
     s, a = get_env_info(env).state_dim, get_env_info(env).act_dim
     rng = np.random.default_rng(seed)
-    n = int(sum(lengths))
-    ends = np.cumsum(lengths) - 1
-    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
-    terminals[ends[:-1]] = True
-    timeouts[ends[-1]] = True
-    data = {
-        "observations": rng.normal(size=(n, s)) * 2 + 1,
-        "actions": rng.uniform(-1, 1, (n, a)),
-        "rewards": rng.uniform(0, 3, n),
-        "terminals": terminals,
-        "timeouts": timeouts,
-    }
-    return write_d4rl_hdf5(path, data, {"env_name": env, "level": "medium"})
+    timeout = [i == len(lengths) - 1 for i in range(len(lengths))]  # the last trajectory times out
+    return random_d4rl_file(path, env, s, a, lengths, timeout, rng)
 
 
 def test_prefix_segments_and_trimmed_padding(tmp_path):

@@ -15,7 +15,6 @@ pytest.importorskip("h5py")
 
 from card_checks import assert_card_code_ok  # noqa: E402
 from namm_transfer.evals.offline_rl import train as train_mod  # noqa: E402
-from namm_transfer.evals.offline_rl.datasets import write_d4rl_hdf5  # noqa: E402
 from namm_transfer.evals.offline_rl.train import (  # noqa: E402
     SIDECAR,
     TrainConfig,
@@ -27,6 +26,7 @@ from namm_transfer.evals.offline_rl.train import (  # noqa: E402
     ship_dt,
     train_dt,
 )
+from tiny_models import random_d4rl_file  # noqa: E402
 
 # D4RL reference returns (reference-numbers.md), typed in here so that the check is independent of envs.py
 REF = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
@@ -53,19 +53,8 @@ def _dataset(path: Path, env: str = "hopper", n_traj: int = 6, seed: int = 0) ->
     s, a = SIZES[env]
     rng = np.random.default_rng(seed)
     lengths = rng.integers(5, 40, n_traj)
-    n = int(lengths.sum())
-    ends = np.cumsum(lengths) - 1
-    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
-    terminals[ends[::2]] = True
-    timeouts[ends[1::2]] = True
-    data = {
-        "observations": rng.normal(size=(n, s)) * 2 + 1,
-        "actions": rng.uniform(-1, 1, (n, a)),
-        "rewards": rng.uniform(0, 3, n),
-        "terminals": terminals,
-        "timeouts": timeouts,
-    }
-    return write_d4rl_hdf5(path, data, {"env_name": env, "level": "medium"})
+    timeout = [i % 2 == 1 for i in range(n_traj)]  # terminals and timeouts alternate
+    return random_d4rl_file(path, env, s, a, lengths, timeout, rng)
 
 
 def _cfg(dataset: Path, **kw) -> TrainConfig:

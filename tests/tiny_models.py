@@ -69,3 +69,26 @@ def tiny_decoder(family: str, seed: int = 0, layers: int = 2) -> torch.nn.Module
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
+
+
+def random_d4rl_file(path, env: str, state_dim: int, act_dim: int, lengths, timeout, rng):
+    """A D4RL-format HDF5 file of random transitions: trajectories of ``lengths`` steps, each ending in a terminal,
+    or in a timeout where ``timeout[i]`` is true; ``rng`` (numpy Generator) draws observations, actions, rewards."""
+    import numpy as np
+    from namm_transfer.evals.offline_rl.datasets import write_d4rl_hdf5
+
+    lengths = np.asarray(lengths)
+    n = int(lengths.sum())
+    ends = np.cumsum(lengths) - 1
+    timeout = np.asarray(timeout, bool)
+    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[ends[~timeout]] = True
+    timeouts[ends[timeout]] = True
+    data = {
+        "observations": rng.normal(size=(n, state_dim)) * 2 + 1,
+        "actions": rng.uniform(-1, 1, (n, act_dim)),
+        "rewards": rng.uniform(0, 3, n),
+        "terminals": terminals,
+        "timeouts": timeouts,
+    }
+    return write_d4rl_hdf5(path, data, {"env_name": env, "level": "medium"})
