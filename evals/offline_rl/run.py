@@ -4,7 +4,10 @@ For every task (hopper, halfcheetah, walker2d), episodes with seeds ``seed .. se
 count for every task, or per task, ``20,hopper=30``) run in batches in lockstep in the Gymnasium MuJoCo env, and
 the D4RL normalized return of each is recorded. Every policy and protocol runs exactly the same seeds:
 
-* ``canonical`` -- the DT paper's evaluation: the last K timesteps recomputed every step (no cache).
+* ``canonical`` -- the DT paper's evaluation: the last K timesteps recomputed every step (no cache). With
+  ``--canonical-model`` this row runs another DT than the cached rows (same seeds), e.g. the canonical K=20 DT
+  ``shipped:hopper-po-medium`` beside the long-context ``--model shipped:hopper-po-medium-long``: its ``vs_full``
+  is then how far the canonical window falls below the long history (every row gets a ``model`` field).
 * ``full`` -- the whole history in the KV cache, nothing evicted.
 * ``full-alt`` -- the noise floor: the full cache again with twice the update interval (96 instead of 48). The
   full cache evicts nothing, so only the split of the forward calls changes, i.e. float rounding, which moves a
@@ -47,7 +50,10 @@ Results: ``NAME.jsonl`` (one record per env x protocol x policy x episode, keys 
 ``hopper/ratio-50/h2o/ep003``, appended after each batch; a killed run resumes without repeating a finished batch,
 and baselines read NAMM's counts back from it), ``NAME.json`` (summary: ``rows`` per (protocol, policy) with
 ``score`` = the mean over envs of the mean normalized return, ``vs_full`` / ``vs_namm``, ``breakdown`` per env;
-the protocols and ``noise_floor`` in ``settings``) and ``NAME.png`` (return and cache size over episode time).
+the protocols and ``noise_floor`` in ``settings``) and ``NAME.png`` (return and cache size over episode time). Each
+record's ``trace`` keeps the return so far and the cache size at about :data:`TRACE_POINTS` steps, to
+:data:`TRACE_DIGITS` significant digits (only the plot reads it; every score is exact); files of earlier runs are
+rewritten under this rule by ``python -m namm_transfer.evals.offline_rl.compact_traces NAME.jsonl``.
 ``retained_cache`` of a cached policy is the mean over managed layers (all of them) and forward calls of live /
 seen tokens; the canonical window holds no cache (its ``context_fraction`` is the window's share of the history).
 Under ``RANK`` / ``WORLD_SIZE`` each process takes whole (env, batch) groups (round robin) and writes
@@ -72,6 +78,11 @@ merge refuses an older ``results/decision-transformer.jsonl`` of other settings:
         --output results/decision-transformer.json
     namm-transfer eval --target decision-transformer --episodes 20,hopper=30 --batch-episodes 10 \
         --output results/decision-transformer.json --no-progress
+
+Positions-only tasks, the canonical 20-step DT against the long-context DT's cached history (same seeds)::
+
+    namm-transfer eval --target decision-transformer --env hopper-po --model shipped:hopper-po-medium-long \
+        --canonical-model shipped:hopper-po-medium --episodes 30 --output results/decision-transformer-po.json
 
 The committed ``results/decision-transformer.json`` ran these commands with ``--episodes 20`` (20 seeds for hopper
 too: 30 did not fit that session's time; see its ``command``): 42 min wall for the two processes on 2 shared cores.
@@ -118,8 +129,11 @@ DEFAULT_POLICIES = "canonical,full,namm,h2o,tova,l2,streaming,random"
 DEFAULT_EPISODES = 3
 DEFAULT_MAX_EP_LEN = 1000
 DEFAULT_UPDATE_INTERVAL = 48
-TRACE_POINTS = 100
-"""Per-episode traces (return, cache size) are stored at about this many time steps."""
+TRACE_POINTS = 50
+"""Per-episode traces (return so far, cache size) are stored at about this many time steps (every
+``ceil(max_ep_len / TRACE_POINTS)`` steps and the last)."""
+TRACE_DIGITS: int | None = 4
+"""Significant digits of the trace values (None: unrounded). Scores, returns and every other field are exact."""
 UNBUDGETED = ("canonical", "full", "namm")
 NO_PROTOCOL = ("canonical", "full")
 """Run once per episode, shared by every protocol (``protocol`` null)."""
@@ -182,6 +196,8 @@ class EvalSettings:
     """K of the canonical window (default: the model's, 20)."""
     protocols: str = DEFAULT_PROTOCOLS
     """Matched-budget protocols (:func:`namm_transfer.protocols.parse_protocols`)."""
+    canonical_model: str | None = None
+    """``--canonical-model``: the DT of the ``canonical`` row (same forms as ``model``); None: ``model``."""
     noise_floor: bool = True
     """Also run ``full-alt``: the full cache with twice the update interval (a setting that must not matter)."""
     replay_fallback: str = "hold"
@@ -224,7 +240,7 @@ class EvalSettings:
         envs = [get_env_info(e).name for e in self.envs]
         protocols = self.protocol_list()
         threshold = any(p.kind == "threshold" for p in protocols)
-        return {
+        out: dict[str, Any] = {
             "episodes": {env: self.episodes_for(env) for env in envs},
             "seeds": {env: [self.seed + i for i in range(self.episodes_for(env))] for env in envs},
             "batch_episodes": self.batch_episodes,
@@ -242,9 +258,13 @@ class EvalSettings:
             "stats": self.stats,
             "dataset": self.dataset,
             "trace_points": TRACE_POINTS,
+            "trace_digits": TRACE_DIGITS,
             "managed_layers": "all",
             "retained_cache": "mean over managed layers and forward calls of live / seen tokens",
         }
+        if self.canonical_model is not None:  # only when given: files of earlier runs keep their identity
+            out["canonical_model"] = str(self.canonical_model)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,12 +437,38 @@ def _reward_env_factory(env_name: str, version: str, max_ep_len: int, rewards: l
     return env_fn
 
 
-def _trace_index(length: int, max_ep_len: int) -> list[int]:
-    stride = max(1, math.ceil(max_ep_len / TRACE_POINTS))
+def _trace_index(length: int, max_ep_len: int, points: int | None = None) -> list[int]:
+    """The steps a trace keeps: every ``ceil(max_ep_len / points)``-th of ``0 .. length - 1`` and the last."""
+    stride = max(1, math.ceil(max_ep_len / (points or TRACE_POINTS)))
     idx = list(range(0, length, stride))
     if length and idx[-1] != length - 1:
         idx.append(length - 1)
     return idx
+
+
+def _round(value: float | None, digits: int | None) -> float | int | None:
+    """``value`` to ``digits`` significant digits (an int when whole: shorter JSON); unchanged when digits is None."""
+    if value is None or digits is None:
+        return value
+    out = float(f"{float(value):.{digits}g}")
+    return int(out) if out.is_integer() and abs(out) < 2**53 else out
+
+
+def make_trace(
+    steps: Sequence[int],
+    returns: Sequence[float],
+    cache_tokens: Sequence[float | None],
+    digits: int | None,
+) -> dict[str, list[Any]]:
+    """A record's ``trace``: ``{"t": steps, "return": return so far after step t, "cache_tokens": cached tokens at
+    step t}``, the values rounded to ``digits`` significant digits (None: unrounded). A full cache holds ``3 t + 2``
+    tokens at step ``t`` (every real token so far), so it is not stored.
+    """
+    return {
+        "t": [int(t) for t in steps],
+        "return": [_round(float(v), digits) for v in returns],
+        "cache_tokens": [_round(v, digits) for v in cache_tokens],
+    }
 
 
 def _unit_key(env: str, protocol: Protocol | None, policy: str, episode: int) -> str:
@@ -522,7 +568,6 @@ def _run_batch(
         idx = _trace_index(length, s.max_ep_len)
         cum = np.cumsum(rewards[j]) if rewards[j] else np.zeros(0)
         cache = [res["trace"]["cache_tokens"][t][j] for t in idx]
-        full = [res["trace"]["full_tokens"][t][j] for t in idx]
         peak_tokens = max((c for c in (row[j] for row in res["trace"]["cache_tokens"]) if c is not None), default=0.0)
         ret = float(res["returns"][j])
         rec: dict[str, Any] = {
@@ -551,12 +596,7 @@ def _run_batch(
             "return_scale": float(res["return_scale"]),
             "model": info.get("source"),
             "model_sha256": info.get("content_hash"),
-            "trace": {
-                "t": idx,
-                "return": [float(cum[t]) for t in idx],
-                "cache_tokens": cache,
-                "full_tokens": full,
-            },
+            "trace": make_trace(idx, [float(cum[t]) for t in idx], cache, TRACE_DIGITS),
         }
         if replays is not None:
             rec["replay"] = replays[j]
@@ -693,6 +733,23 @@ def summarize_results(
     return overall, breakdown
 
 
+def _label_models(
+    records: Sequence[Mapping[str, Any]], rows: list[dict[str, Any]], breakdown: Mapping[str, list[dict[str, Any]]]
+) -> None:
+    """Add ``model`` (the DT sources of the row's records, comma-separated) to every row, in place: with
+    ``--canonical-model`` the canonical row and the cached rows come from different DTs."""
+
+    def sources(recs: Sequence[Mapping[str, Any]]) -> str:
+        return ",".join(dict.fromkeys(str(r.get("model")) for r in recs))
+
+    for row in rows:
+        row["model"] = sources([r for r in records if _row_of(r) == (row["protocol"], row["policy"])])
+    for env, env_rows in breakdown.items():
+        for row in env_rows:
+            key = (row["protocol"], row["policy"])
+            row["model"] = sources([r for r in records if r["env"] == env and _row_of(r) == key])
+
+
 def _label(row: Row) -> str:
     return row[1] if row[0] is None else f"{row[1]} [{row[0]}]"
 
@@ -822,18 +879,33 @@ def evaluate(
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[s.dtype]
 
     # models first: fail before anything runs
-    models: dict[str, tuple[Any, dict[str, Any]]] = {}
-    for env in envs:
-        source = resolve_dt(s.model, env, s.level)
+    def load(spec: str | None, env: str, what: str) -> tuple[Any, dict[str, Any]]:
         model, info = load_dt(
-            source, env=env, level=s.level, stats=s.stats, dataset=s.dataset, device=device, dtype=dtype
+            resolve_dt(spec, env, s.level),
+            env=env,
+            level=s.level,
+            stats=s.stats,
+            dataset=s.dataset,
+            device=device,
+            dtype=dtype,
         )
         if s.max_ep_len > info["max_ep_len"]:
             raise ValueError(
-                f"--max-ep-len {s.max_ep_len} exceeds the {env} model's max_ep_len {info['max_ep_len']} "
+                f"--max-ep-len {s.max_ep_len} exceeds the {env} {what}'s max_ep_len {info['max_ep_len']} "
                 "(the size of its timestep embedding)"
             )
-        models[env] = (model, info)
+        return model, info
+
+    models: dict[str, tuple[Any, dict[str, Any]]] = {env: load(s.model, env, "model") for env in envs}
+    # the canonical row's DT (--canonical-model), e.g. the canonical K=20 DT beside a long-context one
+    canonical_models: dict[str, tuple[Any, dict[str, Any]]] = dict(models)
+    if s.canonical_model is not None and "canonical" in policies:
+        for env in envs:
+            if resolve_dt(s.canonical_model, env, s.level) != resolve_dt(s.model, env, s.level):
+                canonical_models[env] = load(s.canonical_model, env, "canonical model")
+
+    def model_of(env: str, policy: str) -> tuple[Any, dict[str, Any]]:
+        return canonical_models[env] if policy == "canonical" else models[env]
 
     namm = None
     namm_record = None
@@ -856,7 +928,10 @@ def evaluate(
     # the file must not mix checkpoints: a done episode of an env was produced by the same weights
     for rec in writer.records():
         env = rec.get("env")
-        if env in models and rec.get("model_sha256") not in (None, models[env][1]["content_hash"]):
+        if env in models and rec.get("model_sha256") not in (
+            None,
+            model_of(env, str(rec.get("policy")))[1]["content_hash"],
+        ):
             raise ValueError(
                 f"{writer.jsonl_path} holds {env} episodes of another model (sha256 {str(rec['model_sha256'])[:12]}, "
                 f"now {models[env][1]['content_hash'][:12]}); use a new --output"
@@ -878,7 +953,7 @@ def evaluate(
     t0 = time.perf_counter()
     try:
         for env, (proto, p), batch in todo:
-            model, info = models[env]
+            model, info = model_of(env, p)
             replay = None
             if proto is not None and proto.kind == "threshold" and p != "namm":
                 by_key = {r["key"]: r for r in writer.records()}
@@ -900,6 +975,8 @@ def evaluate(
     records = writer.records()
     order: list[Row] = [(None if proto is None else proto.label, p) for proto, p in arms]
     rows, breakdown = summarize_results(records, order)
+    if s.canonical_model is not None:  # which DT made each row (the report shows it as a column)
+        _label_models(records, rows, breakdown)
     png = Path(writer.summary_path).with_suffix(".png")
     plotted = plot_results(records, png, order) if s.plot else None
     threshold = any(proto.kind == "threshold" for proto in s.protocol_list())
@@ -929,6 +1006,16 @@ def evaluate(
         "models": {
             env: {k: info[k] for k in ("source", "content_hash", "stats_source")} for env, (_, info) in models.items()
         },
+        **(
+            {
+                "canonical_models": {
+                    env: {k: info.get(k) for k in ("source", "content_hash", "stats_source", "context_length")}
+                    for env, (_, info) in canonical_models.items()
+                }
+            }
+            if s.canonical_model is not None
+            else {}
+        ),
         "plot": plotted.name if plotted else None,
         "device": device,
         "wall_s": round(time.perf_counter() - t0, 1),
@@ -965,7 +1052,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_UPDATE_INTERVAL,
         help=f"tokens between policy updates, a multiple of 3 (default {DEFAULT_UPDATE_INTERVAL})",
     )
-    parser.add_argument("--context", type=int, default=None, help="K of the canonical window (default: the model's)")
+    parser.add_argument(
+        "--canonical-model",
+        default=None,
+        metavar="MODEL",
+        help="the DT of the canonical row (same forms as --model, e.g. shipped:hopper-po-medium beside --model "
+        "shipped:hopper-po-medium-long), run on the same seeds; its vs_full is how far its window falls below the "
+        "cached long history (default: --model)",
+    )
+    parser.add_argument(
+        "--context", type=int, default=None, help="K of the canonical window (default: the canonical model's)"
+    )
     parser.add_argument(
         "--batch-episodes", type=int, default=None, help="episodes per lockstep batch (default: all of a task's in one)"
     )
@@ -1017,6 +1114,7 @@ def main(args: argparse.Namespace) -> int:
         envs=list(ENVS) if args.env == "all" else [args.env],
         policies=list(args.policies),
         model=args.model,
+        canonical_model=args.canonical_model,
         namm=args.namm or "default",
         episodes=episodes,
         env_episodes=env_episodes,
