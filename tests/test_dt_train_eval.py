@@ -641,8 +641,9 @@ def test_notebook_runs_with_tiny_settings(eval_setup, tmp_path, monkeypatch):
     client.execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "steps, return" in text and "retention" in text and "tiny random" in text
+    assert "ratio:0.5: " in text and "threshold: " in text and "kept share per type" in text  # the keep maps
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2
+    assert len(images) == 3
 
 
 def test_eval_shards_whole_batches_by_rank(eval_setup, monkeypatch):

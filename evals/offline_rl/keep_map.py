@@ -306,10 +306,12 @@ def keep_map_episode(
 _TYPE_SHORT = {"return": "R", "state": "s", "action": "a"}
 
 
-def plot_keep_maps(maps: Mapping[str, KeepMap], path: str | Path, bucket: int | None = None) -> Path | None:
+def plot_keep_maps(
+    maps: Mapping[str, KeepMap], path: str | Path, bucket: int | None = None, dpi: int = 80
+) -> Path | None:
     """One row per map (``{label: map}``, e.g. per protocol): the share of KV heads holding each token by layer x
     type (rows) and timestep (columns); the kept share per layer and type; and the kept share by timestep bucket,
-    one line per type. Written to ``path`` (PNG) without touching pyplot's state.
+    one line per type. Written to ``path`` (PNG, 12 inches wide at ``dpi``) without touching pyplot's state.
 
     Returns:
         the path, or None when matplotlib is not installed.
@@ -321,7 +323,7 @@ def plot_keep_maps(maps: Mapping[str, KeepMap], path: str | Path, bucket: int | 
         return None
     if not maps:
         raise ValueError("plot_keep_maps needs at least one map")
-    fig = Figure(figsize=(14, 3.4 * len(maps)), layout="constrained")
+    fig = Figure(figsize=(12, 3.2 * len(maps)), layout="constrained")
     axes = fig.subplots(len(maps), 3, squeeze=False, width_ratios=[3.2, 1.1, 1.8])
     for row, (label, m) in enumerate(maps.items()):
         ax_map, ax_layer, ax_bucket = axes[row]
@@ -358,5 +360,5 @@ def plot_keep_maps(maps: Mapping[str, KeepMap], path: str | Path, bucket: int | 
         ax_bucket.legend(fontsize=7)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     return path
