@@ -1,6 +1,6 @@
 """``eval --target decision-transformer`` on the positions-only tasks: the canonical window of one DT against the
 cached long history of another (``--canonical-model``), shipped by name, on the same seeds; and the compact
-per-episode traces of its records (``--traces`` rule: fewer points, 4 significant digits), which change no score.
+per-episode traces of its records (fewer points, 4 significant digits), which change no score.
 
 Tiny random DTs written to a temporary shipped-DT folder; real MuJoCo envs, short episodes."""
 
@@ -165,12 +165,23 @@ def test_canonical_model_errors_and_default(shipped, tmp_path, capsys):
     assert main(_argv(tmp_path / "same.json", "--canonical-model", f"shipped:{LONG}")) == 0
     summary = json.loads((tmp_path / "same.json").read_text())
     assert {r["model"] for r in summary["rows"]} == {f"shipped:{LONG}"}
-    # no --canonical-model: the identity and the rows are those of earlier runs (no new keys)
-    assert main(_argv(tmp_path / "plain.json")) == 0
+    # no --canonical-model: the identity and the rows are those of earlier runs (no new keys); the shipped NAMM and a
+    # baseline under both protocols run on the positions-only DT, on the same seeds
+    argv = _argv(tmp_path / "plain.json", "--namm", "default")
+    argv[argv.index("--policies") + 1] = "canonical,full,namm,h2o"
+    assert main([*argv, "--protocols", "ratio:0.5,threshold"]) == 0
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert "canonical_model" not in plain["settings"] and "canonical_models" not in plain
     assert all("model" not in r for r in plain["rows"])
-    assert {r["model"] for r in _records(tmp_path / "plain.jsonl")} == {f"shipped:{LONG}"}
+    records = _records(tmp_path / "plain.jsonl")
+    assert {r["model"] for r in records} == {f"shipped:{LONG}"}
+    rows = [(r["protocol"], r["policy"]) for r in plain["rows"]]
+    assert rows == [(None, "canonical"), (None, "full")] + [
+        (p, x) for p in ("ratio-50", "threshold") for x in ("namm", "h2o")
+    ]
+    assert all(sorted(r["seed"] for r in records if (r["protocol"], r["policy"]) == row) == [0, 1] for row in rows)
+    ratio_namm = next(r for r in plain["rows"] if r["protocol"] == "ratio-50" and r["policy"] == "namm")
+    assert ratio_namm["retained_cache"] < 1 and ratio_namm["vs_full"]["n"] == 2
 
 
 # ----- compact traces -------------------------------------------------------------------------------------------
