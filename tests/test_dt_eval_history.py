@@ -99,7 +99,8 @@ def test_canonical_model_runs_the_canonical_row_on_the_same_seeds(shipped, tmp_p
 
     out = tmp_path / "po.json"
     assert main(_argv(out, "--canonical-model", f"shipped:{CANON}", "--seed", "3")) == 0
-    assert "results:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "results:" in printed and "  model" in printed and f"  shipped:{CANON}\n" in printed
     records = _records(tmp_path / "po.jsonl")
     by = {(r["policy"], r["seed"]): r for r in records}
     assert sorted(by) == [("canonical", 3), ("canonical", 4), ("full", 3), ("full", 4)]

@@ -1162,12 +1162,17 @@ def _interval(ci: Mapping[str, Any] | None) -> str:
 
 
 def _print_rows(rows: Sequence[Mapping[str, Any]]) -> None:
-    print(f"{'protocol':<10} {'policy':<10} {'score':>14} {'retained':>9} {'vs full (95%)':>22} {'vs namm (95%)':>22}")
+    models = any("model" in row for row in rows)  # --canonical-model: which DT made each row
+    print(
+        f"{'protocol':<10} {'policy':<10} {'score':>14} {'retained':>9} {'vs full (95%)':>22} {'vs namm (95%)':>22}"
+        + ("  model" if models else "")
+    )
     for row in rows:
         score = f"{_fmt(row['score'])} +- {_fmt(row['score_std'])}"
         print(
             f"{row.get('protocol') or '-':<10} {row['policy']:<10} {score:>14} {_fmt(row.get('retained_cache'), 3):>9} "
             f"{_interval(row.get('vs_full')):>22} {_interval(row.get('vs_namm')):>22}"
+            + (f"  {row.get('model', '-')}" if models else "")
         )
 
 
