@@ -1114,7 +1114,7 @@ def main(args: argparse.Namespace) -> int:
         envs=list(ENVS) if args.env == "all" else [args.env],
         policies=list(args.policies),
         model=args.model,
-        canonical_model=args.canonical_model,
+        canonical_model=getattr(args, "canonical_model", None),
         namm=args.namm or "default",
         episodes=episodes,
         env_episodes=env_episodes,
