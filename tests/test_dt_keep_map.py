@@ -159,3 +159,37 @@ def test_namm_policy_follows_the_protocol():
     assert namm_policy(namm, "ratio:0.25").budget.describe() == "ratio:0.25"
     (threshold,) = parse_protocols("threshold")
     assert namm_policy(namm, threshold).budget is None
+
+
+def test_keep_map_command_writes_the_picture_and_its_numbers(tmp_path, capsys):
+    pytest.importorskip("mujoco")
+    from namm_transfer.evals.offline_rl.keep_map import main
+    from namm_transfer.evals.offline_rl.train import SIDECAR
+
+    from namm_transfer.checkpoint import save_namm
+    from namm_transfer.namm import NAMM
+
+    model = _tiny_dt(5, 3)
+    model.save_pretrained(tmp_path / "dt")
+    side = {"env": "hopper-po", "state_mean": [0.0] * 5, "state_std": [1.0] * 5, "return_scale": 1000.0}
+    (tmp_path / "dt" / SIDECAR).write_text(json.dumps(side))
+    g = torch.Generator().manual_seed(1)
+    namm = NAMM()
+    namm.set_flat(0.1 * torch.randn(namm.n_params, generator=g))
+    namm.set_normalization(torch.zeros(namm.config.n_bins), torch.ones(namm.config.n_bins))
+    save_namm(namm, tmp_path / "namm")
+    argv = ["--env", "hopper-po", "--model", str(tmp_path / "dt"), "--namm", str(tmp_path / "namm")]
+    argv += ["--max-steps", "20", "--update-interval", "6", "--step", "-1", "--output", str(tmp_path / "k" / "m.png")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ratio-50: " in out and "threshold: " in out and "m.json" in out
+    assert (tmp_path / "k" / "m.png").read_bytes()[:4] == b"\x89PNG"
+    digest = json.loads((tmp_path / "k" / "m.json").read_text())
+    assert digest["env"] == "hopper-po" and list(digest["maps"]) == ["ratio-50", "threshold"]
+    for m in digest["maps"].values():
+        assert m["step"] == m["n_tokens"] // 6 - 1 and m["kept_counts"] == m["episode"]["kept_counts"]
+        assert set(m["share_by_layer_type"]["0"]) == {"return", "state", "action"}
+    assert digest["maps"]["ratio-50"]["policy"]["budget"] == "ratio:0.5"
+    # bad input: a clear error, nothing written
+    assert main([*argv[:-1], str(tmp_path / "bad.png"), "--update-interval", "4"]) == 1
+    assert "multiple of 3" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()

@@ -19,14 +19,20 @@ counts behind them add up to the cache lengths the engine reports (``KeepMap.kep
 ``threshold``: the paper's); :func:`plot_keep_maps` draws one row per map into a PNG (matplotlib, no pyplot state).
 
 The DT notebook (``notebooks/decision_transformer.ipynb``) shows it for the NAMM under ``ratio:0.5`` and
-``threshold``.
+``threshold``; the same picture (PNG) and its numbers (JSON) for any DT, from the command line::
+
+    python -m namm_transfer.evals.offline_rl.keep_map --env hopper-po --model shipped:hopper-po-medium-long \
+        --output runs/keep-map/hopper-po-long.png
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KeepMap", "keep_map", "keep_map_episode", "namm_policy", "plot_keep_maps"]
+__all__ = ["KeepMap", "keep_map", "keep_map_episode", "main", "namm_policy", "plot_keep_maps"]
 
 
 @dataclass
@@ -362,3 +368,77 @@ def plot_keep_maps(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m namm_transfer.evals.offline_rl.keep_map``: one episode per protocol, the picture (``--output``
+    PNG) and its numbers (the same name with ``.json``: :meth:`KeepMap.summary` and the episode of every protocol)."""
+    from ...checkpoint import load_namm
+    from ...protocols import parse_protocols
+    from .envs import ENVS
+    from .pomdp import PO_ENVS
+    from .train import load_dt, resolve_dt
+
+    parser = argparse.ArgumentParser(
+        prog="python -m namm_transfer.evals.offline_rl.keep_map",
+        description="What the NAMM keeps in a Decision Transformer's cache: token type by timestep and layer.",
+    )
+    parser.add_argument("--env", default="hopper", choices=[*ENVS, *PO_ENVS], help="task (default hopper)")
+    parser.add_argument("--model", default=None, help="DT: shipped:NAME, a folder or hub id (default: the shipped DT)")
+    parser.add_argument("--level", default="medium", help="dataset level of the default shipped DT (default medium)")
+    parser.add_argument("--namm", default="default", help="NAMM name or checkpoint folder (default: default)")
+    parser.add_argument("--protocols", default="ratio:0.5,threshold", help="protocols, one map each")
+    parser.add_argument("--max-steps", type=int, default=200, help="episode length at most (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--update-interval", type=int, default=48, help="a multiple of 3 (default 48)")
+    parser.add_argument("--step", type=int, default=None, help="map after this update (-1: the last; default: end)")
+    parser.add_argument("--bucket", type=int, default=None, help="timesteps per bucket (default: about 10 buckets)")
+    parser.add_argument("--output", required=True, help="PNG to write (the numbers go to the same name .json)")
+    args = parser.parse_args(argv)
+    try:
+        model, info = load_dt(resolve_dt(args.model, args.env, args.level), env=args.env, level=args.level)
+        namm = load_namm(args.namm)
+        maps = {
+            proto.label: keep_map_episode(
+                model,
+                args.env,
+                namm_policy(namm, proto),
+                max_steps=args.max_steps,
+                seed=args.seed,
+                update_interval=args.update_interval,
+                state_mean=info["state_mean"],
+                state_std=info["state_std"],
+                return_scale=float(info["return_scale"]),
+                target_return=info.get("target_return"),
+                step=args.step,
+            )
+            for proto in parse_protocols(args.protocols)
+        }
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    png = Path(args.output)
+    plot_keep_maps(maps, png, args.bucket)
+    digest = {
+        "model": info["source"],
+        "model_sha256": info["content_hash"],
+        "namm": str(args.namm),
+        "env": args.env,
+        "seed": args.seed,
+        "update_interval": args.update_interval,
+        "token_types": list(TOKEN_TYPES),
+        "maps": {label: {**m.summary(args.bucket), "policy": m.policy, "episode": m.info} for label, m in maps.items()},
+    }
+    png.with_suffix(".json").write_text(json.dumps(digest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    for label, m in maps.items():
+        share = m.share_by_layer_type()
+        kept = ", ".join(f"{name} {np.nanmean(share[:, k]):.1%}" for k, name in enumerate(TOKEN_TYPES))
+        print(f"{label}: {m.info['length']} steps, score {m.info['score']:.1f}, {m.n_tokens} tokens; kept: {kept}")
+    print(f"wrote {png} and {png.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
