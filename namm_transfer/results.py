@@ -49,7 +49,7 @@ import platform
 import shlex
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -277,6 +277,20 @@ def _signature(header: Mapping[str, Any]) -> dict[str, Any]:
     return sig
 
 
+def _grows(old: Any, new: Any) -> bool:
+    """``new`` equals ``old`` or extends it: a larger integer, a list that starts with ``old``, a dict with every key
+    of ``old`` whose values grow (JSON values, as in a results header)."""
+    if isinstance(old, bool) or isinstance(new, bool):
+        return old == new
+    if isinstance(old, int) and isinstance(new, int):
+        return new >= old
+    if isinstance(old, list) and isinstance(new, list):
+        return len(new) >= len(old) and new[: len(old)] == old
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(k in new and _grows(v, new[k]) for k, v in old.items())
+    return bool(old == new)
+
+
 def signature_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Names of the fields (``target``, ``model``, ``namm_checkpoint``, ``settings.KEY`` for each setting) where two
     results headers or summaries disagree on what a unit's result depends on; empty when the runs are comparable
@@ -333,7 +347,9 @@ class ResultsWriter:
         *,
         rank: int | None = None,
         world_size: int | None = None,
+        extendable: Collection[str] = (),
     ) -> None:
+        self.extendable = frozenset(extendable)
         if rank is None or world_size is None:
             env_rank, env_world = shard_info()
             rank = env_rank if rank is None else rank
@@ -397,6 +413,21 @@ class ResultsWriter:
                 self._write_all()
                 return
             diffs = signature_differences(header, self._header)
+            grown = [d for d in diffs if self._extends(header, d)]
+            if diffs and grown == diffs:  # a larger run of the same units: keep the records, adopt its settings
+                logger.info(
+                    "%s: extending %s; the %d units already recorded are kept",
+                    path,
+                    ", ".join(grown),
+                    len(records),
+                )
+                self._header = {**header, "settings": self.settings, "command": self.command}
+                self._records = records
+                self._keys = {r["key"] for r in records}
+                self.resumed = len(records)
+                self._changed = True
+                self._write_all()
+                return
             if diffs:
                 raise ResultsFileError(
                     f"results file {path} was written by another command (differs in: {', '.join(diffs)}; "
@@ -412,6 +443,18 @@ class ResultsWriter:
                 logger.info("%s: resuming, %d units already done", path, len(records))
         else:
             self._write_all()
+
+    def _extends(self, header: Mapping[str, Any], diff: str) -> bool:
+        """Whether the difference ``diff`` (a :func:`signature_differences` name) from the file's ``header`` is one
+        of :attr:`extendable`'s settings grown by this run: a count raised, a list continued, a dict of those with
+        the same keys or more (e.g. ``--episodes 20`` to ``20,hopper=30``, whose seeds 0..19 stay a prefix)."""
+        key = diff.removeprefix("settings.")
+        if key == diff or key not in self.extendable:
+            return False
+        old = (header.get("settings") or {}).get(key, ...)
+        if old is ... or key not in self.settings:
+            return False
+        return _grows(json.loads(_dumps(old)), json.loads(_dumps(self.settings[key])))
 
     def _write_all(self) -> None:
         lines = [_dumps({"_header": self._header})] + [_dumps(r) for r in self._records]

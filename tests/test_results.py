@@ -423,3 +423,32 @@ def test_a_foreign_json_at_the_summary_path_is_not_overwritten(tmp_path):
     w.add({"key": "full/a", "policy": "full", "score": 1.0})
     w.finalize([{"policy": "full", "score": 1.0, "n": 1}], {})
     assert make_writer(tmp_path / "run.json").resumed == 1  # its own summary: fine
+
+
+def test_an_extendable_setting_may_grow_and_keeps_the_records(tmp_path):
+    out = tmp_path / "dt.json"
+    small = {"episodes": {"hopper": 2, "walker2d": 2}, "seeds": {"hopper": [0, 1], "walker2d": [0, 1]}, "k": 1}
+    w = make_writer(out, settings=small, extendable=("episodes", "seeds"))
+    w.add({"key": "full/hopper/0", "policy": "full", "score": 1.0})
+    # more seeds for one env: the same units plus new ones; the header takes the larger run's settings and command
+    grown = {"episodes": {"hopper": 3, "walker2d": 2}, "seeds": {"hopper": [0, 1, 2], "walker2d": [0, 1]}, "k": 1}
+    w2 = make_writer(out, settings=grown, extendable=("episodes", "seeds"), command="namm-transfer eval --more")
+    assert w2.resumed == 1 and w2.done_keys() == {"full/hopper/0"}
+    header, records, _ = read_results(tmp_path / "dt.jsonl")
+    assert header["settings"] == grown and header["command"] == "namm-transfer eval --more" and len(records) == 1
+    summary = json.loads(w2.finalize([], {}).read_text())
+    assert summary["command"] == "namm-transfer eval --more" and summary["settings"] == grown
+    # fewer seeds, other seeds, or a setting that is not extendable: refused as before, file untouched
+    before = (tmp_path / "dt.jsonl").read_bytes()
+    for settings in (
+        small,
+        {**grown, "seeds": {"hopper": [1, 2, 3], "walker2d": [0, 1]}},
+        {**grown, "k": 2},
+        {**grown, "seeds": {"hopper": [0, 1, 2]}},
+    ):
+        with pytest.raises(ResultsFileError, match="another command"):
+            make_writer(out, settings=settings, extendable=("episodes", "seeds"))
+    # without extendable, growth is refused too
+    with pytest.raises(ResultsFileError, match="settings.episodes"):
+        make_writer(out, settings={**grown, "episodes": {"hopper": 4, "walker2d": 2}})
+    assert (tmp_path / "dt.jsonl").read_bytes() == before

@@ -923,6 +923,7 @@ def evaluate(
         s.identity(),
         str(s.model or "shipped"),
         namm_record,
+        extendable=("episodes", "seeds"),  # more seeds per env (e.g. 20 -> hopper=30) keep the episodes already run
     )
     done = writer.done_keys()
     # the file must not mix checkpoints: a done episode of an env was produced by the same weights
