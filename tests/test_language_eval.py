@@ -678,6 +678,18 @@ def test_per_length_splits_prompts_over_the_tasks_run_at_each_length(assets, tmp
     assert sorted(r["sample_id"] for r in records if r["task"] == "passkey") == sorted(cycle[:4] + cycle[5:6])
     prose = [r for r in records if r["task"] == "prose_fact"]
     assert all(r["difficulty"] == {"n_distractors": 1} for r in prose)
+    # more prompts later (--per-length 5): the file grows, the records already there are kept byte for byte
+    before = out.with_suffix(".jsonl").read_text().splitlines()[1:]
+    argv[argv.index("--per-length") + 1] = "5"
+    assert _eval(assets, "llama", out, *argv, common=SETTINGS[2:]) == 0
+    header, grown = _jsonl(out)
+    assert header["settings"]["per_length"] == 5
+    assert out.with_suffix(".jsonl").read_text().splitlines()[1 : 1 + len(before)] == before
+    assert Counter((r["task"], r["length"]) for r in grown) == {
+        ("passkey", 96): 3,
+        ("prose_fact", 96): 3,
+        ("passkey", 128): 5,
+    }
 
 
 def test_default_tasks_leave_out_failed_cells_named_tasks_are_refused(assets, tmp_path, capsys):

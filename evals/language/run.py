@@ -972,6 +972,7 @@ def main(args: argparse.Namespace) -> int:
         settings=settings,
         model=model_name,
         namm_checkpoint=namm_record(namm_net) if namm_net is not None else None,
+        extendable=("n", "per_length"),  # more prompts keep the ones already run (their ids and seeds do not change)
     )
     writer.refuse_samples_outside(s.id for s in samples)
     mine = select_shard(samples, writer.rank, writer.world_size)
