@@ -21,9 +21,10 @@ the ``tokens_per_frame`` features of every frame, in frame order, replace the vi
 tokens of the prompt (one ``<video>`` in the text, expanded by the processor to ``frames x
 tokens_per_frame`` placeholder ids). The video comes first and the question after it, as in LLaVA.
 
-Saving and loading follow ``save_pretrained`` / ``from_pretrained``, except that the language model
+Saving and loading follow ``save_pretrained`` / ``from_pretrained``, except that a frozen language model
 is not saved: a folder holds ``config.json``, ``model.safetensors`` (vision tower and projector
-only) and ``processor_config.json``. ``from_pretrained(folder, language_model=...)`` takes the
+only, plus the language model's weights when it was fine-tuned: ``config.train_lm == "full"``, loaded over
+``text_model``'s) and ``processor_config.json``. ``from_pretrained(folder, language_model=...)`` takes the
 language model, or loads ``config.text_model`` through :func:`namm_transfer.models.load_model` (the
 offline route for SmolLM2). :func:`load_video_model` returns ``(model, processor)``.
 
@@ -74,7 +75,12 @@ PROMPT_FORMATS = (
 """(video first, question first): SmolLM2-Instruct's chat turn without its default system prompt."""
 WEIGHTS_FILE = "model.safetensors"
 TRAINED_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
-"""The parameters this model trains and saves; the language model is frozen and loaded separately."""
+"""The parameters this model always trains and saves; the language model is loaded separately."""
+LM_PREFIXES = ("model.language_model.", "lm_head.")
+"""The language model's parameters: trained and saved too when ``config.train_lm`` is ``"full"``."""
+TRAIN_LM_MODES = ("none", "full")
+"""``none``: the language model stays frozen (its weights come from ``text_model``); ``full``: it is fine-tuned
+whole (attention architecture unchanged) and its weights are stored in the folder."""
 
 
 class NammVideoLlavaConfig(PretrainedConfig):
@@ -94,6 +100,8 @@ class NammVideoLlavaConfig(PretrainedConfig):
         video_token_id: the placeholder id the marker is expanded to (any id of the vocabulary: its
             embedding is replaced by the video features; default 16, ``<empty_output>`` in SmolLM2's).
         image_mean, image_std: pixel normalization after scaling to [0, 1].
+        train_lm: :data:`TRAIN_LM_MODES`; with ``"full"`` the folder's weights hold the fine-tuned language model
+            (its tied head once), loaded over ``text_model``'s.
     """
 
     model_type = MODEL_TYPE
@@ -116,6 +124,7 @@ class NammVideoLlavaConfig(PretrainedConfig):
         video_token_id: int = 16,
         image_mean: tuple[float, ...] | list[float] = (0.5, 0.5, 0.5),
         image_std: tuple[float, ...] | list[float] = (0.5, 0.5, 0.5),
+        train_lm: str = "none",
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -135,6 +144,9 @@ class NammVideoLlavaConfig(PretrainedConfig):
         self.video_token_id = int(video_token_id)
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
+        if train_lm not in TRAIN_LM_MODES:
+            raise ValueError(f"train_lm must be one of {TRAIN_LM_MODES}, got {train_lm!r}")
+        self.train_lm = train_lm
         super().__init__(**kwargs)
         self.validate_dims()
 
@@ -430,18 +442,36 @@ class NammVideoLlavaForConditionalGeneration(NammVideoLlavaPreTrainedModel, Gene
             raise ValueError("labels hold no token to predict (all -100 after the first position)")
         return self.lm_head(hidden[:, :-1][where]), nxt[where]
 
-    # ----- save / load (vision tower and projector only) ------------------------------------------------
+    # ----- save / load (vision tower and projector; the language model too when it is trained) ----------------
+    def _trained_prefixes(self) -> tuple[str, ...]:
+        lm = LM_PREFIXES if getattr(self.config, "train_lm", "none") != "none" else ()
+        return TRAINED_PREFIXES + lm
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The vision tower's and projector's tensors (what training changes and a folder stores)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+        """What training changes and a folder stores: the vision tower's and projector's tensors, and with
+        ``config.train_lm == "full"`` the language model's (a head tied to the input embeddings once, as
+        ``model.language_model.embed_tokens.weight``)."""
+        state = self.state_dict()
+        out = {k: v for k, v in state.items() if k.startswith(self._trained_prefixes())}
+        head = out.get("lm_head.weight")
+        emb = out.get("model.language_model.embed_tokens.weight")
+        if head is not None and emb is not None and head.data_ptr() == emb.data_ptr():
+            del out["lm_head.weight"]
+        return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if n.startswith(TRAINED_PREFIXES)]
+        """The parameters of :meth:`trainable_state_dict` (each once)."""
+        return [p for n, p in self.named_parameters() if n.startswith(self._trained_prefixes())]
+
+    def language_model_parameters(self) -> list[nn.Parameter]:
+        """The language model's parameters (each once; a tied head is the input embedding)."""
+        return [p for n, p in self.named_parameters() if n.startswith(LM_PREFIXES)]
 
     def save_pretrained(  # type: ignore[override]
         self, save_directory: str | os.PathLike[str], processor: Any = None, **kwargs: Any
     ) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (vision tower + projector; not the language model).
+        """Write ``config.json`` and ``model.safetensors`` (:meth:`trainable_state_dict`: vision tower + projector,
+        and the language model only when ``config.train_lm`` is ``"full"``).
 
         With ``processor`` its ``processor_config.json`` is written too. Returns the folder.
         """

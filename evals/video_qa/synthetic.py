@@ -214,7 +214,10 @@ def _place_events(rng: np.random.Generator, events: list[dict[str, Any]], n_fram
 # -------------------------------------------------------------------------------------- rendering
 
 
-def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
+def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, square_half: float = 0.85) -> np.ndarray:
+    """Boolean ``(size, size)`` mask of ``shape`` centred at ``(cx, cy)`` with radius ``r`` (a square's half-width is
+    ``square_half * r``: 0.85 in v2, 1.0 in v3, where the square must differ from the circle by more than a pixel
+    of blur)."""
     import numpy as np
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -225,7 +228,7 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.nda
         d2 = dx * dx + dy * dy
         return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
     if shape == "square":
-        h = 0.85 * r
+        h = square_half * r
         return (np.abs(dx) <= h) & (np.abs(dy) <= h)
     if shape == "diamond":
         return np.abs(dx) + np.abs(dy) <= 1.15 * r
@@ -490,6 +493,8 @@ V3_MAX_ANSWER_SHARE = 0.25
 """At most this share of a v3 video's frames show an event (the rest are repeats of one static background)."""
 V3_RADIUS = 0.42
 """Event shapes are centred, with this radius as a share of the frame size (large, for a small ViT)."""
+V3_SQUARE_HALF = 1.0
+"""A v3 square's half-width as a share of the radius (it fills the circle's bounding box)."""
 _V3_SPLIT_STRIDE = 10**6
 """Item seeds: ``seed * 10 * stride + split code * stride + index``; splits never share one (index < stride)."""
 
@@ -536,7 +541,7 @@ def render_frames_v3(
     frames = np.full((n_frames, size, size, 3), base, dtype=np.float32)
     frames += rng.standard_normal(size=frames.shape, dtype=np.float32) * np.float32(noise_std)
     for ev in events:
-        mask = _shape_mask(ev["shape"], size, ev["centre"][0], ev["centre"][1], ev["radius"])
+        mask = _shape_mask(ev["shape"], size, ev["centre"][0], ev["centre"][1], ev["radius"], V3_SQUARE_HALF)
         colour = np.asarray(COLOURS[ev["colour"]], dtype=np.float32)
         for f in ev["frames"]:
             frames[f][mask] = colour + rng.normal(0.0, noise_std, size=(int(mask.sum()), 3))
