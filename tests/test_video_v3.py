@@ -206,7 +206,7 @@ def _lm_state(lm) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
 
 
-@pytest.mark.parametrize("train_lm", ["none", "full"])
+@pytest.mark.parametrize("train_lm", ["none", "full", "lora"])
 def test_train_lm_changes_the_language_model_only_when_asked(tok, v3_data, tmp_path, train_lm):
     lm = tiny_lm(tok)
     before = _lm_state(lm)
@@ -214,11 +214,15 @@ def test_train_lm_changes_the_language_model_only_when_asked(tok, v3_data, tmp_p
         _config(tok, train_lm=train_lm, steps=1), tmp_path, language_model=lm, tokenizer=tok, data_folders=v3_data
     )
     after = lm.state_dict()
+    assert after.keys() == before.keys()  # the same architecture (LoRA merged back into plain projections)
+    assert all(type(m) is not vm.LoRALinear for m in lm.modules())
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     if train_lm == "none":
         assert changed == set()
-    else:
+    elif train_lm == "full":
         assert changed == set(before)  # every tensor of the language model moved
+    else:
+        assert changed == {k for k in before if k.split(".")[-2] in vm.LORA_TARGETS}  # the projections only
     assert all(p.requires_grad == (train_lm == "full") for p in lm.parameters())
     saved = set(load_file(str(res.model_dir / vm.WEIGHTS_FILE)))
     lm_keys = {k for k in saved if k.startswith(vm.LM_PREFIXES)}
@@ -231,14 +235,15 @@ def test_train_lm_changes_the_language_model_only_when_asked(tok, v3_data, tmp_p
     assert start["train_lm"] == start["config"]["train_lm"] == train_lm
     assert json.loads((res.model_dir / "config.json").read_text())["train_lm"] == train_lm
     assert (
-        f"language model {'fine-tuned' if train_lm == 'full' else 'frozen'}"
+        f"language model {'frozen' if train_lm == 'none' else 'fine-tuned'} (`--train-lm {train_lm}`"
         in (res.model_dir / "README.md").read_text()
     )
 
 
-def test_full_fine_tuned_model_reloads_to_the_same_logits(tok, v3_data, tmp_path):
+@pytest.mark.parametrize("train_lm", ["full", "lora"])
+def test_fine_tuned_model_reloads_to_the_same_logits(tok, v3_data, tmp_path, train_lm):
     res = train_video_model(
-        _config(tok, train_lm="full"), tmp_path, language_model=tiny_lm(tok), tokenizer=tok, data_folders=v3_data
+        _config(tok, train_lm=train_lm), tmp_path, language_model=tiny_lm(tok), tokenizer=tok, data_folders=v3_data
     )
     trained = res.model.eval()
     samples, frames = load_split("val", 2, N_FRAMES, 32, N_FRAMES, folder=v3_data["val"], benchmark="v3")
@@ -260,8 +265,9 @@ def test_full_fine_tuned_model_reloads_to_the_same_logits(tok, v3_data, tmp_path
     assert not torch.allclose(other, want, atol=1e-3)  # the fine-tuned language model's weights matter
 
 
-def test_full_fine_tuning_resumes_to_the_same_weights(tok, v3_data, tmp_path):
-    cfg = _config(tok, train_lm="full", steps=3)
+@pytest.mark.parametrize("train_lm", ["full", "lora"])
+def test_fine_tuning_resumes_to_the_same_weights(tok, v3_data, tmp_path, train_lm):
+    cfg = _config(tok, train_lm=train_lm, steps=3)
     straight = train_video_model(cfg, tmp_path / "a", language_model=tiny_lm(tok), tokenizer=tok, data_folders=v3_data)
 
     def crash(step, loss):
@@ -281,6 +287,10 @@ def test_full_fine_tuning_resumes_to_the_same_weights(tok, v3_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [e for e in read_log(run / "train_log.jsonl") if "loss" in e and "event" not in e]
     assert [e["step"] for e in steps] == [1, 2, 3] and all("lm_lr" in e for e in steps)
+    if train_lm == "lora":  # the checkpoint holds the adapters, not the whole language model
+        ckpt = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+        lm_keys = {k for k in ckpt if k.startswith(vm.LM_PREFIXES)}
+        assert lm_keys and all(k.endswith((".lora_a", ".lora_b")) for k in lm_keys)
     with pytest.raises(ValueError, match="train_lm"):
         train_video_model(
             _config(tok, train_lm="none", steps=3),
@@ -303,8 +313,10 @@ def test_cli_train_lm_option_and_v3_presets():
     assert (cfg.train_lm, cfg.benchmark) == ("none", "v2")  # today's behaviour by default
     cfg = config_from_args(parser.parse_args(["--preset", "cpu-v3", "--train-lm", "none", "--lm-lr", "3e-5"]))
     assert (cfg.train_lm, cfg.lm_lr, cfg.benchmark) == ("none", 3e-5, "v3")
+    cfg = config_from_args(parser.parse_args(["--preset", "cpu-v3", "--train-lm", "lora", "--lora-rank", "4"]))
+    assert (cfg.train_lm, cfg.lora_rank) == ("lora", 4)
     with pytest.raises(SystemExit):
-        parser.parse_args(["--train-lm", "lora"])
+        parser.parse_args(["--train-lm", "peft"])
     for name in ("cpu-v3", "device-v3"):
         c = VideoTrainConfig(**PRESETS[name])
         assert c.benchmark == "v3" and c.train_lm == "full" and c.frames == c.video_frames >= 32
@@ -312,7 +324,7 @@ def test_cli_train_lm_option_and_v3_presets():
     with pytest.raises(ValueError, match="frames = video_frames"):
         VideoTrainConfig(**{**PRESETS["cpu-v3"], "frames": 16})
     with pytest.raises(ValueError, match="train_lm must be one of"):
-        VideoTrainConfig(train_lm="lora")
+        VideoTrainConfig(train_lm="peft")
 
 
 def test_cli_help_names_train_lm_without_torch():
@@ -335,3 +347,26 @@ def test_cli_help_names_train_lm_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_lora_starts_as_the_base_model_and_merges_to_the_same_function(tok):
+    """A fresh adapter changes nothing; a trained one (random B) changes the logits, and merging it into the
+    projections gives the same logits with plain ``nn.Linear`` layers and the original state-dict keys."""
+    lm = tiny_lm(tok)
+    keys = set(lm.state_dict())
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        base = lm(ids).logits
+        params = vm.add_lora(lm, rank=2, alpha=4.0)
+        assert len(params) == 2 * len(vm.LORA_TARGETS) * lm.config.num_hidden_layers
+        assert torch.equal(lm(ids).logits, base)
+        assert all(not p.requires_grad for n, p in lm.named_parameters() if ".lora_" not in n)
+        torch.manual_seed(1)
+        for p in params[1::2]:  # the B matrices
+            p.normal_(0.0, 0.05)
+        adapted = lm(ids).logits
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        assert vm.merge_lora(lm) == len(vm.LORA_TARGETS) * lm.config.num_hidden_layers
+        merged = lm(ids).logits
+    assert set(lm.state_dict()) == keys and all(type(m) is not vm.LoRALinear for m in lm.modules())
+    assert torch.allclose(merged, adapted, atol=1e-5)

@@ -28,7 +28,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-TRAIN_LM_CHOICES = ("none", "full")
+TRAIN_LM_CHOICES = ("none", "full", "lora")
 """``--train-lm`` values: :data:`.model.TRAIN_LM_MODES`, spelled out here so that ``--help`` imports no torch."""
 
 _OVERRIDES: dict[str, tuple[type, str]] = {
@@ -52,6 +52,8 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "vision_heads": (int, "ViT heads"),
     "tokens_per_frame": (int, "language-model tokens per frame (a square, >= 16 for the shipped model)"),
     "text_model": (str, "language model (offline name or folder)"),
+    "lora_rank": (int, "LoRA rank with --train-lm lora"),
+    "lora_alpha": (float, "LoRA scale numerator (update = alpha / rank * B A) with --train-lm lora"),
     "test_videos": (int, "held-out v3 test questions whose seeds must be disjoint from training's"),
     "dtype": (str, "the language model's dtype: float32, bfloat16, float16"),
     "threads": (int, "torch CPU threads"),
@@ -90,8 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-lm",
         choices=list(TRAIN_LM_CHOICES),
         default=None,
-        help="none: the language model stays frozen; full: it is fine-tuned whole with --lm-lr (its attention "
-        "architecture unchanged; its weights are saved with the model) (default: the preset's)",
+        help="none: the language model stays frozen; full: it is fine-tuned whole with --lm-lr; lora: rank "
+        "--lora-rank adapters on its attention and MLP projections, merged at the end (its attention architecture "
+        "unchanged; its weights are saved with the model either way) (default: the preset's)",
     )
     for name, (kind, text) in _OVERRIDES.items():
         flag = "--" + name.replace("_", "-")

@@ -122,13 +122,17 @@ class VideoTrainConfig(RunConfig):
     text_model: str = "smollm2-135m"
     video_token_id: int = 16
     train_lm: str = "none"
-    """``none``: the language model stays frozen; ``full``: it is fine-tuned whole (its attention unchanged)."""
+    """``none``: the language model stays frozen; ``full``: it is fine-tuned whole; ``lora``: low-rank adapters on its
+    attention and MLP projections, merged into them at the end (its attention architecture unchanged either way)."""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    """LoRA rank and scale numerator (the update is ``alpha / rank * B A``), for ``train_lm="lora"``."""
     # optimization
     steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3
     lm_lr: float = 5e-5
-    """The language model's AdamW learning rate (``train_lm="full"``; same warmup and cosine)."""
+    """The language model's (or its adapters') AdamW learning rate (same warmup and cosine)."""
     weight_decay: float = 0.05
     warmup: int = 100
     grad_clip: float = 1.0
@@ -168,8 +172,11 @@ class VideoTrainConfig(RunConfig):
 
         if self.train_lm not in TRAIN_LM_MODES:
             raise ValueError(f"train_lm must be one of {', '.join(TRAIN_LM_MODES)}, got {self.train_lm!r}")
-        if self.lm_lr <= 0:
-            raise ValueError(f"lm_lr must be > 0, got {self.lm_lr}")
+        if self.lm_lr <= 0 or self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError(
+                f"lm_lr and lora_alpha must be > 0 and lora_rank >= 1, got {self.lm_lr}, {self.lora_alpha}, "
+                f"{self.lora_rank}"
+            )
         if self.benchmark not in ("v2", "v3"):
             raise ValueError(f"benchmark must be v2 or v3, got {self.benchmark!r}")
         if self.benchmark == "v3" and (self.video_frames < 32 or self.frames != self.video_frames):
@@ -328,6 +335,8 @@ IDENTITY_FIELDS = (
     "benchmark",
     "train_lm",
     "lm_lr",
+    "lora_rank",
+    "lora_alpha",
     "train_videos",
     "video_frames",
     "video_size",
@@ -502,7 +511,7 @@ def train_video_model(
     """
     import torch
 
-    from .model import NammVideoLlavaForConditionalGeneration
+    from .model import NammVideoLlavaForConditionalGeneration, add_lora, merge_lora
     from .processor import NammVideoLlavaProcessor
 
     cfg = config
@@ -546,11 +555,13 @@ def train_video_model(
         lm, tok = load_model(cfg.text_model, device=device, dtype="float32" if train_lm else cfg.dtype)
         language_model = language_model if language_model is not None else lm
         tokenizer = tokenizer if tokenizer is not None else tok
-    language_model.requires_grad_(train_lm)
+    language_model.requires_grad_(cfg.train_lm == "full")
     language_model.eval()  # no dropout either way; its gradients flow when train_lm
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config(language_model.config)
     model = NammVideoLlavaForConditionalGeneration(mcfg, language_model)
+    if cfg.train_lm == "lora":
+        add_lora(language_model, cfg.lora_rank, cfg.lora_alpha)
     model.model.vision_tower.to(device=device, dtype=torch.float32)
     model.model.multi_modal_projector.to(device=device, dtype=torch.float32)
     if cfg.gradient_checkpointing:
@@ -689,6 +700,8 @@ def train_video_model(
     model.eval()
     val = evaluate(model, batcher, val_s, val_f, cfg.batch_size, autocast, cfg.caption_share > 0)
     append_log(log_path, {"step": step, "event": "eval", "final": True, **val})
+    if cfg.train_lm == "lora":
+        merge_lora(language_model)  # the folder stores a plain language model
     model_dir = model.save_pretrained(out / MODEL_DIR, processor=processor)
     append_log(log_path, {"step": step, "event": "end", "time": utc_now(), "seconds": round(elapsed, 1)})
     from .train_card import write_card, write_curve

@@ -77,8 +77,9 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
     )
     title = name or folder.name
     train_lm = str(cfg.get("train_lm") or "none")
+    lora = f", rank {cfg.get('lora_rank')} alpha {cfg.get('lora_alpha')} adapters merged" if train_lm == "lora" else ""
     lm_state = (
-        f"language model fine-tuned (`--train-lm {train_lm}`, AdamW lr {cfg.get('lm_lr')})"
+        f"language model fine-tuned (`--train-lm {train_lm}`{lora}, AdamW lr {cfg.get('lm_lr')})"
         if train_lm != "none"
         else "language model frozen (`--train-lm none`)"
     )
