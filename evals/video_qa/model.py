@@ -1,4 +1,4 @@
-"""The project's own small video-LLaVA-style model: a timm ViT + an MLP projector + a frozen SmolLM2.
+"""The project's own small video-LLaVA-style model: a timm ViT + an MLP projector + SmolLM2 (frozen or fine-tuned).
 
 Made the way LLaVA models are made, in the mould of the Hugging Face LLaVA classes, small enough to be
 trained here (``namm-transfer video train``) so that the video target has a real model offline:

@@ -1,5 +1,6 @@
 """Training of the project's video model (:mod:`.model`): the vision tower and projector learn; SmolLM2 stays frozen
-(``train_lm="none"``) or is fine-tuned whole with its own learning rate (``train_lm="full"``, ``lm_lr``).
+(``train_lm="none"``), is fine-tuned whole with its own learning rate (``train_lm="full"``, ``lm_lr``) or through
+LoRA adapters merged at the end (``train_lm="lora"``, ``lora_rank``, ``lora_alpha``).
 
 Data: the synthetic benchmark (:mod:`.synthetic`), its ``train`` split for training and its ``val``
 split for monitoring (the ``test`` split stays held out for ``namm-transfer eval``), generated on
@@ -140,7 +141,8 @@ class VideoTrainConfig(RunConfig):
     # machine (not part of a run's identity)
     device: str = "cpu"
     dtype: str = "float32"
-    """The frozen language model's dtype; with bfloat16 the vision part runs under autocast."""
+    """The language model's dtype (a trained one keeps float32 weights and runs under autocast in this dtype); with
+    bfloat16 the vision part runs under autocast."""
     gradient_checkpointing: bool = False
     threads: int | None = None
     workers: int = 1
@@ -494,15 +496,16 @@ def train_video_model(
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> VideoTrainResult:
-    """Train the vision tower and projector of a video model around a frozen language model.
+    """Train the vision tower and projector of a video model around a language model (trained too per ``train_lm``).
 
     Args:
         config: the run's settings.
         output: the run folder (see the module docstring); resumed when it holds a checkpoint of the
             same run and ``resume`` is true (else its checkpoints and log are removed).
         stop_at: stop once this step is reached, leaving a checkpoint and no final model.
-        language_model, tokenizer: the frozen causal LM and its tokenizer (default: ``config.text_model``
-            through :func:`namm_transfer.models.load_model` on ``config.device`` in ``config.dtype``).
+        language_model, tokenizer: the causal LM (trained in place unless ``train_lm="none"``) and its tokenizer
+            (default: ``config.text_model`` through :func:`namm_transfer.models.load_model` on ``config.device`` in
+            ``config.dtype``, float32 when trained).
         data_folders: ``{"train": folder, "val": folder}`` instead of the cache folders.
         on_step: called as ``on_step(step, loss)`` after every step.
 
