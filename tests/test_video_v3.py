@@ -98,6 +98,7 @@ def test_v3_layout_answer_frames_and_disjoint_seeds(v3_data):
         syn.check_disjoint_seeds(seeds[a], seeds[b])
     with pytest.raises(ValueError, match="share 2 item seeds"):
         syn.check_disjoint_seeds(seeds["train"], seeds["train"][:2])
+    syn.check_disjoint_seeds(syn.v3_split_seeds("train", 100_000), syn.v3_split_seeds("test", 300))  # at scale
     with pytest.raises(ValueError, match="at least 32 frames"):
         syn.generate_benchmark_v3(v3_data["test"] + "-bad", 1, frames_per_video=16)
 
@@ -112,6 +113,16 @@ def test_v3_answer_frames_are_where_the_generator_says(v3_data):
         assert (sat_share[[f for f in range(N_FRAMES) if f not in rec["event_frames"]]] == 0).all()
         background = frames[[f for f in range(N_FRAMES) if f not in rec["event_frames"]]]
         assert np.abs(background - background[0]).mean() < 4  # redundant repeats
+
+
+def test_v3_command_line(tmp_path, capsys):
+    syn.main([str(tmp_path), "--v3", "--split", "test", "--n-videos", "2", "--frames-per-video", "40"])
+    recs = _records(str(tmp_path), "test")
+    assert capsys.readouterr().out.strip() == str(tmp_path / "synthetic_test.json")
+    assert [(r["id"], r["num_frames"], r["frame_size"]) for r in recs] == [
+        ("synth3-test-00000", 40, [32, 32]),
+        ("synth3-test-00001", 40, [32, 32]),
+    ]
 
 
 def _read_events(frames: np.ndarray) -> list[tuple[str, str]]:

@@ -709,23 +709,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = StrictParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--n-videos", type=int, default=20)
-    parser.add_argument("--frames-per-video", type=int, default=64)
+    parser.add_argument("--frames-per-video", type=int, default=None, help="default: 64 (v2), 32 (v3)")
     parser.add_argument("--split", default="train", choices=sorted(SPLITS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=None, help="frame size in pixels; default: 64 (v2), 32 (v3)")
     parser.add_argument("--fps", type=int, default=4)
-    parser.add_argument("--v3", action="store_true", help="benchmark v3 (32 frames of 32 px unless given)")
+    parser.add_argument("--v3", action="store_true", help="benchmark v3 (eviction matters; answer_frames recorded)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if args.v3:
-        frames = args.frames_per_video if "--frames-per-video" in (argv or []) else V3_DEFAULTS["frames_per_video"]
-        size = args.size if "--size" in (argv or []) else V3_DEFAULTS["size"]
         path = generate_benchmark_v3(
-            args.out_dir, args.n_videos, args.split, args.seed, frames_per_video=frames, size=size, fps=args.fps
+            args.out_dir,
+            args.n_videos,
+            args.split,
+            args.seed,
+            frames_per_video=args.frames_per_video or V3_DEFAULTS["frames_per_video"],
+            size=args.size or V3_DEFAULTS["size"],
+            fps=args.fps,
         )
     else:
         path = generate_benchmark(
-            args.out_dir, args.n_videos, args.frames_per_video, args.split, args.seed, args.size, args.fps
+            args.out_dir, args.n_videos, args.frames_per_video or 64, args.split, args.seed, args.size or 64, args.fps
         )
     print(path)
 
