@@ -1,4 +1,5 @@
-"""``namm-transfer video train``: train the project's small video model (vision tower + projector; SmolLM2 frozen).
+"""``namm-transfer video train``: train the project's small video model (vision tower + projector; SmolLM2 too with
+``--train-lm full``).
 
 Importing this module is cheap (no torch or transformers): they load inside :func:`main`.
 
@@ -8,6 +9,7 @@ Examples::
     namm-transfer video train --preset device --ship smollm2-135m-video   # the shipped model (GPU, see
                                                                 # training/device.sh)
     namm-transfer video train --preset device --output runs/video/device  # again: resumes from its checkpoint
+    namm-transfer video train --preset cpu-v3 --time-budget 3600           # benchmark v3, SmolLM2 fine-tuned too
 
 Presets set every option below; an option given on the command line overrides its preset value.
 A run resumes from its newest checkpoint when started again with the same settings; ``--restart``
@@ -26,10 +28,14 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+TRAIN_LM_CHOICES = ("none", "full", "lora")
+"""``--train-lm`` values: :data:`.model.TRAIN_LM_MODES`, spelled out here so that ``--help`` imports no torch."""
+
 _OVERRIDES: dict[str, tuple[type, str]] = {
     "steps": (int, "gradient steps in total"),
     "batch_size": (int, "questions per step"),
-    "lr": (float, "AdamW learning rate (warmup, then cosine to 10%%)"),
+    "lr": (float, "AdamW learning rate of the vision tower and projector (warmup, then cosine to 10%%)"),
+    "lm_lr": (float, "AdamW learning rate of the language model with --train-lm full (same schedule)"),
     "weight_decay": (float, "AdamW weight decay"),
     "warmup": (int, "linear warmup steps"),
     "grad_clip": (float, "gradient norm clip"),
@@ -45,7 +51,10 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "vision_depth": (int, "ViT layers"),
     "vision_heads": (int, "ViT heads"),
     "tokens_per_frame": (int, "language-model tokens per frame (a square, >= 16 for the shipped model)"),
-    "text_model": (str, "frozen language model (offline name or folder)"),
+    "text_model": (str, "language model (offline name or folder)"),
+    "lora_rank": (int, "LoRA rank with --train-lm lora"),
+    "lora_alpha": (float, "LoRA scale numerator (update = alpha / rank * B A) with --train-lm lora"),
+    "test_videos": (int, "held-out v3 test questions whose seeds must be disjoint from training's"),
     "dtype": (str, "the language model's dtype: float32, bfloat16, float16"),
     "threads": (int, "torch CPU threads"),
     "workers": (int, "processes generating and decoding the data"),
@@ -66,10 +75,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cpu-small",
         help="cpu-small: 8 frames of 32 px, a 2-layer ViT, 60 steps (minutes on one core); cpu: 32 frames, the same "
         "ViT, 750 steps of 4 (hours on one core; resumable, use --time-budget); device: the shipped "
-        "model, 32 frames of 64 px, a 6-layer ViT, 1500 steps of 16 (half captions) in bfloat16 on a GPU "
-        "(default: cpu-small)",
+        "model, 32 frames of 64 px, a 6-layer ViT, 1500 steps of 16 (half captions) in bfloat16 on a GPU; "
+        "cpu-v3: benchmark v3 with the language model fine-tuned too (--train-lm full), 360 steps of 4 (measured "
+        "19.6 s/step on one thread: about two hours); device-v3: the same on a GPU, a 6-layer ViT, 16 tokens per "
+        "frame, 3000 steps of 16 (default: cpu-small)",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the preset's)")
+    parser.add_argument(
+        "--benchmark",
+        choices=["v2", "v3"],
+        default=None,
+        help="synthetic benchmark: v2 (64 frames, sampled) or v3 (32 frames read whole, at most a quarter "
+        "answer-bearing) (default: the preset's)",
+    )
+    parser.add_argument(
+        "--train-lm",
+        choices=list(TRAIN_LM_CHOICES),
+        default=None,
+        help="none: the language model stays frozen; full: it is fine-tuned whole with --lm-lr; lora: rank "
+        "--lora-rank adapters on its attention and MLP projections, merged at the end (its attention architecture "
+        "unchanged; its weights are saved with the model either way) (default: the preset's)",
+    )
     for name, (kind, text) in _OVERRIDES.items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: the preset's)")
@@ -99,6 +125,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
             values[name] = given
     if args.device is not None:
         values["device"] = args.device
+    for name in ("benchmark", "train_lm"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
     if args.gradient_checkpointing:
         values["gradient_checkpointing"] = True
     if args.time_budget is not None:

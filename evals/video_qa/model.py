@@ -1,4 +1,4 @@
-"""The project's own small video-LLaVA-style model: a timm ViT + an MLP projector + a frozen SmolLM2.
+"""The project's own small video-LLaVA-style model: a timm ViT + an MLP projector + SmolLM2 (frozen or fine-tuned).
 
 Made the way LLaVA models are made, in the mould of the Hugging Face LLaVA classes, small enough to be
 trained here (``namm-transfer video train``) so that the video target has a real model offline:
@@ -21,9 +21,10 @@ the ``tokens_per_frame`` features of every frame, in frame order, replace the vi
 tokens of the prompt (one ``<video>`` in the text, expanded by the processor to ``frames x
 tokens_per_frame`` placeholder ids). The video comes first and the question after it, as in LLaVA.
 
-Saving and loading follow ``save_pretrained`` / ``from_pretrained``, except that the language model
+Saving and loading follow ``save_pretrained`` / ``from_pretrained``, except that a frozen language model
 is not saved: a folder holds ``config.json``, ``model.safetensors`` (vision tower and projector
-only) and ``processor_config.json``. ``from_pretrained(folder, language_model=...)`` takes the
+only, plus the language model's weights when it was fine-tuned: ``config.train_lm == "full"``, loaded over
+``text_model``'s) and ``processor_config.json``. ``from_pretrained(folder, language_model=...)`` takes the
 language model, or loads ``config.text_model`` through :func:`namm_transfer.models.load_model` (the
 offline route for SmolLM2). :func:`load_video_model` returns ``(model, processor)``.
 
@@ -54,6 +55,9 @@ __all__ = [
     "NammVideoLlavaForConditionalGeneration",
     "NammVideoLlavaModel",
     "NammVideoLlavaProjector",
+    "LoRALinear",
+    "add_lora",
+    "merge_lora",
     "build_vision_tower",
     "is_video_model_folder",
     "load_video_model",
@@ -74,7 +78,16 @@ PROMPT_FORMATS = (
 """(video first, question first): SmolLM2-Instruct's chat turn without its default system prompt."""
 WEIGHTS_FILE = "model.safetensors"
 TRAINED_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
-"""The parameters this model trains and saves; the language model is frozen and loaded separately."""
+"""The parameters this model always trains and saves; the language model is loaded separately."""
+LM_PREFIXES = ("model.language_model.", "lm_head.")
+"""The language model's parameters: trained and saved too when ``config.train_lm`` is ``"full"``."""
+TRAIN_LM_MODES = ("none", "full", "lora")
+"""``none``: the language model stays frozen (its weights come from ``text_model``); ``full``: it is fine-tuned
+whole (attention architecture unchanged) and its weights are stored in the folder; ``lora``: low-rank adapters
+(:class:`LoRALinear`) on its attention and MLP projections are trained, then merged into those projections
+(:func:`merge_lora`), so the folder stores a plain language model as with ``full``."""
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The ``nn.Linear`` submodules of the decoder layers that :func:`add_lora` wraps."""
 
 
 class NammVideoLlavaConfig(PretrainedConfig):
@@ -94,6 +107,8 @@ class NammVideoLlavaConfig(PretrainedConfig):
         video_token_id: the placeholder id the marker is expanded to (any id of the vocabulary: its
             embedding is replaced by the video features; default 16, ``<empty_output>`` in SmolLM2's).
         image_mean, image_std: pixel normalization after scaling to [0, 1].
+        train_lm: :data:`TRAIN_LM_MODES`; with ``"full"`` or ``"lora"`` (merged) the folder's weights hold the
+            fine-tuned language model (its tied head once), loaded over ``text_model``'s.
     """
 
     model_type = MODEL_TYPE
@@ -116,6 +131,7 @@ class NammVideoLlavaConfig(PretrainedConfig):
         video_token_id: int = 16,
         image_mean: tuple[float, ...] | list[float] = (0.5, 0.5, 0.5),
         image_std: tuple[float, ...] | list[float] = (0.5, 0.5, 0.5),
+        train_lm: str = "none",
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -135,6 +151,9 @@ class NammVideoLlavaConfig(PretrainedConfig):
         self.video_token_id = int(video_token_id)
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
+        if train_lm not in TRAIN_LM_MODES:
+            raise ValueError(f"train_lm must be one of {TRAIN_LM_MODES}, got {train_lm!r}")
+        self.train_lm = train_lm
         super().__init__(**kwargs)
         self.validate_dims()
 
@@ -158,6 +177,64 @@ class NammVideoLlavaConfig(PretrainedConfig):
             raise ValueError(f"vision_embed_dim {self.vision_embed_dim} is not divisible by {self.vision_heads} heads")
         if not 0 <= self.video_token_id < int(self.text_config.vocab_size):
             raise ValueError(f"video_token_id {self.video_token_id} is outside the vocabulary")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * (x A^T) B^T``: a frozen ``nn.Linear`` plus a trainable rank-``rank`` update.
+
+    ``lora_a`` (rank, in) starts Gaussian with std ``1 / rank``, ``lora_b`` (out, rank) at zero, so a fresh adapter
+    leaves the output unchanged; ``scale = alpha / rank``. Input (..., in), output (..., out).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.base.requires_grad_(False)
+        w = base.weight
+        self.lora_a = nn.Parameter(torch.randn(rank, w.shape[1], device=w.device, dtype=torch.float32) / rank)
+        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=torch.float32))
+        self.scale = float(alpha) / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        update = (x.to(self.lora_a.dtype) @ self.lora_a.T) @ self.lora_b.T
+        return self.base(x) + (self.scale * update).to(x.dtype)
+
+    def merged(self) -> nn.Linear:
+        """The base layer with the update added to its weight (``W + scale * B A``)."""
+        with torch.no_grad():
+            delta = (self.lora_b @ self.lora_a) * self.scale
+            self.base.weight.add_(delta.to(self.base.weight.dtype))
+        return self.base
+
+
+def add_lora(language_model: nn.Module, rank: int, alpha: float) -> list[nn.Parameter]:
+    """Wrap every :data:`LORA_TARGETS` ``nn.Linear`` of ``language_model`` in a :class:`LoRALinear` (in place);
+    returns the adapters' parameters. The rest of the language model is frozen."""
+    language_model.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for module in list(language_model.modules()):
+        for name in LORA_TARGETS:
+            child = getattr(module, name, None)
+            if isinstance(child, nn.Linear):
+                wrapped = LoRALinear(child, rank, alpha)
+                setattr(module, name, wrapped)
+                params += [wrapped.lora_a, wrapped.lora_b]
+    if not params:
+        raise ValueError(f"the language model has none of the LoRA target projections {LORA_TARGETS}")
+    return params
+
+
+def merge_lora(language_model: nn.Module) -> int:
+    """Replace every :class:`LoRALinear` of ``language_model`` by its merged ``nn.Linear``; returns how many."""
+    n = 0
+    for module in list(language_model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+                n += 1
+    return n
 
 
 def build_vision_tower(config: NammVideoLlavaConfig) -> nn.Module:
@@ -430,23 +507,56 @@ class NammVideoLlavaForConditionalGeneration(NammVideoLlavaPreTrainedModel, Gene
             raise ValueError("labels hold no token to predict (all -100 after the first position)")
         return self.lm_head(hidden[:, :-1][where]), nxt[where]
 
-    # ----- save / load (vision tower and projector only) ------------------------------------------------
+    # ----- save / load (vision tower and projector; the language model too when it is trained) ----------------
+    def _has_lora(self) -> bool:
+        return any(isinstance(m, LoRALinear) for m in self.model.language_model.modules())
+
+    def _is_trained(self, name: str, lora: bool) -> bool:
+        if name.startswith(TRAINED_PREFIXES):
+            return True
+        if lora:  # during LoRA training: the adapters only
+            return name.startswith(LM_PREFIXES) and (".lora_a" in name or ".lora_b" in name)
+        return getattr(self.config, "train_lm", "none") != "none" and name.startswith(LM_PREFIXES)
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The vision tower's and projector's tensors (what training changes and a folder stores)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+        """What training changes and a folder stores: the vision tower's and projector's tensors, and with
+        ``config.train_lm`` ``"full"`` or ``"lora"`` the language model's (a head tied to the input embeddings once,
+        as ``model.language_model.embed_tokens.weight``); while LoRA adapters are attached, their tensors instead."""
+        state = self.state_dict()
+        lora = self._has_lora()
+        out = {k: v for k, v in state.items() if self._is_trained(k, lora)}
+        head = out.get("lm_head.weight")
+        emb = out.get("model.language_model.embed_tokens.weight")
+        if head is not None and emb is not None and head.data_ptr() == emb.data_ptr():
+            del out["lm_head.weight"]
+        return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if n.startswith(TRAINED_PREFIXES)]
+        """The parameters of :meth:`trainable_state_dict` (each once)."""
+        lora = self._has_lora()
+        return [p for n, p in self.named_parameters() if self._is_trained(n, lora)]
+
+    def language_model_parameters(self) -> list[nn.Parameter]:
+        """The language model's trained parameters (each once; a tied head is the input embedding; the adapters'
+        while LoRA adapters are attached)."""
+        lora = self._has_lora()
+        return [p for n, p in self.named_parameters() if n.startswith(LM_PREFIXES) and self._is_trained(n, lora)]
 
     def save_pretrained(  # type: ignore[override]
         self, save_directory: str | os.PathLike[str], processor: Any = None, **kwargs: Any
     ) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (vision tower + projector; not the language model).
+        """Write ``config.json`` and ``model.safetensors`` (:meth:`trainable_state_dict`: vision tower + projector,
+        and the language model only when ``config.train_lm`` is ``"full"``).
 
         With ``processor`` its ``processor_config.json`` is written too. Returns the folder.
         """
         from safetensors.torch import save_file
 
+        if self._has_lora():
+            raise ValueError(
+                "merge the LoRA adapters first (merge_lora(model.model.language_model)): a folder stores a plain "
+                "language model"
+            )
         if kwargs:
             logger.debug("save_pretrained ignores %s", sorted(kwargs))
         out = Path(save_directory)

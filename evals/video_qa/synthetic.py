@@ -42,6 +42,12 @@ end frame, times, shape, colour, centre, radius), ``num_frames``, ``fps``, ``fra
 ``answer_text``, ``split``, ``seed`` and ``generator``. The train and test splits derive their random
 streams from ``(seed, split)``, so they differ for the same ``seed``; the same arguments always give
 byte-identical json and identical decoded frames.
+
+Version 3 (:func:`generate_benchmark_v3`, ``--v3``; ids ``synth3-<split>-NNNNN``, generator
+``namm-synthetic-video-qa/3``) is a benchmark in which eviction matters: 32 frames of 32 px by default, all of
+them meant to be read, at most a quarter showing an event (one frame each, a large centred saturated shape) and
+the rest repeats of one static dark background; the same questions and categories; per question the frames that
+bear the answer (``answer_frames``) and the item's seed (``item_seed``, disjoint between splits).
 """
 
 from __future__ import annotations
@@ -59,11 +65,19 @@ __all__ = [
     "CATEGORIES",
     "COLOURS",
     "GENERATOR_VERSION",
+    "GENERATOR_VERSION_V3",
     "SHAPES",
     "SPLITS",
+    "V3_DEFAULTS",
+    "check_disjoint_seeds",
     "generate_benchmark",
+    "generate_benchmark_v3",
     "make_video_item",
+    "make_video_item_v3",
     "render_frames",
+    "v3_answer_frames",
+    "v3_item_seed",
+    "v3_split_seeds",
     "write_mp4",
 ]
 
@@ -200,7 +214,10 @@ def _place_events(rng: np.random.Generator, events: list[dict[str, Any]], n_fram
 # -------------------------------------------------------------------------------------- rendering
 
 
-def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
+def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, square_half: float = 0.85) -> np.ndarray:
+    """Boolean ``(size, size)`` mask of ``shape`` centred at ``(cx, cy)`` with radius ``r`` (a square's half-width is
+    ``square_half * r``: 0.85 in v2, 1.0 in v3, where the square must differ from the circle by more than a pixel
+    of blur)."""
     import numpy as np
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -211,7 +228,7 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.nda
         d2 = dx * dx + dy * dy
         return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
     if shape == "square":
-        h = 0.85 * r
+        h = square_half * r
         return (np.abs(dx) <= h) & (np.abs(dy) <= h)
     if shape == "diamond":
         return np.abs(dx) + np.abs(dy) <= 1.15 * r
@@ -464,6 +481,227 @@ def generate_benchmark(
     return json_path
 
 
+# ================================================================================================== v3
+# Version 3: a benchmark in which eviction matters (issue 23). Beside version 2 above, which stays as it is.
+
+GENERATOR_VERSION_V3 = "namm-synthetic-video-qa/3"
+"""Recorded in every v3 item; bump it whenever the v3 content changes."""
+
+V3_DEFAULTS: dict[str, Any] = {"frames_per_video": 32, "size": 32, "fps": 4, "noise_std": 2.0}
+"""Defaults of :func:`generate_benchmark_v3`: 32 frames of 32 px, every frame read by the model."""
+V3_MAX_ANSWER_SHARE = 0.25
+"""At most this share of a v3 video's frames show an event (the rest are repeats of one static background)."""
+V3_RADIUS = 0.42
+"""Event shapes are centred, with this radius as a share of the frame size (large, for a small ViT)."""
+V3_SQUARE_HALF = 1.0
+"""A v3 square's half-width as a share of the radius (it fills the circle's bounding box)."""
+_V3_SPLIT_STRIDE = 10**6
+"""Item seeds: ``seed * 10 * stride + split code * stride + index``; splits never share one (index < stride)."""
+
+
+def v3_item_seed(seed: int, split: str, index: int) -> int:
+    """The integer seed of item ``index`` of a v3 split: distinct for every (seed, split, index) with
+    ``0 <= index < 10**6`` and ``seed >= 0``, so a split's seeds are disjoint from any other split's."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    if not 0 <= index < _V3_SPLIT_STRIDE or seed < 0:
+        raise ValueError(f"v3 needs 0 <= index < {_V3_SPLIT_STRIDE} and seed >= 0, got index {index}, seed {seed}")
+    return (int(seed) * 10 + SPLITS[split]) * _V3_SPLIT_STRIDE + int(index)
+
+
+def v3_split_seeds(split: str, n_videos: int, seed: int = 0) -> list[int]:
+    """The item seeds of the first ``n_videos`` items of a v3 split (without generating them)."""
+    return [v3_item_seed(seed, split, i) for i in range(n_videos)]
+
+
+def check_disjoint_seeds(a: list[int] | set[int], b: list[int] | set[int], what: str = "train and held-out") -> None:
+    """``ValueError`` when two v3 splits share an item seed (a held-out question also seen in training)."""
+    shared = sorted(set(a) & set(b))
+    if shared:
+        raise ValueError(f"the {what} splits share {len(shared)} item seeds (first {shared[:3]}): use other seeds")
+
+
+def v3_answer_frames(category: str, events: list[dict[str, Any]], answer: str) -> list[int]:
+    """The frames that bear the answer: for ``colour`` / ``shape`` those of the events with the answer's colour /
+    shape (the other options never appear); for ``first``, ``last`` and ``count`` every event's frames (the order
+    or the number needs them all)."""
+    if category in ("colour", "shape"):
+        return sorted(f for ev in events if ev[category] == answer for f in ev["frames"])
+    return sorted(f for ev in events for f in ev["frames"])
+
+
+def render_frames_v3(
+    rng: np.random.Generator, events: list[dict[str, Any]], n_frames: int, size: int, noise_std: float = 2.0
+) -> np.ndarray:
+    """A v3 video's frames, ``uint8`` ``(n_frames, size, size, 3)``: one static dark grey background (the same in
+    every frame up to pixel noise of std ``noise_std``) and each event a saturated shape in its frames."""
+    import numpy as np
+
+    base = float(rng.uniform(35, 60))
+    frames = np.full((n_frames, size, size, 3), base, dtype=np.float32)
+    frames += rng.standard_normal(size=frames.shape, dtype=np.float32) * np.float32(noise_std)
+    for ev in events:
+        mask = _shape_mask(ev["shape"], size, ev["centre"][0], ev["centre"][1], ev["radius"], V3_SQUARE_HALF)
+        colour = np.asarray(COLOURS[ev["colour"]], dtype=np.float32)
+        for f in ev["frames"]:
+            frames[f][mask] = colour + rng.normal(0.0, noise_std, size=(int(mask.sum()), 3))
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+def make_video_item_v3(
+    index: int,
+    category: str,
+    answer_pos: int,
+    *,
+    seed: int,
+    split: str,
+    frames_per_video: int,
+    size: int,
+    fps: int,
+    noise_std: float,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """One v3 record and its frames (``uint8`` ``(frames_per_video, size, size, 3)``).
+
+    Events (1 frame each, centred, radius :data:`V3_RADIUS` of the frame) lie one per 1/k-th of the video with a
+    background frame before each; the record adds ``answer_frames`` (:func:`v3_answer_frames`) and ``item_seed``.
+    """
+    import numpy as np
+
+    item_seed = v3_item_seed(seed, split, index)
+    rng = np.random.default_rng([item_seed, 3])
+    events = _sample_events(rng, category)
+    answer, distractors = _answer_and_distractors(rng, category, events)
+    options = list(distractors)
+    rng.shuffle(options)
+    options.insert(answer_pos, answer)
+    _place_events(rng, events, frames_per_video, 1, size)
+    centre = (size - 1) / 2.0
+    for ev in events:
+        ev["centre"], ev["radius"] = [centre, centre], round(V3_RADIUS * size, 3)
+    frames = render_frames_v3(rng, events, frames_per_video, size, noise_std=noise_std)
+
+    item_id = f"synth3-{split}-{index:05d}"
+    duration = frames_per_video / fps
+    record: dict[str, Any] = {
+        "id": item_id,
+        "video_path": f"{item_id}.mp4",
+        "subtitle_path": None,
+        "duration": duration,
+        "duration_group": _duration_group(duration),
+        "question_category": category,
+        "question": _QUESTIONS[category],
+    }
+    for i in range(LVB_OPTION_SLOTS):
+        record[f"option{i}"] = options[i] if i < len(options) else "N/A"
+    event_frames = sorted(f for ev in events for f in ev["frames"])
+    record.update(
+        {
+            "correct_choice": answer_pos,
+            "starting_timestamp_for_subtitles": 0,
+            "answer_text": answer,
+            "answer_frames": v3_answer_frames(category, events, answer),
+            "event_frames": event_frames,
+            "events": [
+                {
+                    "shape": ev["shape"],
+                    "colour": ev["colour"],
+                    "start_frame": ev["start_frame"],
+                    "end_frame": ev["end_frame"],
+                    "frames": ev["frames"],
+                    "start_time": round(ev["start_frame"] / fps, 6),
+                    "end_time": round((ev["end_frame"] + 1) / fps, 6),
+                    "centre": ev["centre"],
+                    "radius": ev["radius"],
+                }
+                for ev in events
+            ],
+            "num_frames": frames_per_video,
+            "fps": fps,
+            "frame_size": [size, size],
+            "split": split,
+            "seed": seed,
+            "item_seed": item_seed,
+            "generator": GENERATOR_VERSION_V3,
+        }
+    )
+    if len(event_frames) > V3_MAX_ANSWER_SHARE * frames_per_video:  # pragma: no cover - guarded by the caller
+        raise AssertionError(f"{item_id}: {len(event_frames)} event frames of {frames_per_video}")
+    return record, frames
+
+
+def _write_item_v3(job: tuple[int, str, int, dict[str, Any], str]) -> dict[str, Any]:
+    index, category, answer_pos, common, video_dir = job
+    record, frames = make_video_item_v3(index, category, answer_pos, **common)
+    write_mp4(Path(video_dir) / record["video_path"], frames, fps=int(common["fps"]))
+    return record
+
+
+def generate_benchmark_v3(
+    out_dir: str | os.PathLike[str],
+    n_videos: int,
+    split: str = "train",
+    seed: int = 0,
+    *,
+    frames_per_video: int = V3_DEFAULTS["frames_per_video"],
+    size: int = V3_DEFAULTS["size"],
+    fps: int = V3_DEFAULTS["fps"],
+    noise_std: float = V3_DEFAULTS["noise_std"],
+    categories: tuple[str, ...] = CATEGORIES,
+    workers: int = 1,
+) -> Path:
+    """Write ``n_videos`` v3 videos and ``out_dir/synthetic_<split>.json`` (LongVideoBench layout); return the json.
+
+    v3 differs from version 2 where eviction must matter: at least 32 frames, every frame meant to be read (no
+    subsampling), at most a quarter of them (:data:`V3_MAX_ANSWER_SHARE`) showing an event and the rest repeats of
+    one static background; large centred shapes, so seeing them is easy and keeping them is the task. Questions,
+    categories and the balanced answer positions are version 2's; the question follows the video in the prompt (the
+    model's chat format). Each record adds ``answer_frames`` and ``item_seed`` (:func:`v3_item_seed`: the splits'
+    seeds are disjoint, :func:`check_disjoint_seeds`).
+    """
+    import time
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    if not 1 <= n_videos <= _V3_SPLIT_STRIDE:
+        raise ValueError(f"n_videos must be in [1, {_V3_SPLIT_STRIDE}], got {n_videos}")
+    if frames_per_video < 32:
+        raise ValueError(f"v3 videos have at least 32 frames, got frames_per_video={frames_per_video}")
+    if size < 32 or size % 2:
+        raise ValueError(f"size must be even and >= 32, got {size}")
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    bad = [c for c in categories if c not in CATEGORIES]
+    if bad or not categories:
+        raise ValueError(f"categories must be a non-empty subset of {CATEGORIES}, got {categories}")
+    out = Path(out_dir)
+    video_dir = out / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    perm = [int(v) for v in _rng(seed, SPLITS[split], 2**31 + 3).permutation(N_OPTIONS)]
+    common = dict(seed=seed, split=split, frames_per_video=frames_per_video, size=size, fps=fps, noise_std=noise_std)
+    jobs = [(i, categories[i % len(categories)], perm[i % N_OPTIONS], common, str(video_dir)) for i in range(n_videos)]
+    t0 = time.perf_counter()
+    if workers > 1 and n_videos > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, n_videos), mp_context=ctx) as pool:
+            records = list(pool.map(_write_item_v3, jobs, chunksize=max(1, n_videos // (8 * workers))))
+    else:
+        records = [_write_item_v3(job) for job in jobs]
+    json_path = out / f"synthetic_{split}.json"
+    json_path.write_text(json.dumps(records, indent=1) + "\n")
+    logger.info(
+        "wrote %d v3 videos (%d frames, %d px) and %s in %.2f s",
+        n_videos,
+        frames_per_video,
+        size,
+        json_path,
+        time.perf_counter() - t0,
+    )
+    return json_path
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``python -m namm_transfer.evals.video_qa.synthetic OUT_DIR --n-videos 20 --split test``."""
     from namm_transfer.evals.args import StrictParser
@@ -471,16 +709,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = StrictParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--n-videos", type=int, default=20)
-    parser.add_argument("--frames-per-video", type=int, default=64)
+    parser.add_argument("--frames-per-video", type=int, default=None, help="default: 64 (v2), 32 (v3)")
     parser.add_argument("--split", default="train", choices=sorted(SPLITS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=None, help="frame size in pixels; default: 64 (v2), 32 (v3)")
     parser.add_argument("--fps", type=int, default=4)
+    parser.add_argument("--v3", action="store_true", help="benchmark v3 (eviction matters; answer_frames recorded)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    path = generate_benchmark(
-        args.out_dir, args.n_videos, args.frames_per_video, args.split, args.seed, args.size, args.fps
-    )
+    if args.v3:
+        path = generate_benchmark_v3(
+            args.out_dir,
+            args.n_videos,
+            args.split,
+            args.seed,
+            frames_per_video=args.frames_per_video or V3_DEFAULTS["frames_per_video"],
+            size=args.size or V3_DEFAULTS["size"],
+            fps=args.fps,
+        )
+    else:
+        path = generate_benchmark(
+            args.out_dir, args.n_videos, args.frames_per_video or 64, args.split, args.seed, args.size or 64, args.fps
+        )
     print(path)
 
 

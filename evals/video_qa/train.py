@@ -1,9 +1,12 @@
-"""Training of the project's video model (:mod:`.model`): the vision tower and projector learn, SmolLM2 stays frozen.
+"""Training of the project's video model (:mod:`.model`): the vision tower and projector learn; SmolLM2 stays frozen
+(``train_lm="none"``), is fine-tuned whole with its own learning rate (``train_lm="full"``, ``lm_lr``) or through
+LoRA adapters merged at the end (``train_lm="lora"``, ``lora_rank``, ``lora_alpha``).
 
 Data: the synthetic benchmark (:mod:`.synthetic`), its ``train`` split for training and its ``val``
 split for monitoring (the ``test`` split stays held out for ``namm-transfer eval``), generated on
 first use into ``<cache>/video_qa/synthetic-<split>-n<N>-f<frames>-s<size>-seed<seed>/`` (the same
-folders the eval uses), then decoded once, ``frames`` uniformly sampled frames per video (the
+folders the eval uses; ``synthetic3-...`` for ``benchmark="v3"``, whose train, val and held-out test item seeds
+are checked to be disjoint), then decoded once, ``frames`` uniformly sampled frames per video (the
 eval's ``center`` rule), into ``frames-<F>-center.npy`` next to the annotations.
 
 One step: ``batch_size`` questions drawn with replacement; each question's options are shuffled (a
@@ -12,14 +15,15 @@ the model's chat format, video first) followed by the answer letter and the end-
 loss is the cross-entropy of those two tokens only (one forward, the head applied at those
 positions). ``acc`` is how often the letter is the argmax over the whole vocabulary (what greedy
 decoding would answer), ``acc4`` the argmax over the option letters. AdamW on the vision tower and
-projector, linear warmup then cosine decay to 10%, gradient clipping.
+projector (``lr``) and, with ``train_lm="full"``, on the language model (``lm_lr``; loaded in float32, run under
+autocast when ``dtype`` is lower), linear warmup then cosine decay to 10%, gradient clipping over all of them.
 
 Output folder (``--output``, default ``runs/video/<preset>``)::
 
     train_log.jsonl          one JSON object per line: start (config, data), steps, evals, end
     training_curve.png       loss and accuracy over steps (matplotlib; skipped without it)
-    checkpoints/step-NNNNNNN/  model.safetensors (vision + projector), optimizer.pt (AdamW state,
-                             read back with torch.load(weights_only=True)), trainer_state.json
+    checkpoints/step-NNNNNNN/  model.safetensors (vision + projector, + language model if trained), optimizer.pt
+                             (AdamW state, read back with torch.load(weights_only=True)), trainer_state.json
                              (step, config, scheduler, numpy and torch RNG states)
     model/                   the final model: config.json, model.safetensors, processor_config.json,
                              README.md (card generated from the log)
@@ -88,6 +92,11 @@ class VideoTrainConfig(RunConfig):
 
     preset: str = "custom"
     # data
+    benchmark: str = "v2"
+    """Synthetic benchmark version: ``v2`` (:func:`.synthetic.generate_benchmark`) or ``v3``
+    (:func:`.synthetic.generate_benchmark_v3`: every frame read, at most a quarter answer-bearing)."""
+    test_videos: int = 300
+    """Size of the held-out test split whose item seeds a ``v3`` run checks to be disjoint from its own."""
     train_videos: int = 6000
     """Questions (one per video) of the synthetic train split."""
     val_videos: int = 100
@@ -113,10 +122,18 @@ class VideoTrainConfig(RunConfig):
     tokens_per_frame: int = 16
     text_model: str = "smollm2-135m"
     video_token_id: int = 16
+    train_lm: str = "none"
+    """``none``: the language model stays frozen; ``full``: it is fine-tuned whole; ``lora``: low-rank adapters on its
+    attention and MLP projections, merged into them at the end (its attention architecture unchanged either way)."""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    """LoRA rank and scale numerator (the update is ``alpha / rank * B A``), for ``train_lm="lora"``."""
     # optimization
     steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3
+    lm_lr: float = 5e-5
+    """The language model's (or its adapters') AdamW learning rate (same warmup and cosine)."""
     weight_decay: float = 0.05
     warmup: int = 100
     grad_clip: float = 1.0
@@ -124,7 +141,8 @@ class VideoTrainConfig(RunConfig):
     # machine (not part of a run's identity)
     device: str = "cpu"
     dtype: str = "float32"
-    """The frozen language model's dtype; with bfloat16 the vision part runs under autocast."""
+    """The language model's dtype (a trained one keeps float32 weights and runs under autocast in this dtype); with
+    bfloat16 the vision part runs under autocast."""
     gradient_checkpointing: bool = False
     threads: int | None = None
     workers: int = 1
@@ -152,6 +170,22 @@ class VideoTrainConfig(RunConfig):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.frames > self.video_frames:
             raise ValueError(f"frames {self.frames} exceeds the video's {self.video_frames} frames")
+        from .model import TRAIN_LM_MODES
+
+        if self.train_lm not in TRAIN_LM_MODES:
+            raise ValueError(f"train_lm must be one of {', '.join(TRAIN_LM_MODES)}, got {self.train_lm!r}")
+        if self.lm_lr <= 0 or self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError(
+                f"lm_lr and lora_alpha must be > 0 and lora_rank >= 1, got {self.lm_lr}, {self.lora_alpha}, "
+                f"{self.lora_rank}"
+            )
+        if self.benchmark not in ("v2", "v3"):
+            raise ValueError(f"benchmark must be v2 or v3, got {self.benchmark!r}")
+        if self.benchmark == "v3" and (self.video_frames < 32 or self.frames != self.video_frames):
+            raise ValueError(
+                f"benchmark v3 has >= 32 frames per video and the model reads all of them: set frames = video_frames "
+                f"(got frames {self.frames}, video_frames {self.video_frames})"
+            )
 
     def model_config(self, text_config: Any) -> Any:
         from .model import NammVideoLlavaConfig
@@ -167,8 +201,18 @@ class VideoTrainConfig(RunConfig):
             text_config=text_config.to_dict(),
             text_model=self.text_model,
             video_token_id=self.video_token_id,
+            train_lm=self.train_lm,
         )
 
+
+SECONDS_PER_STEP_CPU_V3 = 19.6
+"""Measured: the mean of steps 3-6 (17.4, 18.8, 21.5, 20.6 s) of ``OMP_NUM_THREADS=1 namm-transfer video train
+--preset cpu-v3 --threads 1 --train-videos 40 --val-videos 8 --steps 6 --log-every 1 --eval-every 0`` on the real
+SmolLM2-135M (full fine-tuning, 4 questions of 32 frames x 4 tokens, half captions), one thread of this project's
+shared 2-core machine (load about 2-3)."""
+STEPS_CPU_V3 = 360
+"""Steps of the ``cpu-v3`` preset: two hours (7,200 s) at the one-thread rate above; the preset runs 2 threads,
+which should only shorten it (the 2-thread rate was not measured)."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-small": dict(
@@ -218,6 +262,60 @@ PRESETS: dict[str, dict[str, Any]] = {
     "device": dict(
         caption_share=0.5, checkpoint_every=250, eval_every=250, device="cuda", dtype="bfloat16", workers=16
     ),
+    "cpu-v3": dict(
+        benchmark="v3",
+        train_lm="full",
+        train_videos=3000,
+        val_videos=100,
+        video_frames=32,
+        video_size=32,
+        frames=32,
+        image_size=32,
+        patch_size=8,
+        vision_embed_dim=96,
+        vision_depth=2,
+        vision_heads=3,
+        tokens_per_frame=4,
+        caption_share=0.5,
+        steps=STEPS_CPU_V3,
+        batch_size=4,
+        lr=1e-3,
+        lm_lr=1e-4,
+        warmup=20,
+        log_every=5,
+        checkpoint_every=20,
+        eval_every=120,
+        device="cpu",
+        dtype="float32",
+        threads=2,
+    ),
+    "device-v3": dict(
+        benchmark="v3",
+        train_lm="full",
+        train_videos=20000,
+        val_videos=300,
+        video_frames=32,
+        video_size=32,
+        frames=32,
+        image_size=32,
+        patch_size=8,
+        vision_embed_dim=192,
+        vision_depth=6,
+        vision_heads=3,
+        tokens_per_frame=16,
+        caption_share=0.5,
+        steps=3000,
+        batch_size=16,
+        lr=1e-3,
+        lm_lr=5e-5,
+        warmup=100,
+        log_every=10,
+        checkpoint_every=250,
+        eval_every=250,
+        device="cuda",
+        dtype="bfloat16",
+        workers=16,
+    ),
 }
 """What each preset changes in the :class:`VideoTrainConfig` defaults. ``cpu-small``: 8 frames of 32 pixels, a
 2-layer ViT, 60 steps of 2 questions (minutes on one core: a smoke run); ``cpu``: the same small ViT on 32 of
@@ -225,9 +323,22 @@ the 64 frames of the eval's 64-pixel videos (downscaled to 32 pixels, 16 tokens 
 questions in float32 on one core (about 30 s a step here, so several resumed sessions: train it with
 ``--time-budget`` and rerun; bfloat16 is many times slower on CPUs without native support); ``device``: the
 shipped model, the defaults (32 frames of 64 pixels, a 6-layer ViT of width 192, 1,500 steps of 16 questions)
-in bfloat16 on a GPU, half of the items as the caption task (without it, 544 device steps stayed at chance)."""
+in bfloat16 on a GPU, half of the items as the caption task (without it, 544 device steps stayed at chance).
+
+``cpu-v3`` and ``device-v3`` train on benchmark v3 (32 frames of 32 px, all read) and fine-tune the language model
+too (``train_lm="full"``; the frozen SmolLM2-135M could not answer even from a text description of the events):
+``cpu-v3``: a 2-layer ViT of width 96, 4 tokens per frame, :data:`STEPS_CPU_V3` steps of 4 questions (half
+captions), language model at lr 1e-4, in float32 on 2 threads, sized to about two hours from
+:data:`SECONDS_PER_STEP_CPU_V3`; ``device-v3``: a 6-layer ViT of width 192, 16 tokens per frame, 3,000 steps of 16
+questions (half captions), language model at lr 5e-5 with float32 master weights under bfloat16 autocast, on a GPU
+(not run yet)."""
 
 IDENTITY_FIELDS = (
+    "benchmark",
+    "train_lm",
+    "lm_lr",
+    "lora_rank",
+    "lora_alpha",
     "train_videos",
     "video_frames",
     "video_size",
@@ -269,6 +380,8 @@ class VideoTrainResult:
     model_dir: Path | None = None
     seconds_per_step: float | None = None
     resumed_from: int | None = None
+    model: Any = None
+    """The trained model in memory (as saved in ``model_dir`` when finished)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -383,15 +496,16 @@ def train_video_model(
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> VideoTrainResult:
-    """Train the vision tower and projector of a video model around a frozen language model.
+    """Train the vision tower and projector of a video model around a language model (trained too per ``train_lm``).
 
     Args:
         config: the run's settings.
         output: the run folder (see the module docstring); resumed when it holds a checkpoint of the
             same run and ``resume`` is true (else its checkpoints and log are removed).
         stop_at: stop once this step is reached, leaving a checkpoint and no final model.
-        language_model, tokenizer: the frozen causal LM and its tokenizer (default: ``config.text_model``
-            through :func:`namm_transfer.models.load_model` on ``config.device`` in ``config.dtype``).
+        language_model, tokenizer: the causal LM (trained in place unless ``train_lm="none"``) and its tokenizer
+            (default: ``config.text_model`` through :func:`namm_transfer.models.load_model` on ``config.device`` in
+            ``config.dtype``, float32 when trained).
         data_folders: ``{"train": folder, "val": folder}`` instead of the cache folders.
         on_step: called as ``on_step(step, loss)`` after every step.
 
@@ -400,7 +514,7 @@ def train_video_model(
     """
     import torch
 
-    from .model import NammVideoLlavaForConditionalGeneration
+    from .model import NammVideoLlavaForConditionalGeneration, add_lora, merge_lora
     from .processor import NammVideoLlavaProcessor
 
     cfg = config
@@ -420,6 +534,7 @@ def train_video_model(
         cfg.data_seed,
         folder=folders.get("train"),
         workers=cfg.workers,
+        benchmark=cfg.benchmark,
     )
     val_s, val_f = load_split(
         "val",
@@ -430,19 +545,26 @@ def train_video_model(
         cfg.data_seed,
         folder=folders.get("val"),
         workers=cfg.workers,
+        benchmark=cfg.benchmark,
     )
+    if cfg.benchmark == "v3":
+        _check_v3_seeds(train_s, val_s, cfg)
 
+    train_lm = cfg.train_lm != "none"
     if language_model is None or tokenizer is None:
         from namm_transfer.models import load_model
 
-        lm, tok = load_model(cfg.text_model, device=device, dtype=cfg.dtype)
+        # a trained language model keeps float32 master weights (autocast runs it in cfg.dtype)
+        lm, tok = load_model(cfg.text_model, device=device, dtype="float32" if train_lm else cfg.dtype)
         language_model = language_model if language_model is not None else lm
         tokenizer = tokenizer if tokenizer is not None else tok
-    language_model.requires_grad_(False)
-    language_model.eval()
+    language_model.requires_grad_(cfg.train_lm == "full")
+    language_model.eval()  # no dropout either way; its gradients flow when train_lm
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config(language_model.config)
     model = NammVideoLlavaForConditionalGeneration(mcfg, language_model)
+    if cfg.train_lm == "lora":
+        add_lora(language_model, cfg.lora_rank, cfg.lora_alpha)
     model.model.vision_tower.to(device=device, dtype=torch.float32)
     model.model.multi_modal_projector.to(device=device, dtype=torch.float32)
     if cfg.gradient_checkpointing:
@@ -450,7 +572,12 @@ def train_video_model(
     processor = NammVideoLlavaProcessor.from_config(mcfg, tokenizer)
     batcher = QuestionBatcher(model, processor)
     params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lm_params = model.language_model_parameters() if train_lm else []
+    lm_ids = {id(p) for p in lm_params}
+    groups = [{"params": [p for p in params if id(p) not in lm_ids], "lr": cfg.lr}]
+    if lm_params:
+        groups.append({"params": lm_params, "lr": cfg.lm_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     rng = np.random.default_rng(cfg.seed)
     autocast = _autocast_factory(cfg, device)
@@ -468,6 +595,8 @@ def train_video_model(
                 "config": cfg.to_dict(),
                 "model_config": {k: v for k, v in mcfg.to_dict().items() if k != "text_config"},
                 "trainable_parameters": sum(p.numel() for p in params),
+                "train_lm": cfg.train_lm,
+                "language_model_parameters_trained": sum(p.numel() for p in lm_params),
                 "text_model_source": _text_model_source(cfg.text_model),
                 "data": {
                     "train": {
@@ -504,6 +633,7 @@ def train_video_model(
             captions = (rng.random(len(idx)) < cfg.caption_share).tolist() if cfg.caption_share > 0 else None
             batch = batcher.batch(batch_samples, [train_f[i] for i in idx], captions)
             lr = float(opt.param_groups[0]["lr"])
+            lm_lr = float(opt.param_groups[1]["lr"]) if len(opt.param_groups) > 1 else None
             m = batch_metrics(model, batch, batcher.letter_ids, autocast)
             opt.zero_grad(set_to_none=True)
             m["loss"].backward()
@@ -531,6 +661,7 @@ def train_video_model(
                     "acc": _nanmean(window["acc"]),
                     "acc4": _nanmean(window["acc4"]),
                     "lr": lr,
+                    **({"lm_lr": lm_lr} if lm_lr is not None else {}),
                     "seconds": round(elapsed, 2),
                     "seconds_per_step": round(span / len(window["loss"]), 4),
                     "tokens_per_s": round(sum(window["tokens"]) / span, 1),
@@ -567,11 +698,13 @@ def train_video_model(
 
     sps = elapsed / step if step else None
     if step < cfg.steps and not budget_hit:
-        return VideoTrainResult(out, step, False, losses, val, None, sps, resumed_from)
+        return VideoTrainResult(out, step, False, losses, val, None, sps, resumed_from, model)
 
     model.eval()
     val = evaluate(model, batcher, val_s, val_f, cfg.batch_size, autocast, cfg.caption_share > 0)
     append_log(log_path, {"step": step, "event": "eval", "final": True, **val})
+    if cfg.train_lm == "lora":
+        merge_lora(language_model)  # the folder stores a plain language model
     model_dir = model.save_pretrained(out / MODEL_DIR, processor=processor)
     append_log(log_path, {"step": step, "event": "end", "time": utc_now(), "seconds": round(elapsed, 1)})
     from .train_card import write_card, write_curve
@@ -579,7 +712,23 @@ def train_video_model(
     write_curve(log_path, out / CURVE_FILE)
     write_card(model_dir, log_path)
     logger.info("trained %d steps -> %s (val accuracy %.3f)", step, model_dir, val["val_acc"])
-    return VideoTrainResult(out, step, True, losses, val, model_dir, sps, resumed_from)
+    return VideoTrainResult(out, step, True, losses, val, model_dir, sps, resumed_from, model)
+
+
+def _check_v3_seeds(train_s: list[Any], val_s: list[Any], cfg: VideoTrainConfig) -> None:
+    """``ValueError`` unless the v3 train split's item seeds are disjoint from the val split's and from those of the
+    held-out test split (``cfg.test_videos`` items of seed ``cfg.data_seed``)."""
+    from .synthetic import check_disjoint_seeds, v3_split_seeds
+
+    def seeds(samples: list[Any], split: str) -> list[int]:
+        out = [s.extra.get("item_seed") for s in samples]
+        if any(v is None for v in out):
+            raise ValueError(f"the {split} split has no item_seed: it is not benchmark v3 (regenerate it)")
+        return [int(v) for v in out]
+
+    train = seeds(train_s, "train")
+    check_disjoint_seeds(train, seeds(val_s, "val"), "train and val")
+    check_disjoint_seeds(train, v3_split_seeds("test", cfg.test_videos, cfg.data_seed), "train and held-out test")
 
 
 def _versions() -> dict[str, Any]:

@@ -27,8 +27,15 @@ def write_curve(log_path: str | os.PathLike[str], out: str | os.PathLike[str]) -
     except ImportError:
         return None
     evals = [r for r in rows if r.get("event") == "eval"]
-    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    start = next((r for r in rows if r.get("event") == "start"), {})
+    cfg = start.get("config") or {}
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
     FigureCanvasAgg(fig)
+    fig.suptitle(
+        f"video train --preset {cfg.get('preset', '?')}: benchmark {cfg.get('benchmark', 'v2')}, "
+        f"train_lm {cfg.get('train_lm', 'none')}",
+        fontsize=10,
+    )
     ax = fig.subplots(1, 2)
     x = [r["step"] for r in steps]
     ax[0].plot(x, [r["loss"] for r in steps], label="train (mean since last log)")
@@ -69,6 +76,13 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         (folder / "model.safetensors").stat().st_size / 2**20 if (folder / "model.safetensors").is_file() else None
     )
     title = name or folder.name
+    train_lm = str(cfg.get("train_lm") or "none")
+    lora = f", rank {cfg.get('lora_rank')} alpha {cfg.get('lora_alpha')} adapters merged" if train_lm == "lora" else ""
+    lm_state = (
+        f"language model fine-tuned (`--train-lm {train_lm}`{lora}, AdamW lr {cfg.get('lm_lr')})"
+        if train_lm != "none"
+        else "language model frozen (`--train-lm none`)"
+    )
     lines = [
         f"# Video model: {title}",
         "",
@@ -76,15 +90,22 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         f"a timm `{mcfg.get('vision_model', '?')}` Vision Transformer made small (frames of "
         f"{mcfg.get('image_size')} px in {mcfg.get('patch_size')}-px patches, width {mcfg.get('vision_embed_dim')}, "
         f"{mcfg.get('vision_depth')} layers, {mcfg.get('vision_heads')} heads, trained from scratch) and a two-layer "
-        f"GELU projector turn every frame into {mcfg.get('tokens_per_frame')} tokens, spliced into the prompt of the "
-        f"frozen `{mcfg.get('text_model')}` ({_TEXT_MODELS.get(str(mcfg.get('text_model')), '')}not stored here), "
+        f"GELU projector turn every frame into {mcfg.get('tokens_per_frame')} tokens, spliced into the prompt of "
+        f"`{mcfg.get('text_model')}` ({_TEXT_MODELS.get(str(mcfg.get('text_model')), '')}"
+        f"{'its fine-tuned weights stored here' if train_lm != 'none' else 'frozen, not stored here'}), "
         "video first and question after it.",
         "",
-        f"This folder holds only the vision tower and projector ({start.get('trainable_parameters', '?')} parameters, "
+        (
+            "This folder holds the vision tower, the projector and the fine-tuned language model "
+            if train_lm != "none"
+            else "This folder holds only the vision tower and projector "
+        )
+        + f"({start.get('trainable_parameters', '?')} parameters, "
         f"{fmt_number(size_mb, 1)} MB): `config.json`, `model.safetensors`, `processor_config.json`.",
         "",
         "## Data",
-        f"- synthetic benchmark (`namm_transfer.evals.video_qa.synthetic`), train split: {cfg.get('train_videos')} "
+        f"- synthetic benchmark {cfg.get('benchmark', 'v2')} (`namm_transfer.evals.video_qa.synthetic`), train split: "
+        f"{cfg.get('train_videos')} "
         f"videos of {cfg.get('video_frames')} frames at {cfg.get('video_size')} px (seed {cfg.get('data_seed')}); "
         f"{cfg.get('frames')} frames sampled per video (segment centres, as the eval)",
         f"- options shuffled per draw: {cfg.get('shuffle_options')}; val split: {cfg.get('val_videos')} videos; the "
@@ -104,6 +125,7 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         f"- {steps[-1]['step'] if steps else 0} steps of {cfg.get('batch_size')} questions, AdamW lr {cfg.get('lr')} "
         f"(warmup {cfg.get('warmup')}, cosine to 10%), weight decay {cfg.get('weight_decay')}, grad clip "
         f"{cfg.get('grad_clip')}, seed {cfg.get('seed')}, language model in {cfg.get('dtype')} on {cfg.get('device')}",
+        f"- {lm_state}",
         f"- caption task (every shape in order, LLaVA-style feature alignment) for "
         f"{fmt_number(100 * float(cfg.get('caption_share') or 0.0), 0)}% of the training items",
         f"- {fmt_number(end.get('seconds'), 0)} s of training; "

@@ -50,11 +50,13 @@ def caption_text(sample: Any) -> str:
     return ", ".join(f"{e['colour']} {e['shape']}" for e in ordered) + "."
 
 
-def split_folder(split: str, n_videos: int, video_frames: int, size: int, seed: int) -> Path:
-    """``<cache>/video_qa/synthetic-<split>-n<N>-f<frames>-s<size>-seed<seed>`` (the eval's naming)."""
+def split_folder(split: str, n_videos: int, video_frames: int, size: int, seed: int, benchmark: str = "v2") -> Path:
+    """``<cache>/video_qa/synthetic-<split>-n<N>-f<frames>-s<size>-seed<seed>`` (the eval's naming); benchmark v3's
+    folders start ``synthetic3-``."""
     from namm_transfer.models import cache_dir
 
-    return cache_dir() / "video_qa" / f"synthetic-{split}-n{n_videos}-f{video_frames}-s{size}-seed{seed}"
+    stem = "synthetic" if benchmark == "v2" else "synthetic3"
+    return cache_dir() / "video_qa" / f"{stem}-{split}-n{n_videos}-f{video_frames}-s{size}-seed{seed}"
 
 
 def _decode(job: tuple[str, int]) -> np.ndarray:
@@ -74,22 +76,36 @@ def load_split(
     *,
     folder: str | os.PathLike[str] | None = None,
     workers: int = 1,
+    benchmark: str = "v2",
 ) -> tuple[list[Any], np.ndarray]:
     """Questions and decoded frames of a synthetic split: ``(samples, frames (N, F, size, size, 3) uint8)``.
 
-    Generates the split when its annotations are missing and caches the decoded frames as
-    ``frames-<F>-center.npy`` in the split's folder.
+    Generates the split (``benchmark`` ``"v2"`` or ``"v3"``) when its annotations are missing and caches the
+    decoded frames as ``frames-<F>-center.npy`` in the split's folder.
     """
     from .benchmarks import load_longvideobench
-    from .synthetic import generate_benchmark
+    from .synthetic import generate_benchmark, generate_benchmark_v3
 
-    root = Path(folder) if folder is not None else split_folder(split, n_videos, video_frames, size, seed)
+    if benchmark not in ("v2", "v3"):
+        raise ValueError(f"benchmark must be v2 or v3, got {benchmark!r}")
+    root = Path(folder) if folder is not None else split_folder(split, n_videos, video_frames, size, seed, benchmark)
     ann = root / f"synthetic_{split}.json"
     if not ann.is_file():
-        logger.info("generating the synthetic %s split (%d videos) into %s", split, n_videos, root)
-        generate_benchmark(
-            root, n_videos=n_videos, frames_per_video=video_frames, split=split, seed=seed, size=size, workers=workers
-        )
+        logger.info("generating the synthetic %s %s split (%d videos) into %s", benchmark, split, n_videos, root)
+        if benchmark == "v3":
+            generate_benchmark_v3(
+                root, n_videos, split, seed, frames_per_video=video_frames, size=size, workers=workers
+            )
+        else:
+            generate_benchmark(
+                root,
+                n_videos=n_videos,
+                frames_per_video=video_frames,
+                split=split,
+                seed=seed,
+                size=size,
+                workers=workers,
+            )
     samples = load_longvideobench(ann)
     if len(samples) < n_videos:
         raise ValueError(f"{ann} holds {len(samples)} questions, fewer than the {n_videos} asked for")

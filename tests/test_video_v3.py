@@ -1,0 +1,383 @@
+"""Benchmark v3 (eviction matters) and training the language model of the video model (issue 23).
+
+Tiny random language models (the video tests' byte-level tokenizer and the tiny Llama of
+``run.tiny_text_config``, as SmolLM2: tied embeddings), CPU, one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("timm")
+pytest.importorskip("av")
+
+from namm_transfer.evals.video_qa import model as vm  # noqa: E402
+from namm_transfer.evals.video_qa import run as vqa  # noqa: E402
+from namm_transfer.evals.video_qa import synthetic as syn  # noqa: E402
+from namm_transfer.evals.video_qa.processor import NammVideoLlavaProcessor  # noqa: E402
+from namm_transfer.evals.video_qa.train import (  # noqa: E402
+    PRESETS,
+    VideoTrainConfig,
+    latest_checkpoint,
+    read_log,
+    train_video_model,
+)
+from namm_transfer.evals.video_qa.train_data import QuestionBatcher, load_split  # noqa: E402
+from namm_transfer.evals.video_qa.video_io import read_frames  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+N_FRAMES = 32
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return vqa.byte_level_tokenizer()
+
+
+def tiny_lm(tok, seed: int = 0):
+    """A tiny Llama with tied embeddings (as SmolLM2), 2048 positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    text = {**vqa.tiny_text_config(tok), "max_position_embeddings": 2048}
+    return LlamaForCausalLM(LlamaConfig(**text, tie_word_embeddings=True, attn_implementation="sdpa")).eval()
+
+
+@pytest.fixture(scope="module")
+def v3_data(tmp_path_factory):
+    """Benchmark v3 splits: train 6, val 2, and 20 test questions (4 per category) with their decoded frames."""
+    root = tmp_path_factory.mktemp("v3")
+    folders = {}
+    for split, n in (("train", 6), ("val", 2), ("test", 20)):
+        folders[split] = str(root / split)
+        syn.generate_benchmark_v3(folders[split], n, split, seed=0)
+    return folders
+
+
+def _records(folder: str, split: str) -> list[dict]:
+    return json.loads((Path(folder) / f"synthetic_{split}.json").read_text())
+
+
+def _decoded(folder: str, rec: dict) -> np.ndarray:
+    frames, idx, _ = read_frames(f"{folder}/videos/{rec['video_path']}", num_frames=rec["num_frames"], mode="center")
+    assert idx == list(range(rec["num_frames"]))  # the model reads every frame
+    return frames
+
+
+# ----- the benchmark -----------------------------------------------------------------------------------------------
+def test_v3_layout_answer_frames_and_disjoint_seeds(v3_data):
+    """>= 32 frames, at most a quarter with an event, the answer frames among them, the question after the video in
+    the model's prompt, categories cycled, item seeds disjoint between splits (and an overlap is refused)."""
+    recs = _records(v3_data["test"], "test")
+    assert [r["question_category"] for r in recs[:5]] == list(syn.CATEGORIES)
+    for r in recs:
+        assert r["num_frames"] == N_FRAMES and r["generator"] == syn.GENERATOR_VERSION_V3
+        assert 1 <= len(r["event_frames"]) <= N_FRAMES // 4
+        assert r["answer_frames"] and set(r["answer_frames"]) <= set(r["event_frames"])
+        assert r[f"option{r['correct_choice']}"] == r["answer_text"]
+        if r["question_category"] in ("colour", "shape"):
+            key = r["question_category"]
+            assert r["answer_frames"] == sorted(
+                f for e in r["events"] if e[key] == r["answer_text"] for f in e["frames"]
+            )
+        else:
+            assert r["answer_frames"] == r["event_frames"]
+    seeds = {s: [r["item_seed"] for r in _records(v3_data[s], s)] for s in ("train", "val", "test")}
+    assert seeds["test"] == syn.v3_split_seeds("test", 20, 0)
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        syn.check_disjoint_seeds(seeds[a], seeds[b])
+    with pytest.raises(ValueError, match="share 2 item seeds"):
+        syn.check_disjoint_seeds(seeds["train"], seeds["train"][:2])
+    syn.check_disjoint_seeds(syn.v3_split_seeds("train", 100_000), syn.v3_split_seeds("test", 300))  # at scale
+    with pytest.raises(ValueError, match="at least 32 frames"):
+        syn.generate_benchmark_v3(v3_data["test"] + "-bad", 1, frames_per_video=16)
+
+
+def test_v3_answer_frames_are_where_the_generator_says(v3_data):
+    """In the decoded mp4, exactly the event frames hold a saturated shape; every other frame is the static
+    background (the same frame up to noise)."""
+    for rec in _records(v3_data["test"], "test")[:10]:
+        frames = _decoded(v3_data["test"], rec).astype(np.int16)
+        sat_share = ((frames.max(-1) - frames.min(-1)) > 80).mean(axis=(1, 2))
+        assert sorted(np.flatnonzero(sat_share > 0.2).tolist()) == rec["event_frames"]
+        assert (sat_share[[f for f in range(N_FRAMES) if f not in rec["event_frames"]]] == 0).all()
+        background = frames[[f for f in range(N_FRAMES) if f not in rec["event_frames"]]]
+        assert np.abs(background - background[0]).mean() < 4  # redundant repeats
+
+
+def test_v3_command_line(tmp_path, capsys):
+    syn.main([str(tmp_path), "--v3", "--split", "test", "--n-videos", "2", "--frames-per-video", "40"])
+    recs = _records(str(tmp_path), "test")
+    assert capsys.readouterr().out.strip() == str(tmp_path / "synthetic_test.json")
+    assert [(r["id"], r["num_frames"], r["frame_size"]) for r in recs] == [
+        ("synth3-test-00000", 40, [32, 32]),
+        ("synth3-test-00001", 40, [32, 32]),
+    ]
+
+
+def _read_events(frames: np.ndarray) -> list[tuple[str, str]]:
+    """(colour, shape) of every frame that shows a shape: nearest colour, best-overlapping centred template."""
+    size = frames.shape[1]
+    c = (size - 1) / 2.0
+    templates = {s: syn._shape_mask(s, size, c, c, syn.V3_RADIUS * size, syn.V3_SQUARE_HALF) for s in syn.SHAPES}
+    background = np.median(frames, axis=0)  # at most a quarter of the frames show a shape
+    out = []
+    for fr in frames.astype(np.float32):
+        sat = np.abs(fr - background).sum(-1) > 120
+        if sat.mean() < 0.2:
+            continue
+        mean = fr[sat].mean(0)
+        colour = min(syn.COLOURS, key=lambda k: float(np.abs(mean - np.asarray(syn.COLOURS[k])).sum()))
+        shape = max(syn.SHAPES, key=lambda s: (sat & templates[s]).sum() / (sat | templates[s]).sum())
+        out.append((colour, shape))
+    return out
+
+
+def _reader_answer(frames: np.ndarray, rec: dict) -> int:
+    """A deterministic reader of the pixels: the option its events support, else option 0."""
+    events = _read_events(frames)
+    options = [rec[f"option{i}"] for i in range(4)]
+    cat = rec["question_category"]
+    if cat == "colour":
+        hits = [i for i, o in enumerate(options) if o in {e[0] for e in events}]
+    elif cat == "shape":
+        hits = [i for i, o in enumerate(options) if o in {e[1] for e in events}]
+    elif cat in ("first", "last") and events:
+        e = events[0] if cat == "first" else events[-1]
+        hits = [i for i, o in enumerate(options) if o == f"{e[0]} {e[1]}"]
+    elif cat == "count":
+        hits = [i for i, o in enumerate(options) if o == str(len(events))]
+    else:
+        hits = []
+    return hits[0] if len(hits) == 1 else 0
+
+
+def test_v3_frame_drop_removing_answer_frames_drops_accuracy(v3_data):
+    """Frame-drop test with a deterministic pixel reader standing in for a trained model (a tiny video model was
+    not trained to above chance within a test's time): it answers all 20 held-out questions from the decoded
+    frames; with the answer frames removed it falls to its fallback (option 0: the share of answers at A); with as
+    many background frames removed instead it still answers all."""
+    recs = _records(v3_data["test"], "test")
+    rng = np.random.default_rng(0)
+    full, no_answer, no_distractor = [], [], []
+    for rec in recs:
+        frames = _decoded(v3_data["test"], rec)
+        others = [f for f in range(N_FRAMES) if f not in rec["event_frames"]]
+        drop = rng.choice(others, size=len(rec["answer_frames"]), replace=False)
+        full.append(_reader_answer(frames, rec) == rec["correct_choice"])
+        no_answer.append(_reader_answer(np.delete(frames, rec["answer_frames"], 0), rec) == rec["correct_choice"])
+        no_distractor.append(_reader_answer(np.delete(frames, drop, 0), rec) == rec["correct_choice"])
+    at_a = np.mean([r["correct_choice"] == 0 for r in recs])
+    assert np.mean(full) == 1.0 and np.mean(no_distractor) == 1.0
+    assert np.mean(no_answer) == at_a and at_a <= 0.3
+
+
+# ----- training the language model ----------------------------------------------------------------------------------
+def _config(tok, **kw):
+    base = dict(
+        preset="test",
+        benchmark="v3",
+        train_videos=6,
+        val_videos=2,
+        test_videos=20,
+        video_frames=N_FRAMES,
+        video_size=32,
+        frames=N_FRAMES,
+        image_size=32,
+        patch_size=8,
+        vision_embed_dim=32,
+        vision_depth=1,
+        vision_heads=2,
+        tokens_per_frame=1,
+        text_model="tiny",
+        video_token_id=tok.convert_tokens_to_ids("<video>"),
+        steps=2,
+        batch_size=2,
+        warmup=1,
+        log_every=1,
+        checkpoint_every=1,
+        threads=1,
+        lm_lr=1e-3,
+    )
+    base.update(kw)
+    return VideoTrainConfig(**base)
+
+
+def _lm_state(lm) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lm.state_dict().items()}
+
+
+@pytest.mark.parametrize("train_lm", ["none", "full", "lora"])
+def test_train_lm_changes_the_language_model_only_when_asked(tok, v3_data, tmp_path, train_lm):
+    lm = tiny_lm(tok)
+    before = _lm_state(lm)
+    res = train_video_model(
+        _config(tok, train_lm=train_lm, steps=1), tmp_path, language_model=lm, tokenizer=tok, data_folders=v3_data
+    )
+    after = lm.state_dict()
+    assert after.keys() == before.keys()  # the same architecture (LoRA merged back into plain projections)
+    assert all(type(m) is not vm.LoRALinear for m in lm.modules())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    if train_lm == "none":
+        assert changed == set()
+    elif train_lm == "full":
+        assert changed == set(before)  # every tensor of the language model moved
+    else:
+        assert changed == {k for k in before if k.split(".")[-2] in vm.LORA_TARGETS}  # the projections only
+    assert all(p.requires_grad == (train_lm == "full") for p in lm.parameters())
+    saved = set(load_file(str(res.model_dir / vm.WEIGHTS_FILE)))
+    lm_keys = {k for k in saved if k.startswith(vm.LM_PREFIXES)}
+    assert (
+        (lm_keys == set())
+        if train_lm == "none"
+        else (lm_keys == {f"model.language_model.{k[6:]}" for k in before if k.startswith("model.")})
+    )
+    start = read_log(tmp_path / "train_log.jsonl")[0]
+    assert start["train_lm"] == start["config"]["train_lm"] == train_lm
+    assert json.loads((res.model_dir / "config.json").read_text())["train_lm"] == train_lm
+    assert (
+        f"language model {'frozen' if train_lm == 'none' else 'fine-tuned'} (`--train-lm {train_lm}`"
+        in (res.model_dir / "README.md").read_text()
+    )
+
+
+@pytest.mark.parametrize("train_lm", ["full", "lora"])
+def test_fine_tuned_model_reloads_to_the_same_logits(tok, v3_data, tmp_path, train_lm):
+    res = train_video_model(
+        _config(tok, train_lm=train_lm), tmp_path, language_model=tiny_lm(tok), tokenizer=tok, data_folders=v3_data
+    )
+    trained = res.model.eval()
+    samples, frames = load_split("val", 2, N_FRAMES, 32, N_FRAMES, folder=v3_data["val"], benchmark="v3")
+    proc = NammVideoLlavaProcessor.from_pretrained(res.model_dir, tokenizer=tok)
+    batch = QuestionBatcher(trained, proc).batch(samples, list(frames))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_videos")}
+    reloaded = vm.NammVideoLlavaForConditionalGeneration.from_pretrained(res.model_dir, language_model=tiny_lm(tok))
+    with torch.no_grad():
+        want = trained(**inputs).logits
+        got = reloaded(**inputs).logits
+        torch.manual_seed(0)
+        untrained_lm = vm.NammVideoLlavaForConditionalGeneration(reloaded.config, tiny_lm(tok)).eval()
+        untrained_lm.load_state_dict(
+            {k: v for k, v in reloaded.trainable_state_dict().items() if k.startswith(vm.TRAINED_PREFIXES)},
+            strict=False,
+        )
+        other = untrained_lm(**inputs).logits
+    assert torch.equal(got, want)
+    assert not torch.allclose(other, want, atol=1e-3)  # the fine-tuned language model's weights matter
+
+
+@pytest.mark.parametrize("train_lm", ["full", "lora"])
+def test_fine_tuning_resumes_to_the_same_weights(tok, v3_data, tmp_path, train_lm):
+    cfg = _config(tok, train_lm=train_lm, steps=3)
+    straight = train_video_model(cfg, tmp_path / "a", language_model=tiny_lm(tok), tokenizer=tok, data_folders=v3_data)
+
+    def crash(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train_video_model(cfg, run, language_model=tiny_lm(tok), tokenizer=tok, data_folders=v3_data, on_step=crash)
+    assert latest_checkpoint(run).name == "step-0000001"
+    opt = torch.load(latest_checkpoint(run) / "optimizer.pt", weights_only=True)
+    assert [g["lr"] for g in opt["param_groups"]][1] == pytest.approx(cfg.lm_lr)  # the LM's own group
+    resumed = train_video_model(cfg, run, language_model=tiny_lm(tok), tokenizer=tok, data_folders=v3_data)
+    assert resumed.resumed_from == 1 and resumed.losses == straight.losses[1:]
+    a, b = load_file(str(straight.model_dir / vm.WEIGHTS_FILE)), load_file(str(resumed.model_dir / vm.WEIGHTS_FILE))
+    assert a.keys() == b.keys() and any(k.startswith("model.language_model.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [e for e in read_log(run / "train_log.jsonl") if "loss" in e and "event" not in e]
+    assert [e["step"] for e in steps] == [1, 2, 3] and all("lm_lr" in e for e in steps)
+    if train_lm == "lora":  # the checkpoint holds the adapters, not the whole language model
+        ckpt = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+        lm_keys = {k for k in ckpt if k.startswith(vm.LM_PREFIXES)}
+        assert lm_keys and all(k.endswith((".lora_a", ".lora_b")) for k in lm_keys)
+    with pytest.raises(ValueError, match="train_lm"):
+        train_video_model(
+            _config(tok, train_lm="none", steps=3),
+            run,
+            language_model=tiny_lm(tok),
+            tokenizer=tok,
+            data_folders=v3_data,
+        )
+
+
+# ----- options and presets -------------------------------------------------------------------------------------------
+def test_cli_train_lm_option_and_v3_presets():
+    from namm_transfer.evals.args import StrictParser
+    from namm_transfer.evals.video_qa.cli_train import TRAIN_LM_CHOICES, add_arguments, config_from_args
+
+    assert TRAIN_LM_CHOICES == vm.TRAIN_LM_MODES
+    parser = StrictParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--preset", "cpu-small"]))
+    assert (cfg.train_lm, cfg.benchmark) == ("none", "v2")  # today's behaviour by default
+    cfg = config_from_args(parser.parse_args(["--preset", "cpu-v3", "--train-lm", "none", "--lm-lr", "3e-5"]))
+    assert (cfg.train_lm, cfg.lm_lr, cfg.benchmark) == ("none", 3e-5, "v3")
+    cfg = config_from_args(parser.parse_args(["--preset", "cpu-v3", "--train-lm", "lora", "--lora-rank", "4"]))
+    assert (cfg.train_lm, cfg.lora_rank) == ("lora", 4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train-lm", "peft"])
+    for name in ("cpu-v3", "device-v3"):
+        c = VideoTrainConfig(**PRESETS[name])
+        assert c.benchmark == "v3" and c.train_lm == "full" and c.frames == c.video_frames >= 32
+        assert (c.dtype == "bfloat16") == (c.device == "cuda")
+    with pytest.raises(ValueError, match="frames = video_frames"):
+        VideoTrainConfig(**{**PRESETS["cpu-v3"], "frames": 16})
+    with pytest.raises(ValueError, match="train_lm must be one of"):
+        VideoTrainConfig(train_lm="peft")
+
+
+def test_cli_help_names_train_lm_without_torch():
+    code = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from namm_transfer.cli import main
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(["video", "train", "--help"])
+        assert rc == 0, rc
+        out = buf.getvalue()
+        for word in ("--train-lm", "--lm-lr", "--benchmark", "cpu-v3", "device-v3"):
+            assert word in out, word
+        heavy = [m for m in ("torch", "transformers", "timm") if m in sys.modules]
+        assert not heavy, heavy
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_lora_starts_as_the_base_model_and_merges_to_the_same_function(tok):
+    """A fresh adapter changes nothing; a trained one (random B) changes the logits, and merging it into the
+    projections gives the same logits with plain ``nn.Linear`` layers and the original state-dict keys."""
+    lm = tiny_lm(tok)
+    keys = set(lm.state_dict())
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        base = lm(ids).logits
+        params = vm.add_lora(lm, rank=2, alpha=4.0)
+        assert len(params) == 2 * len(vm.LORA_TARGETS) * lm.config.num_hidden_layers
+        assert torch.equal(lm(ids).logits, base)
+        assert all(not p.requires_grad for n, p in lm.named_parameters() if ".lora_" not in n)
+        torch.manual_seed(1)
+        for p in params[1::2]:  # the B matrices
+            p.normal_(0.0, 0.05)
+        adapted = lm(ids).logits
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        assert vm.merge_lora(lm) == len(vm.LORA_TARGETS) * lm.config.num_hidden_layers
+        merged = lm(ids).logits
+    assert set(lm.state_dict()) == keys and all(type(m) is not vm.LoRALinear for m in lm.modules())
+    assert torch.allclose(merged, adapted, atol=1e-5)
