@@ -72,7 +72,13 @@ class NAMMConfig:
         return sum(math.prod(shape) for _, shape in param_layout(self))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict. Options added after checkpoints and results files were written
+        (:data:`RECORDED_WHEN_SET`) appear only when set, so a default config's record stays what those files hold."""
+        data = asdict(self)
+        for name, default in RECORDED_WHEN_SET.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     def outside_spec(self) -> dict[str, Any]:
         """The options set away from namm-spec.md (name -> value); empty for the paper's network."""
@@ -99,6 +105,9 @@ class NAMMConfig:
 
 OUTSIDE_SPEC: dict[str, Any] = {"sink_tokens": 0, "length_normalized_features": False}
 """Config fields that are not in the paper's network, with the value that keeps namm-spec.md."""
+
+RECORDED_WHEN_SET: dict[str, Any] = {"length_normalized_features": False}
+"""Config fields that :meth:`NAMMConfig.to_dict` leaves out at this (their default) value."""
 
 
 def param_layout(cfg: NAMMConfig) -> list[tuple[str, tuple[int, ...]]]:

@@ -110,12 +110,13 @@ def test_flag_is_saved_loaded_and_old_checkpoints_load_unchanged(tmp_path):
     assert namm.config.outside_spec() == {"sink_tokens": 4, "length_normalized_features": True}
     save_namm(namm, tmp_path / "flag")
     assert load_namm(tmp_path / "flag").config == namm.config
-    # a checkpoint written before the option existed has no such key: it loads as the spec network
+    assert json.loads((tmp_path / "flag" / "config.json").read_text())["namm_config"]["length_normalized_features"]
+    # the default is not written (a default NAMM's config.json and results records are what they were before the
+    # option existed), and a checkpoint without the key loads as the spec network
     save_namm(_keep_all_namm(), tmp_path / "old")
-    cfg_path = tmp_path / "old" / "config.json"
-    record = json.loads(cfg_path.read_text())
-    del record["namm_config"]["length_normalized_features"]
-    cfg_path.write_text(json.dumps(record))
+    record = json.loads((tmp_path / "old" / "config.json").read_text())["namm_config"]
+    assert "length_normalized_features" not in record and "length_normalized_features" not in NAMMConfig().to_dict()
+    assert sorted(record) == sorted(f for f in NAMMConfig.__dataclass_fields__ if f != "length_normalized_features")
     old = load_namm(tmp_path / "old")
     assert old.config == NAMMConfig() and old.config.outside_spec() == {}
     assert load_namm("bam.smollm2-135m").config.length_normalized_features is False

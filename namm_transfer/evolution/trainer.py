@@ -177,9 +177,9 @@ class Evolution:
                 diff += sorted(k for k in set(old) | set(identity) if old.get(k, ...) != identity.get(k, ...))
             if "stages" in diff:
                 raise ValueError(
-                    f"run directory {self.run_dir} was started with the stages {_describe_stages(stored.stages)}; "
-                    f"given now: {_describe_stages(config.stages)}. A run resumes only with its own stages (exact "
-                    "replay); use another --run-dir for other stages"
+                    f"run directory {self.run_dir} holds a run with other settings: it was started with the stages "
+                    f"{_describe_stages(stored.stages)}; given now: {_describe_stages(config.stages)}. A run resumes "
+                    "only with its own stages (exact replay); use another --run-dir for other stages"
                 )
             if diff:
                 raise ValueError(
