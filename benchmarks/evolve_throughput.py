@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from namm_transfer.evolution.fitness import FitnessConfig, FitnessEvaluator
     from namm_transfer.models import load_model
 
-    t_start = time.time()
+    t_start, commit = time.time(), _commit()  # the code imported now is the code measured
     load_before = os.getloadavg()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     namm = load_namm(args.namm)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {
         "command": "python benchmarks/evolve_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)),
-        "commit": _commit(),
+        "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
         "torch": torch.__version__,
         "device": args.device,
