@@ -54,7 +54,7 @@ def _config(stage2_lengths=(56, 72)):
         population=4,
         prompts_per_task=2,
         seed=5,
-        fitness=FitnessConfig(update_interval=16, chunk_size=8, member_batch=4),
+        fitness=FitnessConfig(update_interval=16, chunk_size=16, member_batch=4),
         model="tiny-llama",
     )
 
