@@ -37,7 +37,41 @@ from torch import Tensor
 
 from .scratch import Scratch
 
-__all__ = ["SpectrogramStream"]
+__all__ = ["SpectrogramStream", "live_lengths", "length_normalized_rows"]
+
+
+def live_lengths(valid: Tensor, arrival: Tensor, clock: int, queries: int) -> Tensor:
+    """The number of live cached tokens each query of a call sees, per (sequence, KV head) row.
+
+    Args:
+        valid: (B, H, S) bool, the live slots (the chunk's own tokens included).
+        arrival: (B, H, S) int64, each slot's clock row at arrival.
+        clock: the clock row of the call's first query; query ``j`` is at ``clock + j``.
+        queries: ``Q``, the number of queries in the call.
+    Returns:
+        (B, H, Q) int64: for query ``j``, the live slots that arrived at or before ``clock + j`` (those its
+        attention row spreads over, itself included).
+    """
+    # each live slot counts from the first query at or after its arrival on: a histogram of that query index
+    # (slots that arrived before the call count from query 0, later ones never), summed cumulatively
+    first = (arrival - clock).clamp_(0, queries)
+    hist = torch.zeros(*valid.shape[:-1], queries + 1, dtype=torch.int64, device=valid.device)
+    hist.scatter_add_(-1, first, valid.to(torch.int64))
+    return hist[..., :queries].cumsum(-1)
+
+
+def length_normalized_rows(rows: Tensor, valid: Tensor, arrival: Tensor, clock: int) -> Tensor:
+    """Attention rows times the live cache length of their query (``NAMMConfig.length_normalized_features``).
+
+    Args:
+        rows: (B, H, Q, S) attention rows of queries at clock ``[clock, clock + Q)``.
+        valid, arrival: (B, H, S), see :func:`live_lengths`.
+    Returns:
+        (B, H, Q, S) float: ``rows[b, h, j, k] * live_lengths(...)[b, h, j]`` (a new tensor; a uniform row becomes 1
+        on every live slot).
+    """
+    counts = live_lengths(valid, arrival, clock, rows.shape[-2])
+    return rows * counts.unsqueeze(-1).to(rows.dtype)
 
 
 class SpectrogramStream:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["NAMMConfig", "NAMM", "recency_embedding", "param_layout"]
+__all__ = ["NAMMConfig", "NAMM", "OUTSIDE_SPEC", "recency_embedding", "param_layout"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,12 @@ class NAMMConfig:
     newest token is protected). Not in the paper: added because an evolved NAMM can score the first token far out
     of its training range (it receives a large share of every head's attention) and evict it in a few heads,
     which costs a language model much of its accuracy (measured: training/README.md, session 6)."""
+    length_normalized_features: bool = False
+    """Multiply every attention row by the number of live cached tokens its query sees (in its sequence and KV head)
+    before the spectrogram, so a token that gets the uniform share of attention has signal 1 however long the cache
+    (:func:`namm_transfer.features.length_normalized_rows`). False is the spec. Not in the paper: raw attention
+    shrinks as the cache grows, so a NAMM evolved on short prompts sees features below its training range on long
+    ones (issue 22). The normalization statistics must then be estimated with the flag on too."""
 
     @property
     def n_bins(self) -> int:
@@ -66,7 +72,17 @@ class NAMMConfig:
         return sum(math.prod(shape) for _, shape in param_layout(self))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict. Options added after checkpoints and results files were written
+        (:data:`RECORDED_WHEN_SET`) appear only when set, so a default config's record stays what those files hold."""
+        data = asdict(self)
+        for name, default in RECORDED_WHEN_SET.items():
+            if data[name] == default:
+                del data[name]
+        return data
+
+    def outside_spec(self) -> dict[str, Any]:
+        """The options set away from namm-spec.md (name -> value); empty for the paper's network."""
+        return {name: getattr(self, name) for name in OUTSIDE_SPEC if getattr(self, name) != OUTSIDE_SPEC[name]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NAMMConfig:
@@ -85,6 +101,13 @@ class NAMMConfig:
             raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+
+
+OUTSIDE_SPEC: dict[str, Any] = {"sink_tokens": 0, "length_normalized_features": False}
+"""Config fields that are not in the paper's network, with the value that keeps namm-spec.md."""
+
+RECORDED_WHEN_SET: dict[str, Any] = {"length_normalized_features": False}
+"""Config fields that :meth:`NAMMConfig.to_dict` leaves out at this (their default) value."""
 
 
 def param_layout(cfg: NAMMConfig) -> list[tuple[str, tuple[int, ...]]]:

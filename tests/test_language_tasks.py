@@ -200,7 +200,7 @@ def test_phonebook_is_an_eval_only_family():
     assert len(listed) == 3 and listed.count(f"{name}: {number}") == 1 and easy.answers == [number]
     assert easy.metadata["entries"] == 3 and easy.metadata["filler_units"] > 20 and 300 < easy.length_tokens <= 400
     assert T.EVAL_ONLY_TASKS == {"phonebook"}
-    assert _stage("passkey,kv_retrieval:3") == (["passkey", "kv_retrieval"], 3)
+    assert _stage("passkey,kv_retrieval:3") == (["passkey", "kv_retrieval"], 3, None)
     with pytest.raises(argparse.ArgumentTypeError, match="phonebook is an evaluation-only task family"):
         _stage("passkey,phonebook:3")
 

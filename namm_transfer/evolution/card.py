@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_log", "write_curve", "write_card"]
+__all__ = ["read_log", "write_curve", "write_card", "compute_lines"]
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -52,6 +52,52 @@ def write_curve(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     return out
 
 
+def compute_lines(run_dir: str | Path, rows: list[dict[str, Any]], namm_config: dict[str, Any] | None) -> list[str]:
+    """The card's compute, where-trained and outside-the-spec lines, from the log rows and run.json.
+
+    Compute counts the generations whose log line records its member-prompts (population x prompts; lines written
+    before they were recorded are left out, and the line says how many are counted).
+    """
+    from namm_transfer.namm import NAMMConfig
+
+    record = json.loads((Path(run_dir) / "run.json").read_text())
+    cfg, default_lengths = record["config"], record.get("identity", {}).get("lengths")
+    lines = []
+    counted = [r for r in rows if "member_prompts" in r]
+    if counted:
+        seconds = sum(r["seconds"] for r in counted)
+        mp = sum(r["member_prompts"] for r in counted)
+        per_hour = 3600 * len(counted) / seconds if seconds > 0 else float("inf")
+        note = "" if len(counted) == len(rows) else f"; recorded for {len(counted)} of {len(rows)} generations"
+        lines.append(
+            f"- compute: {seconds:.1f} s of evaluation wall time for {mp} member-prompts "
+            f"({seconds / mp:.2f} s per member-prompt, {per_hour:.1f} generations per hour{note})"
+        )
+    elif rows:
+        lines.append("- compute: not recorded in this log (member-prompts per generation were logged from 2026-12-07)")
+    places: dict[str, int] = {}
+    for r in rows:
+        where = r.get("device", "an unrecorded device")
+        places[where] = places.get(where, 0) + 1
+    if places:
+        lines.append(
+            "- where trained: "
+            + "; ".join(f"`{cfg['model']}` on {where} ({n} generations)" for where, n in places.items())
+        )
+    per_stage = []
+    for i, st in enumerate(cfg["stages"]):
+        lengths = st.get("lengths") or default_lengths
+        shown = ", ".join(map(str, lengths)) + " tokens" if lengths else "not recorded"
+        per_stage.append(f"stage {i} ({', '.join(st['tasks'])}): {shown}")
+    lines.append("- prompt lengths per stage: " + "; ".join(per_stage))
+    outside = NAMMConfig.from_dict(namm_config).outside_spec() if namm_config is not None else {}
+    lines.append(
+        "- options outside the spec (namm-spec.md): "
+        + (", ".join(f"`{k}` = {v}" for k, v in outside.items()) if outside else "none (the paper's network)")
+    )
+    return lines
+
+
 def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: str | Path | None = None) -> Path:
     """Write ``dest/README.md`` (and ``dest/fitness.png``) from the run's log and settings."""
     run_dir, dest = Path(run_dir), Path(dest)
@@ -75,6 +121,8 @@ def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: s
         f"- fitness: answer probability ratio vs the full cache; cache weight {cfg['fitness']['cache_weight']} "
         f"above {cfg['fitness']['cache_target']}; update interval {cfg['fitness']['update_interval']}",
         f"- generations run: {len(rows)}; evaluation wall time {seconds / 3600:.2f} h",
+        *compute_lines(run_dir, rows, json.loads((dest / "config.json").read_text()).get("namm_config")),
+        f"- fitness curve: `{curve.name}`" if curve else "- fitness curve: not drawn (no matplotlib or no log)",
         f"- hardware of the last run: {platform.machine()}, {platform.system()} (see the log for timings)",
         f"- warm start: {warm}",
         "",

@@ -18,12 +18,22 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def _stage(text: str) -> tuple[list[str], int]:
+def _stage(text: str) -> tuple[list[str], int, list[int] | None]:
+    """``TASK[,TASK...]:GENERATIONS[@LENGTH[,LENGTH...]]`` -> (tasks, generations, lengths or None)."""
+    head, at, tail = text.partition("@")
     try:
-        tasks, gens = text.rsplit(":", 1)
+        tasks, gens = head.rsplit(":", 1)
         names, n = [t for t in tasks.split(",") if t], int(gens)
+        lengths = [int(x) for x in tail.split(",")] if at else None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"stage {text!r}: use TASK[,TASK...]:GENERATIONS") from None
+        raise argparse.ArgumentTypeError(
+            f"stage {text!r}: use TASK[,TASK...]:GENERATIONS, optionally @LENGTH[,LENGTH...] (prompt lengths in "
+            "tokens), e.g. passkey,kv_retrieval:4@2048"
+        ) from None
+    if not names or n < 1 or (lengths is not None and min(lengths) < 1):
+        raise argparse.ArgumentTypeError(
+            f"stage {text!r}: needs at least one task, GENERATIONS >= 1 and positive lengths"
+        )
     from namm_transfer.evals.language.tasks import EVAL_ONLY_TASKS
 
     held = [t for t in names if t in EVAL_ONLY_TASKS]
@@ -31,7 +41,7 @@ def _stage(text: str) -> tuple[list[str], int]:
         raise argparse.ArgumentTypeError(
             f"stage {text!r}: {', '.join(held)} is an evaluation-only task family (never trained on); drop it"
         )
-    return names, n
+    return names, n, lengths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--stages",
         type=_stage,
         action="append",
-        help="TASKS:GENERATIONS, repeatable (incremental curriculum); default passkey,kv_retrieval:10",
+        help="TASKS:GENERATIONS[@LENGTHS], repeatable (incremental curriculum, e.g. short to long prompts: "
+        "passkey:4@2048 --stages passkey,multikey_needle:8@4096,8192); LENGTHS default to --lengths; default "
+        "passkey,kv_retrieval:10",
     )
     p.add_argument("--population", type=int, default=32)
     p.add_argument("--sigma0", type=float, default=0.065)
@@ -65,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="every member always keeps the first N positions (NAMMConfig.sink_tokens; default 0, the paper's rule)",
+    )
+    p.add_argument(
+        "--length-normalized-features",
+        action="store_true",
+        help="multiply each attention row by its query's live cache length before the spectrogram "
+        "(NAMMConfig.length_normalized_features; outside the paper's network, which it is off for)",
     )
     p.add_argument(
         "--warm-start",
@@ -157,6 +175,23 @@ def build_pools(
     return pools
 
 
+def build_stage_pools(
+    tokenizer: Any, stages: list[tuple[list[str], int, list[int] | None]], n: int, lengths: list[int]
+) -> dict[str, list[Any]]:
+    """The pools of every stage, keyed by :func:`~namm_transfer.evolution.trainer.pool_key`: a stage without lengths
+    uses ``lengths`` (the plain task keys), one with lengths its own (the same seeds: the pools of one task at
+    different lengths hold the same samples' templates at other sizes)."""
+    from .trainer import pool_key
+
+    pools: dict[str, list[Any]] = {}
+    for ts, _, own in stages:
+        todo = [t for t in ts if pool_key(t, own) not in pools]
+        if todo:
+            built = build_pools(tokenizer, todo, n, own or lengths)
+            pools.update({pool_key(t, own): built[t] for t in todo})
+    return pools
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -167,11 +202,10 @@ def main(args: argparse.Namespace) -> int:
     from .trainer import Evolution, EvolutionConfig, StageConfig
 
     torch.manual_seed(args.seed)
-    stages = args.stages or [(["passkey", "kv_retrieval"], 10)]
+    stages = args.stages or [(["passkey", "kv_retrieval"], 10, None)]
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    tasks = sorted({t for ts, _ in stages for t in ts})
     lengths = [int(x) for x in args.lengths.split(",")]
-    pools = build_pools(tokenizer, tasks, args.pool_size, lengths)
+    pools = build_stage_pools(tokenizer, stages, args.pool_size, lengths)
     fit = FitnessConfig(
         update_interval=args.update_interval,
         chunk_size=args.chunk_size,
@@ -180,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
         member_batch=args.member_batch,
     )
     cfg = EvolutionConfig(
-        stages=[StageConfig(ts, g) for ts, g in stages],
+        stages=[StageConfig(ts, g, own) for ts, g, own in stages],
         population=args.population,
         elite_ratio=args.elite_ratio,
         sigma0=args.sigma0,
@@ -191,9 +225,10 @@ def main(args: argparse.Namespace) -> int:
         model=args.model,
         sink_tokens=args.sink_tokens,
     )
+    cfg.length_normalized_features = args.length_normalized_features
     init = load_namm(args.init) if args.init else None
     if args.warm_start and init is None:
-        init = _warm_start(args, model, pools, stages, fit)
+        init = _warm_start(args, model, _stage1_pools(pools, stages), stages, fit)
     # what builds the prompt pools (the initial mean is checked by its content, init.safetensors)
     identity = {"lengths": lengths, "pool_size": args.pool_size}
     evo = Evolution(args.run_dir, cfg, model, pools, init=init, identity=identity)
@@ -219,7 +254,7 @@ def main(args: argparse.Namespace) -> int:
     write_curve(evo.run_dir)
     calibrated = None
     if args.calibrate_bias:
-        calibrated = _calibrate(args, evo, tokenizer, lengths)
+        calibrated = _calibrate(args, evo, tokenizer, stages[-1][2] or lengths)
     if args.ship:
         from namm_transfer.checkpoint import WEIGHTS_DIR, save_namm
 
@@ -232,6 +267,13 @@ def main(args: argparse.Namespace) -> int:
         write_card(evo.run_dir, dest, args.ship)
         print(f"shipped as {args.ship} in {dest}")
     return 0
+
+
+def _stage1_pools(pools: dict[str, list[Any]], stages: list[tuple[list[str], int, list[int] | None]]) -> dict[str, Any]:
+    """Stage 1's pools keyed by the task name alone (what the warm start reads)."""
+    from .trainer import pool_key
+
+    return {t: pools[pool_key(t, stages[0][2])] for t in stages[0][0]}
 
 
 def _calibrate(args: argparse.Namespace, evo: Any, tokenizer: Any, lengths: list[int]) -> tuple[Any, dict[str, Any]]:
@@ -282,7 +324,7 @@ def _warm_start(
     from pathlib import Path
 
     from namm_transfer.checkpoint import load_namm, save_namm
-    from namm_transfer.namm import NAMM
+    from namm_transfer.namm import NAMM, NAMMConfig
 
     from .trainer import estimate_normalization
     from .warmstart import WarmStartConfig, collect_warmstart_data, fit_scorer
@@ -290,7 +332,7 @@ def _warm_start(
     out = Path(args.run_dir) / "warmstart"
     if (out / "config.json").exists():
         return load_namm(out)
-    namm = NAMM()
+    namm = NAMM(NAMMConfig(length_normalized_features=args.length_normalized_features))
     stage1 = [p for t in stages[0][0] for p in pools[t][: args.warm_start_prompts]]
     estimate_normalization(model, namm, stage1, fit.update_interval, fit.chunk_size)
     ws = WarmStartConfig(

@@ -37,7 +37,7 @@ from ..results import atomic_write_bytes, atomic_write_text
 from ..session import attach
 from .fitness import RETAINED_MEASURE, EncodedPrompt, FitnessConfig, FitnessEvaluator, GenerationResult
 
-__all__ = ["StageConfig", "EvolutionConfig", "Evolution", "estimate_normalization"]
+__all__ = ["StageConfig", "EvolutionConfig", "Evolution", "estimate_normalization", "pool_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ logger = logging.getLogger(__name__)
 class StageConfig:
     tasks: list[str]
     generations: int
+    lengths: list[int] | None = None
+    """The stage's prompt lengths (tokens): its prompts come from the pools ``pool_key(task, lengths)``. None: the
+    run's default pools, keyed by the task name alone (the command line's ``--lengths``)."""
+
+
+def pool_key(task: str, lengths: list[int] | None) -> str:
+    """The key of a task's prompt pool at the given lengths (``task`` for the default pool, else ``task@L1,L2``)."""
+    return task if lengths is None else f"{task}@{','.join(str(n) for n in lengths)}"
 
 
 @dataclass
@@ -55,6 +63,8 @@ class EvolutionConfig:
     elite_ratio: float = 0.5
     sigma0: float = 0.065
     separable: bool = True
+    length_normalized_features: bool = False
+    """``NAMMConfig.length_normalized_features`` of the run's NAMM (outside the spec; False is the paper's)."""
     seed: int = 1
     prompts_per_task: int = 2
     """Prompts each task contributes to one generation (the same for every member)."""
@@ -74,6 +84,13 @@ class EvolutionConfig:
         d["stages"] = [StageConfig(**s) for s in d["stages"]]
         d["fitness"] = FitnessConfig(**d["fitness"])
         return cls(**d)
+
+
+def _describe_stages(stages: list[StageConfig]) -> str:
+    return "; ".join(
+        f"{','.join(s.tasks)}:{s.generations}" + (f"@{','.join(map(str, s.lengths))}" if s.lengths else "")
+        for s in stages
+    )
 
 
 REPLAY_TOLERANCE = 1e-5
@@ -129,11 +146,18 @@ class Evolution:
         self.model = model
         self.pools = prompt_pools
         self.config = self._load_or_store_config(config, json.loads(json.dumps(identity or {})))
-        missing = {t for s in self.config.stages for t in s.tasks} - set(prompt_pools)
+        missing = {pool_key(t, s.lengths) for s in self.config.stages for t in s.tasks} - set(prompt_pools)
         if missing:
             raise ValueError(f"no prompts for tasks {sorted(missing)}; have {sorted(prompt_pools)}")
         base = namm_config or (init.config if init is not None else NAMMConfig())
-        self.namm = NAMM(replace(base, sink_tokens=self.config.sink_tokens))
+        flag = self.config.length_normalized_features
+        if init is not None and init.config.length_normalized_features != flag:
+            raise ValueError(
+                f"the initial NAMM was made with length_normalized_features={init.config.length_normalized_features}, "
+                f"this run uses {flag}: its weights and normalization fit other features; start from a NAMM made "
+                "with the same setting (or none)"
+            )
+        self.namm = NAMM(replace(base, sink_tokens=self.config.sink_tokens, length_normalized_features=flag))
         self._init_normalization_and_mean(init)
         self.evaluator = FitnessEvaluator(model, self.namm, self.config.fitness)
         self.log_path = self.run_dir / "log.jsonl"
@@ -151,6 +175,12 @@ class Evolution:
             if "identity" in record:
                 old = record["identity"]
                 diff += sorted(k for k in set(old) | set(identity) if old.get(k, ...) != identity.get(k, ...))
+            if "stages" in diff:
+                raise ValueError(
+                    f"run directory {self.run_dir} holds a run with other settings: it was started with the stages "
+                    f"{_describe_stages(stored.stages)}; given now: {_describe_stages(config.stages)}. A run resumes "
+                    "only with its own stages (exact replay); use another --run-dir for other stages"
+                )
             if diff:
                 raise ValueError(
                     f"run directory {self.run_dir} holds a run with other settings (differs in {diff}); "
@@ -204,8 +234,8 @@ class Evolution:
         elif init is not None and bool(init.normalization_ready):
             mean, std = init.feature_mean.clone(), init.feature_std.clone()
         else:
-            stage1 = self.config.stages[0].tasks
-            prompts = [p for t in stage1 for p in self.pools[t]]
+            stage1 = self.config.stages[0]
+            prompts = [p for t in stage1.tasks for p in self.pools[pool_key(t, stage1.lengths)]]
             logger.info("estimating normalization statistics on %d stage-1 prompts (full cache)", len(prompts))
             mean, std = estimate_normalization(
                 self.model, self.namm, prompts, self.config.fitness.update_interval, self.config.fitness.chunk_size
@@ -349,7 +379,7 @@ class Evolution:
         rng = np.random.default_rng([self.config.seed, generation])  # never the global RNG pycma uses
         chosen = []
         for task in stage.tasks:
-            pool = self.pools[task]
+            pool = self.pools[pool_key(task, stage.lengths)]
             k = min(self.config.prompts_per_task, len(pool))
             chosen += [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
         return chosen
@@ -378,6 +408,7 @@ class Evolution:
             "seconds": round(time.time() - t0, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        row.update(self._compute_record(g))
         self.history.append(row)
         if self.is_writer:
             with open(self.log_path, "a") as fh:
@@ -386,6 +417,19 @@ class Evolution:
                 os.fsync(fh.fileno())
             self.save_mean()
         return row
+
+    def _compute_record(self, generation: int) -> dict[str, Any]:
+        """What the log records of a generation's compute besides its seconds: the member-prompts evaluated
+        (population x prompts) and where (the card's "compute" and "where trained")."""
+        device = self.evaluator.device
+        if device.type == "cuda":
+            where = f"cuda ({torch.cuda.get_device_name(device)})"
+        else:
+            where = f"{device.type} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            where += f" x {dist.get_world_size()} ranks"
+        return {"member_prompts": self.config.population * len(self.prompts_for(generation)), "device": where}
 
     # ----- distribution -------------------------------------------------------------------------------
     @property

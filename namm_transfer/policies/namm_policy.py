@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..features import SpectrogramStream
+from ..features import SpectrogramStream, length_normalized_rows
 from ..namm import NAMM
 from .base import Budget, LayerState, MemoryPolicy, stack_layers
 
@@ -71,6 +71,8 @@ class NAMMPolicy(MemoryPolicy):
 
     def observe(self, state: LayerState, rows: Tensor) -> None:
         q = rows.shape[-2]
+        if self.namm.config.length_normalized_features:  # outside the spec; off by default
+            rows = length_normalized_rows(rows, state.valid, state.arrival, state.meta["namm_clock"])
         buf, ema, start = self.stream.advance(
             state.tokens["namm_rows"],
             state.tokens["namm_ema"],
