@@ -206,13 +206,20 @@ def test_ratio_mode_members_hold_their_own_top_share(model):
     prompt = _prompts(n=1, length=60, answer=3)[0]  # prompt 57 tokens: updates at 16, 32, 48 and the end (57)
     thetas = torch.randn(3, namm.n_params, generator=torch.Generator().manual_seed(5)) * 0.5
     scores, retained = ev.member_scores(thetas, prompt)
-    stats = ev.last_stats  # the last batch: member 2 alone
+    # all three members in one batch: every row of every prompt update holds floor(R * seen)
+    one_batch = FitnessEvaluator(
+        model, namm, FitnessConfig(update_interval=16, chunk_size=8, member_batch=3, ratio=0.5)
+    )
+    np.testing.assert_allclose(one_batch.member_scores(thetas, prompt)[0], scores, atol=1e-6)
+    stats = one_batch.last_stats
     prompt_updates = [i for i, c in enumerate(stats.update_clock) if c <= 57]
     assert [stats.update_clock[i] for i in prompt_updates] == [16, 32, 48, 57]
     for i in prompt_updates:
-        seen = stats.update_n_seen[i][0]
+        seen = stats.update_n_seen[i]
+        assert seen == [seen[0]] * 3
         for counts in stats.kept_counts[i].values():
-            assert np.all(np.asarray(counts) == math.floor(0.5 * seen))
+            assert np.asarray(counts).shape == (3, model.config.num_key_value_heads)
+            assert np.all(np.asarray(counts) == math.floor(0.5 * seen[0]))
     ids = torch.tensor([prompt.ids])
     for m in range(3):
         policy = NAMMPolicy(namm, budget=RatioBudget(0.5))
