@@ -292,6 +292,9 @@ def test_cli_answer_labels_and_ratio_mode(tmp_path, monkeypatch):
     argv += ["--ratio", "0.5"]
     with pytest.raises(SystemExit, match="cache-weight"):
         main([*argv, "--cache-weight", "1.0"])
+    with pytest.raises(SystemExit, match="calibrate-bias"):
+        main([*argv, "--calibrate-bias", "0,1"])
+    assert not run.exists()  # refused before anything was written
     assert main(argv) == 0
     assert (run / LABELS_FILE).exists()
     prov = json.loads((run / "warmstart" / "config.json").read_text())["provenance"]
@@ -299,3 +302,14 @@ def test_cli_answer_labels_and_ratio_mode(tmp_path, monkeypatch):
     assert json.loads((run / "run.json").read_text())["config"]["fitness"]["ratio"] == 0.5
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1
+    # a rerun that must fit the scorer again reads the stored labels (no full-cache run) and refits the same vector
+    import shutil
+
+    shutil.rmtree(run / "warmstart")
+
+    def no_collect(*a, **k):
+        raise AssertionError("the stored labels were computed again")
+
+    monkeypatch.setattr(warmstart, "collect_warmstart_data", no_collect)
+    assert main(argv) == 0  # (Evolution would refuse another initial mean than init.safetensors)
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1

@@ -227,6 +227,11 @@ def main(args: argparse.Namespace) -> int:
             f"--ratio {args.ratio:g} holds every member to exactly that share, so the cache term cannot matter: "
             "drop --cache-weight (or set it to 0), or drop --ratio"
         )
+    if args.ratio is not None and args.calibrate_bias:
+        raise SystemExit(
+            f"--ratio {args.ratio:g} keeps each member's top share, which a readout-bias offset does not change: "
+            "drop --calibrate-bias (it calibrates the threshold rule)"
+        )
     torch.manual_seed(args.seed)
     stages = args.stages or [(["passkey", "kv_retrieval"], 10)]
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
