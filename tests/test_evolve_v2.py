@@ -144,7 +144,7 @@ def test_keep_label_stage_labels_once_fits_and_seeds_cma_es(model, tmp_path, mon
 
     monkeypatch.setattr(warmstart, "collect_warmstart_data", counting)
     prompts = _prompts(n=2, length=64, answer=3, question_start=54)
-    cfg = WarmStartConfig(update_interval=16, chunk_size=8, labels="answer", steps=60, lr=2e-2)
+    cfg = WarmStartConfig(update_interval=16, chunk_size=8, labels="answer", steps=40, lr=2e-2, rows_per_batch=8)
     path = tmp_path / "run" / LABELS_FILE
     first_namm = NAMM()
     rows = prepare_rows(model, first_namm, prompts, cfg, path)
