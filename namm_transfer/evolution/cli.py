@@ -89,6 +89,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="initialize the CMA-ES mean with the supervised future-attention scorer",
     )
+    p.add_argument(
+        "--warm-start-labels",
+        choices=["future", "answer"],
+        default="future",
+        help="keep-labels of the warm start: 'future' (attention from every later query, the default) or 'answer' "
+        "(attention from the final question, answer cue and teacher-forced answer; computed once and stored in "
+        "run_dir/warmstart-labels.safetensors)",
+    )
+    p.add_argument(
+        "--question-tokens",
+        type=int,
+        default=64,
+        metavar="Q",
+        help="answer labels of a prompt whose question cannot be located: its last Q prompt tokens stand for the "
+        "question (default 64)",
+    )
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="ratio-mode fitness: every member keeps its own top R share (0 < R < 1), as the eval's ratio:R "
+        "protocol, so the fitness is the answer-score ratio vs the full cache at exactly R retained (no cache "
+        "term: --cache-weight must be 0); recorded in run.json, a resume must give the same R",
+    )
     p.add_argument("--warm-start-steps", type=int, default=300)
     p.add_argument(
         "--warm-start-keep",
@@ -156,6 +181,34 @@ def encode_sample(tokenizer: Any, sample: Any) -> tuple[list[int], tuple[int, in
     return prompt_answer_ids(tokenizer, sample.prompt, sample.answer, answer_prefix=" ")
 
 
+def question_start(tokenizer: Any, sample: Any, prompt_len: int) -> int | None:
+    """Index of the first token of ``sample``'s final question in the ids of :func:`encode_sample`, or None.
+
+    The prompt text (chat prompt + cue, or the raw prompt) is tokenized again with character offsets (a fast
+    tokenizer); the question's first token is the first whose span ends after the question's last occurrence
+    starts. None when the tokenizer gives no offsets, the question is not in the text, or the tokens differ.
+    """
+    question = getattr(sample, "question", None)
+    if sample.chat_prompt is not None:
+        text, special = sample.chat_prompt + sample.answer_cue, False
+    else:
+        text, special = sample.prompt, True
+    start = text.rfind(question) if question else -1
+    if start < 0:
+        return None
+    try:
+        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    offsets = enc.get("offset_mapping") if hasattr(enc, "get") else None
+    if offsets is None or len(enc["input_ids"]) != prompt_len:
+        return None
+    for i, (_, end) in enumerate(offsets):
+        if end > start:
+            return i
+    return None
+
+
 def build_pools(
     tokenizer: Any, tasks: list[str], n: int, lengths: list[int], split: str = "train", seed_base: int = 0
 ) -> dict[str, list[Any]]:
@@ -170,7 +223,8 @@ def build_pools(
         items = []
         for s in samples:
             ids, (a0, a1) = encode_sample(tokenizer, s)
-            items.append(EncodedPrompt(s.id, task, tuple(ids), a1 - a0))
+            q0 = question_start(tokenizer, s, a0)
+            items.append(EncodedPrompt(s.id, task, tuple(ids), a1 - a0, question_start=q0))
         pools[task] = items
     return pools
 
@@ -201,6 +255,18 @@ def main(args: argparse.Namespace) -> int:
     from .fitness import FitnessConfig
     from .trainer import Evolution, EvolutionConfig, StageConfig
 
+    if args.ratio is not None and not 0.0 < args.ratio < 1.0:
+        raise SystemExit(f"--ratio {args.ratio}: give a share in (0, 1), e.g. --ratio 0.5")
+    if args.ratio is not None and args.cache_weight > 0:
+        raise SystemExit(
+            f"--ratio {args.ratio:g} holds every member to exactly that share, so the cache term cannot matter: "
+            "drop --cache-weight (or set it to 0), or drop --ratio"
+        )
+    if args.ratio is not None and args.calibrate_bias:
+        raise SystemExit(
+            f"--ratio {args.ratio:g} keeps each member's top share, which a readout-bias offset does not change: "
+            "drop --calibrate-bias (it calibrates the threshold rule)"
+        )
     torch.manual_seed(args.seed)
     stages = args.stages or [(["passkey", "kv_retrieval"], 10, None)]
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -212,6 +278,7 @@ def main(args: argparse.Namespace) -> int:
         cache_weight=args.cache_weight,
         cache_target=args.cache_target,
         member_batch=args.member_batch,
+        ratio=args.ratio,
     )
     cfg = EvolutionConfig(
         stages=[StageConfig(ts, g, own) for ts, g, own in stages],
@@ -326,15 +393,14 @@ def _warm_start(
     from namm_transfer.checkpoint import load_namm, save_namm
     from namm_transfer.namm import NAMM, NAMMConfig
 
-    from .trainer import estimate_normalization
-    from .warmstart import WarmStartConfig, collect_warmstart_data, fit_scorer
+    from .warmstart import LABELS_FILE, WarmStartConfig, fit_scorer, prepare_rows
 
     out = Path(args.run_dir) / "warmstart"
     if (out / "config.json").exists():
         return load_namm(out)
     namm = NAMM(NAMMConfig(length_normalized_features=args.length_normalized_features))
     stage1 = [p for t in stages[0][0] for p in pools[t][: args.warm_start_prompts]]
-    estimate_normalization(model, namm, stage1, fit.update_interval, fit.chunk_size)
+    labels = getattr(args, "warm_start_labels", "future")
     ws = WarmStartConfig(
         update_interval=fit.update_interval,
         chunk_size=fit.chunk_size,
@@ -342,15 +408,19 @@ def _warm_start(
         keep_fraction=args.warm_start_keep,
         calibrate=args.warm_start_calibrate,
         seed=args.seed,
+        labels=labels,
+        question_tokens=getattr(args, "question_tokens", 64),
     )
-    rows = collect_warmstart_data(model, namm, stage1, ws)
+    # normalization on the stage-1 prompts (full cache) and the labels, once: a rerun reuses the stored ones
+    rows = prepare_rows(model, namm, stage1, ws, Path(args.run_dir) / LABELS_FILE)
     metrics = fit_scorer(namm, rows, ws)
     logger.info("warm start: %s", metrics)
     save_namm(
         namm,
         out,
         provenance={
-            "trainer": "supervised warm start (future attention)",
+            "trainer": f"supervised warm start ({labels} attention)",
+            "labels": labels,
             **metrics,
             "model": args.model,
             "dtype": args.dtype,

@@ -9,6 +9,12 @@ fitness is the mean over tasks, minus an optional cache-size term::
 
     fitness = mean_task(ratio) - cache_weight * max(0, retained_cache - cache_target)
 
+Ratio mode (``FitnessConfig.ratio = R``): every member runs as the eval's ratio protocol runs a NAMM, its
+own top share ``NAMMPolicy(member, budget=RatioBudget(R))``, holding ``floor(R * seen)`` tokens per managed
+layer and KV head at every update and once more at the end of the prompt (before the answer). The fitness is
+then the answer-score ratio vs the full cache at exactly ``R`` retained; the cache term would be constant, so
+``cache_weight`` must be 0.
+
 Cost savings: the first ``update_interval`` tokens of a prompt are identical for every member
 (no eviction has happened yet), so they are fed once and the engine is forked into one copy per
 member; members are then evaluated as one batch.
@@ -25,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..namm import NAMM
+from ..policies.base import RatioBudget
 from ..policies.namm_policy import NAMMPolicy
 from ..session import AttachedMemory, attach
 
@@ -35,16 +42,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EncodedPrompt:
-    """A tokenized prompt with its answer appended: ``ids = prompt + answer``."""
+    """A tokenized prompt with its answer appended: ``ids = prompt + answer``.
+
+    ``question_start``: index of the first token of the prompt's final question (the question, then the chat
+    template's turn markers and the answer cue, then the answer); None when unknown. The warm start's answer
+    labels use it (:mod:`.warmstart`).
+    """
 
     id: str
     task: str
     ids: tuple[int, ...]
     answer_len: int
+    question_start: int | None = None
 
     def __post_init__(self) -> None:
         if self.answer_len < 1 or self.answer_len >= len(self.ids):
             raise ValueError(f"prompt {self.id}: answer length {self.answer_len} invalid for {len(self.ids)} tokens")
+        prompt_len = len(self.ids) - self.answer_len
+        if self.question_start is not None and not 0 <= self.question_start < prompt_len:
+            raise ValueError(
+                f"prompt {self.id}: question start {self.question_start} outside the prompt's {prompt_len} tokens"
+            )
 
 
 @dataclass
@@ -59,6 +77,19 @@ class FitnessConfig:
     """Retained-cache level above which the penalty applies."""
     member_batch: int = 32
     """Population members evaluated in one batch (lower it to save memory)."""
+    ratio: float | None = None
+    """Ratio mode: every member keeps its own top ``ratio`` share (the eval's ratio protocol), see the module
+    docstring; None: the NAMM's threshold (the paper's rule)."""
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None:
+            if not 0.0 < self.ratio < 1.0:
+                raise ValueError(f"the ratio-mode share must lie in (0, 1), got {self.ratio}")
+            if self.cache_weight > 0:
+                raise ValueError(
+                    f"ratio mode (ratio {self.ratio:g}) holds every member to exactly that share, so a cache term "
+                    f"(cache_weight {self.cache_weight:g}) cannot matter: set the cache weight to 0 or drop the ratio"
+                )
 
 
 def answer_score(logits: Tensor, answer_ids: Tensor) -> Tensor:
@@ -93,6 +124,7 @@ class FitnessEvaluator:
         # calibration's fresh prompts share ids with the evolution's pool)
         self._full_cache: dict[tuple[str, tuple[int, ...], int], float] = {}
         self.device = next(model.parameters()).device
+        self.last_stats: Any = None  # ratio mode: the engine statistics of the last member batch
 
     # ----- full-cache reference ----------------------------------------------------------------------
     @torch.no_grad()
@@ -113,6 +145,8 @@ class FitnessEvaluator:
     def member_scores(self, thetas: Tensor, prompt: EncodedPrompt) -> tuple[np.ndarray, np.ndarray]:
         """Scores (P,) and retained cache (P,) of every member on one prompt."""
         cfg = self.config
+        if cfg.ratio is not None:
+            return self._member_scores_ratio(thetas, prompt, cfg.ratio)
         p_total = thetas.shape[0]
         ids = torch.tensor([prompt.ids], device=self.device)
         a = prompt.answer_len
@@ -136,6 +170,50 @@ class FitnessEvaluator:
                     logits = self._prefix_logits.expand(n, -1, -1)[:, -a - 1 : -1]
                 scores.append(answer_score(logits, ids[:, -a:].expand(n, -1)).cpu().numpy())
                 retained.append(mem.stats.retained_per_call().mean(0))
+        return np.concatenate(scores), np.concatenate(retained)
+
+    def _member_scores_ratio(
+        self, thetas: Tensor, prompt: EncodedPrompt, ratio: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Ratio mode: each member keeps its own top ``ratio`` share, at update steps and at the end of the prompt.
+
+        As the eval's ratio protocol: the prompt (without the answer) is fed with ``final_update``, so the cache
+        holds ``floor(ratio * seen)`` tokens per managed layer and KV head when the answer starts; the logits of
+        the prompt's last token predict the first answer token, the answer (teacher-forced) the rest. The engine
+        statistics of the last batch stay in :attr:`last_stats` (tests read the kept counts there).
+        """
+        cfg = self.config
+        p_total = thetas.shape[0]
+        ids = torch.tensor([prompt.ids], device=self.device)
+        a = prompt.answer_len
+        t_prompt = ids.shape[1] - a
+        prefix = min(cfg.update_interval, t_prompt)
+        scores, retained = [], []
+        policy = NAMMPolicy(self.namm, budget=RatioBudget(ratio))
+        with attach(
+            self.model, policy, update_interval=cfg.update_interval, chunk_size=cfg.chunk_size, final_update=True
+        ) as mem:
+            for start in range(0, p_total, cfg.member_batch):
+                members = thetas[start : start + cfg.member_batch]
+                n = members.shape[0]
+                policy.set_population(None)
+                self._feed_prefix(mem, ids[:, :prefix])
+                mem.engine.fork(n)
+                policy.set_population(members, torch.arange(n))
+                if prefix < t_prompt:
+                    if prefix == cfg.update_interval:
+                        mem.engine.update()
+                    last = mem.prefill(ids[:, prefix:t_prompt].expand(n, -1), reset=False)  # (n, 1, V); final update
+                else:  # the prompt is one interval or shorter: its last token's logits came with the prefix
+                    last = self._prefix_logits[:, -1:].expand(n, -1, -1)
+                    mem.engine.update()  # the update step, or the final update at the end of a shorter prompt
+                pieces = [last]
+                if a > 1:
+                    pieces.append(mem.prefill(ids[:, t_prompt:-1].expand(n, -1), logits_to_keep=a - 1, reset=False))
+                logits = torch.cat(pieces, dim=1)  # (n, A, V): row i predicts answer token i
+                scores.append(answer_score(logits, ids[:, -a:].expand(n, -1)).cpu().numpy())
+                retained.append(mem.stats.retained_per_call().mean(0))
+                self.last_stats = mem.stats
         return np.concatenate(scores), np.concatenate(retained)
 
     def _feed_prefix(self, mem: AttachedMemory, prefix_ids: Tensor) -> None:

@@ -171,6 +171,11 @@ class Evolution:
         if path.exists():
             record = json.loads(path.read_text())
             stored = EvolutionConfig.from_dict(record["config"])
+            if stored.fitness.ratio != config.fitness.ratio:
+                raise ValueError(
+                    f"run directory {self.run_dir} was evolved with ratio {stored.fitness.ratio} (run.json), this run "
+                    f"asks for {config.fitness.ratio}; resume with the run's own --ratio, or use another --run-dir"
+                )
             diff = sorted(k for k, v in config.to_dict().items() if stored.to_dict().get(k) != v)
             if "identity" in record:
                 old = record["identity"]
