@@ -289,7 +289,7 @@ def test_cli_answer_labels_and_ratio_mode(tmp_path, monkeypatch):
     argv = ["evolve", "--model", "tiny", "--run-dir", str(run), "--stages", "passkey:1", "--population", "4"]
     argv += ["--lengths", "400", "--pool-size", "2", "--update-interval", "64", "--chunk-size", "64"]
     argv += ["--warm-start", "--warm-start-labels", "answer", "--warm-start-prompts", "1", "--warm-start-steps", "3"]
-    argv += ["--ratio", "0.5"]
+    argv += ["--ratio", "0.5", "--ship", "tiny-answer"]
     with pytest.raises(SystemExit, match="cache-weight"):
         main([*argv, "--cache-weight", "1.0"])
     with pytest.raises(SystemExit, match="calibrate-bias"):
@@ -302,6 +302,10 @@ def test_cli_answer_labels_and_ratio_mode(tmp_path, monkeypatch):
     assert json.loads((run / "run.json").read_text())["config"]["fitness"]["ratio"] == 0.5
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1
+    card = (tmp_path / "weights" / "tiny-answer" / "README.md").read_text()
+    assert "Warm start (supervised, attention from the final question and the teacher-forced answer in" in card
+    assert "future attention" not in card
+    assert "- fitness: answer probability ratio vs the full cache, every member at its own top 50% of the" in card
     # a rerun that must fit the scorer again reads the stored labels (no full-cache run) and refits the same vector
     import shutil
 

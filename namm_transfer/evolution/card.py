@@ -105,7 +105,10 @@ def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: s
     cfg = json.loads((run_dir / "run.json").read_text())["config"]
     curve = write_curve(run_dir, dest / "fitness.png")
     seconds = sum(r["seconds"] for r in rows)
-    warm = "yes (supervised future-attention scorer)" if (run_dir / "init.safetensors").exists() else "no"
+    ws_config = run_dir / "warmstart" / "config.json"
+    ws_labels = json.loads(ws_config.read_text()).get("provenance", {}).get("labels") if ws_config.exists() else None
+    scorer = "answer-attention" if ws_labels == "answer" else "future-attention"
+    warm = f"yes (supervised {scorer} scorer)" if (run_dir / "init.safetensors").exists() else "no"
     lines = [
         f"# NAMM `{name}`",
         "",
@@ -118,8 +121,15 @@ def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: s
         + "; ".join(f"{', '.join(s['tasks'])}: {s['generations']}" for s in cfg["stages"]),
         f"- population {cfg['population']}, elite ratio {cfg['elite_ratio']}, sigma0 {cfg['sigma0']}, "
         f"{'separable (diagonal)' if cfg['separable'] else 'full'} covariance, seed {cfg['seed']}",
-        f"- fitness: answer probability ratio vs the full cache; cache weight {cfg['fitness']['cache_weight']} "
-        f"above {cfg['fitness']['cache_target']}; update interval {cfg['fitness']['update_interval']}",
+        (
+            f"- fitness: answer probability ratio vs the full cache, every member at its own top "
+            f"{cfg['fitness']['ratio']:.0%} of the tokens seen (ratio mode); update interval "
+            f"{cfg['fitness']['update_interval']}"
+            if cfg["fitness"].get("ratio") is not None
+            else "- fitness: answer probability ratio vs the full cache; cache weight "
+            f"{cfg['fitness']['cache_weight']} above {cfg['fitness']['cache_target']}; update interval "
+            f"{cfg['fitness']['update_interval']}"
+        ),
         f"- generations run: {len(rows)}; evaluation wall time {seconds / 3600:.2f} h",
         *compute_lines(run_dir, rows, json.loads((dest / "config.json").read_text()).get("namm_config")),
         f"- fitness curve: `{curve.name}`" if curve else "- fitness curve: not drawn (no matplotlib or no log)",
@@ -156,13 +166,18 @@ def write_card(run_dir: str | Path, dest: str | Path, name: str, eval_summary: s
     ws = run_dir / "warmstart" / "config.json"
     if ws.exists():
         prov = json.loads(ws.read_text()).get("provenance", {})
+        source = (
+            "attention from the final question and the teacher-forced answer"
+            if prov.get("labels") == "answer"
+            else "future attention"
+        )
         lines += [
             "",
-            "Warm start (supervised, future attention in full-cache runs of the stage-1 training prompts): "
+            f"Warm start (supervised, {source} in full-cache runs of the stage-1 training prompts): "
             f"{prov.get('rows')} (layer, head, update) rows, train accuracy {nan(prov.get('accuracy')):.3f}, "
             f"kept fraction per update {nan(prov.get('kept_fraction')):.3f}, loss {nan(prov.get('loss')):.4f}"
             + (
-                f"; labels: the top {nan(prov['keep_label_share']):.0%} of each row by future attention are 'keep'"
+                f"; labels: the top {nan(prov['keep_label_share']):.0%} of each row by {source} are 'keep'"
                 + (", readout bias calibrated to keep that share" if prov.get("calibrated") else "")
                 if "keep_label_share" in prov
                 else ""
