@@ -27,7 +27,8 @@ def test_stage_syntax():
         [4096, 8192],
     )
     assert _stage("passkey:3") == (["passkey"], 3, None)
-    for bad in ("passkey:4@", "passkey:4@2k", "passkey:4@0", "passkey@2048", ":4@2048", "passkey:0"):
+    assert _stage("passkey,prose_fact:0@2048") == (["passkey", "prose_fact"], 0, [2048])  # a fit-only run
+    for bad in ("passkey:4@", "passkey:4@2k", "passkey:4@0", "passkey@2048", ":4@2048", "passkey:-1"):
         with pytest.raises(argparse.ArgumentTypeError, match="stage"):
             _stage(bad)
     assert pool_key("passkey", None) == "passkey" and pool_key("passkey", [2048, 4096]) == "passkey@2048,4096"

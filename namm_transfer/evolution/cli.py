@@ -30,9 +30,10 @@ def _stage(text: str) -> tuple[list[str], int, list[int] | None]:
             f"stage {text!r}: use TASK[,TASK...]:GENERATIONS, optionally @LENGTH[,LENGTH...] (prompt lengths in "
             "tokens), e.g. passkey,kv_retrieval:4@2048"
         ) from None
-    if not names or n < 1 or (lengths is not None and min(lengths) < 1):
+    if not names or n < 0 or (lengths is not None and min(lengths) < 1):
         raise argparse.ArgumentTypeError(
-            f"stage {text!r}: needs at least one task, GENERATIONS >= 1 and positive lengths"
+            f"stage {text!r}: needs at least one task, GENERATIONS >= 0 (0: the warm start or --init only) and "
+            "positive lengths"
         )
     from namm_transfer.evals.language.tasks import EVAL_ONLY_TASKS
 
