@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -383,6 +384,19 @@ def make_video_item(
     return record, frames
 
 
+def _write_items(write: Callable[[Any], dict[str, Any]], jobs: list[Any], workers: int) -> list[dict[str, Any]]:
+    """Run ``write`` on every job, in ``workers`` spawned processes when there are several jobs and workers (the
+    records come back in the jobs' order)."""
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            return list(pool.map(write, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    return [write(job) for job in jobs]
+
+
 def _write_item(job: tuple[int, str, int, dict[str, Any], str]) -> dict[str, Any]:
     """Make one item and write its mp4 (a process-pool job of :func:`generate_benchmark`); returns the record."""
     index, category, answer_pos, common, video_dir = job
@@ -457,15 +471,7 @@ def generate_benchmark(
         noise_std=noise_std,
     )
     jobs = [(i, categories[i % len(categories)], perm[i % N_OPTIONS], common, str(video_dir)) for i in range(n_videos)]
-    if workers > 1 and n_videos > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, n_videos), mp_context=ctx) as pool:
-            records = list(pool.map(_write_item, jobs, chunksize=max(1, n_videos // (8 * workers))))
-    else:
-        records = [_write_item(job) for job in jobs]
+    records = _write_items(_write_item, jobs, workers)
     json_path = out / f"synthetic_{split}.json"
     json_path.write_text(json.dumps(records, indent=1) + "\n")
     logger.info(
@@ -680,15 +686,7 @@ def generate_benchmark_v3(
     common = dict(seed=seed, split=split, frames_per_video=frames_per_video, size=size, fps=fps, noise_std=noise_std)
     jobs = [(i, categories[i % len(categories)], perm[i % N_OPTIONS], common, str(video_dir)) for i in range(n_videos)]
     t0 = time.perf_counter()
-    if workers > 1 and n_videos > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, n_videos), mp_context=ctx) as pool:
-            records = list(pool.map(_write_item_v3, jobs, chunksize=max(1, n_videos // (8 * workers))))
-    else:
-        records = [_write_item_v3(job) for job in jobs]
+    records = _write_items(_write_item_v3, jobs, workers)
     json_path = out / f"synthetic_{split}.json"
     json_path.write_text(json.dumps(records, indent=1) + "\n")
     logger.info(
