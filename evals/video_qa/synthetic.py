@@ -338,10 +338,28 @@ def make_video_item(
     frames = render_frames(rng, events, frames_per_video, size, noise_std=noise_std)
 
     item_id = f"synth-{split}-{index:05d}"
+    record = _record(item_id, category, options, answer_pos, answer, events, frames_per_video, fps, size, split, seed)
+    record["generator"] = GENERATOR_VERSION
+    return record, frames
+
+
+def _record(
+    item_id: str,
+    category: str,
+    options: list[str],
+    answer_pos: int,
+    answer: str,
+    events: list[dict[str, Any]],
+    frames_per_video: int,
+    fps: int,
+    size: int,
+    split: str,
+    seed: int,
+    answer_frames: list[int] | None = None,
+) -> dict[str, Any]:
+    """The LongVideoBench-layout record of one item (both generator versions; ``answer_frames`` for v3). The caller
+    adds ``item_seed`` (v3) and ``generator`` last, which keeps the keys in the order earlier files have."""
     duration = frames_per_video / fps
-    for ev in events:
-        ev["start_time"] = round(ev["start_frame"] / fps, 6)
-        ev["end_time"] = round((ev["end_frame"] + 1) / fps, 6)
     record: dict[str, Any] = {
         "id": item_id,
         "video_path": f"{item_id}.mp4",
@@ -353,21 +371,18 @@ def make_video_item(
     }
     for i in range(LVB_OPTION_SLOTS):
         record[f"option{i}"] = options[i] if i < len(options) else "N/A"
+    record.update({"correct_choice": answer_pos, "starting_timestamp_for_subtitles": 0, "answer_text": answer})
+    if answer_frames is not None:
+        record["answer_frames"] = answer_frames
+    keys = ("shape", "colour", "start_frame", "end_frame", "frames")
     record.update(
         {
-            "correct_choice": answer_pos,
-            "starting_timestamp_for_subtitles": 0,
-            "answer_text": answer,
             "event_frames": sorted(f for ev in events for f in ev["frames"]),
             "events": [
                 {
-                    "shape": ev["shape"],
-                    "colour": ev["colour"],
-                    "start_frame": ev["start_frame"],
-                    "end_frame": ev["end_frame"],
-                    "frames": ev["frames"],
-                    "start_time": ev["start_time"],
-                    "end_time": ev["end_time"],
+                    **{k: ev[k] for k in keys},
+                    "start_time": round(ev["start_frame"] / fps, 6),
+                    "end_time": round((ev["end_frame"] + 1) / fps, 6),
                     "centre": ev["centre"],
                     "radius": ev["radius"],
                 }
@@ -378,10 +393,9 @@ def make_video_item(
             "frame_size": [size, size],
             "split": split,
             "seed": seed,
-            "generator": GENERATOR_VERSION,
         }
     )
-    return record, frames
+    return record
 
 
 def _write_items(write: Callable[[Any], dict[str, Any]], jobs: list[Any], workers: int) -> list[dict[str, Any]]:
@@ -587,49 +601,23 @@ def make_video_item_v3(
     frames = render_frames_v3(rng, events, frames_per_video, size, noise_std=noise_std)
 
     item_id = f"synth3-{split}-{index:05d}"
-    duration = frames_per_video / fps
-    record: dict[str, Any] = {
-        "id": item_id,
-        "video_path": f"{item_id}.mp4",
-        "subtitle_path": None,
-        "duration": duration,
-        "duration_group": _duration_group(duration),
-        "question_category": category,
-        "question": _QUESTIONS[category],
-    }
-    for i in range(LVB_OPTION_SLOTS):
-        record[f"option{i}"] = options[i] if i < len(options) else "N/A"
-    event_frames = sorted(f for ev in events for f in ev["frames"])
-    record.update(
-        {
-            "correct_choice": answer_pos,
-            "starting_timestamp_for_subtitles": 0,
-            "answer_text": answer,
-            "answer_frames": v3_answer_frames(category, events, answer),
-            "event_frames": event_frames,
-            "events": [
-                {
-                    "shape": ev["shape"],
-                    "colour": ev["colour"],
-                    "start_frame": ev["start_frame"],
-                    "end_frame": ev["end_frame"],
-                    "frames": ev["frames"],
-                    "start_time": round(ev["start_frame"] / fps, 6),
-                    "end_time": round((ev["end_frame"] + 1) / fps, 6),
-                    "centre": ev["centre"],
-                    "radius": ev["radius"],
-                }
-                for ev in events
-            ],
-            "num_frames": frames_per_video,
-            "fps": fps,
-            "frame_size": [size, size],
-            "split": split,
-            "seed": seed,
-            "item_seed": item_seed,
-            "generator": GENERATOR_VERSION_V3,
-        }
+    record = _record(
+        item_id,
+        category,
+        options,
+        answer_pos,
+        answer,
+        events,
+        frames_per_video,
+        fps,
+        size,
+        split,
+        seed,
+        answer_frames=v3_answer_frames(category, events, answer),
     )
+    record["item_seed"] = item_seed
+    record["generator"] = GENERATOR_VERSION_V3
+    event_frames = record["event_frames"]
     if len(event_frames) > V3_MAX_ANSWER_SHARE * frames_per_video:  # pragma: no cover - guarded by the caller
         raise AssertionError(f"{item_id}: {len(event_frames)} event frames of {frames_per_video}")
     return record, frames

@@ -158,10 +158,7 @@ class FitnessEvaluator:
             for start in range(0, p_total, cfg.member_batch):
                 members = thetas[start : start + cfg.member_batch]
                 n = members.shape[0]
-                policy.set_population(None)
-                self._feed_prefix(mem, ids[:, :prefix])
-                mem.engine.fork(n)
-                policy.set_population(members, torch.arange(n))
+                self._start_members(mem, policy, ids[:, :prefix], members)
                 if prefix == cfg.update_interval:
                     mem.engine.update()
                 if prefix < t:
@@ -196,10 +193,7 @@ class FitnessEvaluator:
             for start in range(0, p_total, cfg.member_batch):
                 members = thetas[start : start + cfg.member_batch]
                 n = members.shape[0]
-                policy.set_population(None)
-                self._feed_prefix(mem, ids[:, :prefix])
-                mem.engine.fork(n)
-                policy.set_population(members, torch.arange(n))
+                self._start_members(mem, policy, ids[:, :prefix], members)
                 if prefix < t_prompt:
                     if prefix == cfg.update_interval:
                         mem.engine.update()
@@ -215,6 +209,13 @@ class FitnessEvaluator:
                 retained.append(mem.stats.retained_per_call().mean(0))
                 self.last_stats = mem.stats
         return np.concatenate(scores), np.concatenate(retained)
+
+    def _start_members(self, mem: AttachedMemory, policy: NAMMPolicy, prefix_ids: Tensor, members: Tensor) -> None:
+        """Feed the prefix every member shares once, then fork the engine into one batch row per member (P, D)."""
+        policy.set_population(None)
+        self._feed_prefix(mem, prefix_ids)
+        mem.engine.fork(members.shape[0])
+        policy.set_population(members, torch.arange(members.shape[0]))
 
     def _feed_prefix(self, mem: AttachedMemory, prefix_ids: Tensor) -> None:
         eng = mem.engine
