@@ -22,12 +22,12 @@ layers.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from namm_transfer.evals.args import StrictParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_speed as es  # noqa: E402
@@ -70,7 +70,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_ke
 def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = StrictParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="unmodified-chunked,engine-full,h2o-50,namm-50")
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--chunk-size", type=int, default=256, help="also the update interval")

@@ -20,7 +20,6 @@ generation's time below is the members' evaluation only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from namm_transfer.evals.args import StrictParser
 
 
 def _commit() -> str:
@@ -51,7 +51,7 @@ def _batch(text: str, population: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = StrictParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")

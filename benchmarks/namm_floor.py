@@ -22,7 +22,6 @@ network's arithmetic (it needs only column sums), so ``h2o-50 + floor`` is about
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from namm_transfer.evals.args import StrictParser
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,7 +90,7 @@ def machine_rates() -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = StrictParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from namm_transfer.evals.args import StrictParser, default_output, nonnegative_int, positive_int, repository_root
@@ -569,3 +570,16 @@ def test_an_interrupted_eval_names_the_file_it_resumes_from(tmp_path, monkeypatc
     assert main(["eval", "--target", "language"]) == 130
     err = capsys.readouterr().err
     assert "interrupted; rerun the same command to resume from the results file (runs/language/language.jsonl)" in err
+
+
+def test_every_command_line_in_the_repo_uses_the_strict_parser():
+    """Library modules, benchmarks and training scripts build their parsers with StrictParser (no abbreviated
+    options); only evals/args.py, which defines it, names argparse.ArgumentParser."""
+    root = Path(__file__).resolve().parents[1]
+    loose = [
+        str(p.relative_to(root))
+        for folder in ("namm_transfer", "adapters", "evals", "benchmarks", "training")
+        for p in sorted((root / folder).rglob("*.py"))
+        if "argparse.ArgumentParser(" in p.read_text(encoding="utf-8") and p != root / "evals" / "args.py"
+    ]
+    assert loose == []

@@ -17,14 +17,15 @@ The numbers go to the README's video section; they bound what a frozen-LM video 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+from namm_transfer.evals.args import StrictParser
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = StrictParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--n", type=int, default=50, help="questions (videos) of the split")
     p.add_argument("--model", default="smollm2-135m")

@@ -19,13 +19,13 @@ Refuses a file whose traces lack a step the new rule keeps (e.g. written with fe
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..args import StrictParser
 from . import run
 
 __all__ = ["compact_record", "compact_settings", "compact_file", "main"]
@@ -111,7 +111,7 @@ def compact_file(jsonl: str | Path, summary: str | Path | None = None) -> tuple[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="python -m namm_transfer.evals.offline_rl.compact_traces",
         description="Rewrite decision-transformer results (NAME.jsonl and NAME.json) under the compact trace rule.",
     )

@@ -27,7 +27,6 @@ The DT notebook (``notebooks/decision_transformer.ipynb``) shows it for the NAMM
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...adapters.decision_transformer import TOKEN_TYPES
+from ..args import StrictParser
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -381,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .pomdp import PO_ENVS
     from .train import load_dt, resolve_dt
 
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="python -m namm_transfer.evals.offline_rl.keep_map",
         description="What the NAMM keeps in a Decision Transformer's cache: token type by timestep and layer.",
     )
