@@ -334,7 +334,12 @@ def test_po_long_context_training_resumes_evaluates_and_ships(tmp_path, monkeypa
         train_dt(TrainConfig(**{**base, "dataset": str(src)}), tmp_path / "three")
     # shipped under its own name, found by it (the task is two words)
     monkeypatch.setattr(train_mod, "shipped_dt_dir", lambda: tmp_path / "weights" / "dt")
-    train_mod.ship_dt(tmp_path / "two", "hopper-po-medium-long")
+    dest = train_mod.ship_dt(tmp_path / "two", "hopper-po-medium-long")
+    card = (dest / "README.md").read_text()
+    assert card.startswith("# Decision Transformer: hopper-po-medium-long\n")
+    assert 'load_dt("shipped:hopper-po-medium-long")' in card and "K-step window, K = 60)" in card
+    assert "canonical K-step" not in card and "--model shipped:hopper-po-medium-long" in card
+    assert f'load_dt("{(tmp_path / "two").as_posix()}")' in card
     _, shipped = load_dt("shipped:hopper-po-medium-long")
     assert shipped["env"] == "hopper-po" and shipped["content_hash"] == info["content_hash"]
     assert train_mod.resolve_dt("shipped", "hopper-po") == "shipped:hopper-po-medium"

@@ -718,8 +718,13 @@ def _last_loss(log_path: Path) -> float | None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # card
-def write_card(folder: str | os.PathLike[str]) -> Path:
-    """Write ``README.md`` of a trained DT folder from its ``namm_transfer_dt.json`` and ``train_log.jsonl``."""
+def write_card(folder: str | os.PathLike[str], name: str | None = None, run_folder: str | None = None) -> Path:
+    """Write ``README.md`` of a trained DT folder from its ``namm_transfer_dt.json`` and ``train_log.jsonl``.
+
+    ``name``: the shipped name (``rl train --ship-name``, e.g. ``hopper-medium-long``), which the title and the
+    loading example use; ``None``: ``{env}-{level}``. ``run_folder``: the run folder the model was trained in, for
+    the loading example (default: this folder's path as given).
+    """
     folder = Path(folder)
     side = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
     log = read_log(folder / LOG_FILE)
@@ -741,8 +746,9 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
             ("return_scale", 1000.0),
         )
     )
+    name = name or f"{env}-{level}"
     lines = [
-        f"# Decision Transformer: {env}-{level}",
+        f"# Decision Transformer: {name}",
         "",
         f"A `transformers.DecisionTransformerModel` trained by `namm-transfer rl train`: K = {c.get('context')}, "
         f"{c.get('n_layer')} layers, hidden {c.get('hidden_size')}, {c.get('n_head')} head(s), ReLU, dropout "
@@ -776,8 +782,16 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
         f"- final loss {fmt_number(tr.get('final_loss'), 4)}; {fmt_number(tr.get('seconds'), 0)} s on "
         f"{tr.get('device')} ({fmt_number(tr.get('steps_per_second'), 2)} steps/s)",
         "",
-        "## Evaluation (canonical K-step window)",
+        f"## Evaluation ({'canonical ' if c.get('context') == 20 else ''}K-step window, K = {c.get('context')})",
     ]
+    if c.get("prefix_fraction"):
+        lines += [
+            "",
+            "Scored by `rl train`'s own evaluation, the model's K-step window. Its cached long-history score (every "
+            "step since the episode's first, the mode memory policies manage) is measured by `namm-transfer eval "
+            f"--target decision-transformer --model shipped:{name}`.",
+            "",
+        ]
     evals = [e for e in log if e.get("event") == "eval"]
     if evals:
         lines += markdown_table(
@@ -827,8 +841,10 @@ def write_card(folder: str | os.PathLike[str]) -> Path:
         "```python",
         "from namm_transfer.evals.offline_rl import load_dt",
         "",
-        f'model, info = load_dt("shipped:{env}")  # the copy shipped with the package (`rl train --ship`)',
-        f'model, info = load_dt("runs/dt/{env}-{level}")  # or a run folder (`rl train` writes there by default)',
+        "# the copy shipped with the package (`rl train --ship`)",
+        f'model, info = load_dt("shipped:{name}")',
+        "# or the run folder it was trained in",
+        f'model, info = load_dt("{run_folder or folder.as_posix()}")',
         "```",
         "",
         f"State normalization, return scale and target return are in `{SIDECAR}`.",
@@ -852,7 +868,8 @@ SHIP_FILES = ("config.json", "model.safetensors", SIDECAR, CARD_FILE, LOG_FILE)
 
 
 def ship_dt(folder: str | os.PathLike[str], name: str | None = None) -> Path:
-    """Copy a trained DT (model, sidecar, card, log; no checkpoints) to ``shipped_dt_dir()/name``.
+    """Copy a trained DT (model, sidecar, log; no checkpoints) to ``shipped_dt_dir()/name``, with its card
+    written for that name.
 
     ``name`` defaults to ``{env}-{level}`` from the sidecar. Returns the shipped folder.
     """
@@ -864,6 +881,7 @@ def ship_dt(folder: str | os.PathLike[str], name: str | None = None) -> Path:
     for f in SHIP_FILES:
         if (folder / f).is_file():
             shutil.copy2(folder / f, dest / f)
+    write_card(dest, name=name, run_folder=folder.as_posix())  # the card names the shipped model
     logger.info("shipped %s -> %s", folder, dest)
     return dest
 
