@@ -343,3 +343,25 @@ def test_po_long_context_training_resumes_evaluates_and_ships(tmp_path, monkeypa
     _, shipped = load_dt("shipped:hopper-po-medium-long")
     assert shipped["env"] == "hopper-po" and shipped["content_hash"] == info["content_hash"]
     assert train_mod.resolve_dt("shipped", "hopper-po") == "shipped:hopper-po-medium"
+
+
+def test_shipped_long_context_dt_cached_rollout_equals_its_full_history_forward():
+    """The shipped long-context hopper DT (K=200), unmodified: its cached full-history rollout acts as its own
+    forward over the whole history, checked at steps past its 200-step training window (up to 450 steps, 1,349
+    tokens), and the history beyond the window changes its action (so the comparison is not vacuous)."""
+    model, info = load_dt("shipped:hopper-medium-long")
+    assert info["context_length"] == 200 and info["env"] == "hopper"
+    steps, b = 450, 2
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(b, steps, info["state_dim"], generator=g)  # already in normalized units
+    rtg = 3.6 - 0.003 * torch.rand(b, steps, generator=g).cumsum(1)
+    with CachedDT(model, "full") as actor:
+        actor.reset(b)
+        cached = torch.stack([actor.act(rtg[:, i], states[:, i]) for i in range(steps)], dim=1)
+        assert actor.seen_tokens().tolist() == [3 * steps - 1] * b
+    for i in (0, 199, 200, steps - 1):
+        ref = _uncached(model, states[:, : i + 1], cached[:, : i + 1], rtg[:, : i + 1])
+        torch.testing.assert_close(cached[:, i], ref, atol=1e-5, rtol=0, msg=f"step {i}")
+    last = steps - 1
+    cut = _uncached(model, states[:, 200:], cached[:, 200:], rtg[:, 200:], first=200)
+    assert (cut - cached[:, last]).abs().max() > 1e-4
