@@ -54,6 +54,14 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "text_model": (str, "language model (offline name or folder)"),
     "lora_rank": (int, "LoRA rank with --train-lm lora"),
     "lora_alpha": (float, "LoRA scale numerator (update = alpha / rank * B A) with --train-lm lora"),
+    "vision_pretrain_steps": (
+        int,
+        "steps of the vision pretraining stage before the first step (per-frame shape/colour labels of the train "
+        "split, no language model; benchmark v3; 0: none)",
+    ),
+    "vision_pretrain_batch": (int, "frames per vision pretraining step"),
+    "vision_pretrain_lr": (float, "AdamW learning rate of the vision pretraining stage"),
+    "vision_lr": (float, "learning rate of the vision tower in the language stage (0: frozen; default: --lr)"),
     "test_videos": (int, "held-out v3 test questions whose seeds must be disjoint from training's"),
     "dtype": (str, "the language model's dtype: float32, bfloat16, float16"),
     "threads": (int, "torch CPU threads"),
@@ -100,6 +108,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: the preset's)")
     parser.add_argument(
+        "--lora-adapters",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --train-lm lora: store the LoRA adapters unmerged in the model folder (a few MB, the shippable "
+        "form; loading merges them into the base language model) instead of the merged language model "
+        "(default: the preset's)",
+    )
+    parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute the language model's activations"
     )
     parser.add_argument(
@@ -125,7 +141,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             values[name] = given
     if args.device is not None:
         values["device"] = args.device
-    for name in ("benchmark", "train_lm"):
+    for name in ("benchmark", "train_lm", "lora_adapters"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if args.gradient_checkpointing:

@@ -128,6 +128,17 @@ class VideoTrainConfig(RunConfig):
     lora_rank: int = 8
     lora_alpha: float = 16.0
     """LoRA rank and scale numerator (the update is ``alpha / rank * B A``), for ``train_lm="lora"``."""
+    lora_adapters: bool = False
+    """With ``train_lm="lora"``: the model folder stores the adapters unmerged (a few MB, the shippable form; loading
+    merges them into ``text_model``'s weights) instead of the merged language model."""
+    vision_pretrain_steps: int = 0
+    """Steps of the vision pretraining stage (:mod:`.vision_pretrain`, benchmark v3 only) run before the first
+    step: the vision tower learns per-frame labels (shape present, its colour and shape) of the train split,
+    ``vision_pretrain_batch`` frames a step at ``vision_pretrain_lr``; 0: none (a random ViT)."""
+    vision_pretrain_batch: int = 128
+    vision_pretrain_lr: float = 1e-3
+    vision_lr: float | None = None
+    """The vision tower's learning rate in the language stage (None: ``lr``, as the projector; 0: frozen)."""
     # optimization
     steps: int = 1500
     batch_size: int = 16
@@ -179,6 +190,17 @@ class VideoTrainConfig(RunConfig):
                 f"lm_lr and lora_alpha must be > 0 and lora_rank >= 1, got {self.lm_lr}, {self.lora_alpha}, "
                 f"{self.lora_rank}"
             )
+        if self.vision_pretrain_steps < 0 or self.vision_pretrain_batch < 2 or self.vision_pretrain_lr <= 0:
+            raise ValueError(
+                "vision_pretrain_steps must be >= 0, vision_pretrain_batch >= 2 and vision_pretrain_lr > 0, got "
+                f"{self.vision_pretrain_steps}, {self.vision_pretrain_batch}, {self.vision_pretrain_lr}"
+            )
+        if self.vision_lr is not None and self.vision_lr < 0:
+            raise ValueError(f"vision_lr must be >= 0 (0: frozen), got {self.vision_lr}")
+        if self.lora_adapters and self.train_lm != "lora":
+            raise ValueError(f"lora_adapters needs train_lm='lora', got {self.train_lm!r}")
+        if self.vision_pretrain_steps and self.benchmark != "v3":
+            raise ValueError("vision pretraining needs benchmark v3 (every frame read); set vision_pretrain_steps=0")
         if self.benchmark not in ("v2", "v3"):
             raise ValueError(f"benchmark must be v2 or v3, got {self.benchmark!r}")
         if self.benchmark == "v3" and (self.video_frames < 32 or self.frames != self.video_frames):
@@ -202,6 +224,9 @@ class VideoTrainConfig(RunConfig):
             text_model=self.text_model,
             video_token_id=self.video_token_id,
             train_lm=self.train_lm,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_adapters=self.lora_adapters,
         )
 
 
@@ -339,6 +364,11 @@ IDENTITY_FIELDS = (
     "lm_lr",
     "lora_rank",
     "lora_alpha",
+    "lora_adapters",
+    "vision_pretrain_steps",
+    "vision_pretrain_batch",
+    "vision_pretrain_lr",
+    "vision_lr",
     "train_videos",
     "video_frames",
     "video_size",
@@ -571,12 +601,18 @@ def train_video_model(
         language_model.gradient_checkpointing_enable()
     processor = NammVideoLlavaProcessor.from_config(mcfg, tokenizer)
     batcher = QuestionBatcher(model, processor)
-    params = model.trainable_parameters()
+    if cfg.vision_lr == 0:
+        model.model.vision_tower.requires_grad_(False)
+    params = [p for p in model.trainable_parameters() if p.requires_grad]
     lm_params = model.language_model_parameters() if train_lm else []
-    lm_ids = {id(p) for p in lm_params}
-    groups = [{"params": [p for p in params if id(p) not in lm_ids], "lr": cfg.lr}]
+    vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
+    vision_own = cfg.vision_lr is not None and cfg.vision_lr > 0 and cfg.vision_lr != cfg.lr
+    own = {id(p) for p in lm_params} | (vision_ids if vision_own else set())
+    groups = [{"params": [p for p in params if id(p) not in own], "lr": cfg.lr}]
     if lm_params:
         groups.append({"params": lm_params, "lr": cfg.lm_lr})
+    if vision_own:
+        groups.append({"params": [p for p in params if id(p) in vision_ids], "lr": cfg.vision_lr})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     rng = np.random.default_rng(cfg.seed)
@@ -610,6 +646,23 @@ def train_video_model(
                 "versions": _versions(),
             },
         )
+        if cfg.vision_pretrain_steps:
+            from .vision_pretrain import pretrain_vision
+
+            pre = pretrain_vision(
+                model,
+                processor,
+                train_s,
+                train_f,
+                val_s,
+                val_f,
+                steps=cfg.vision_pretrain_steps,
+                batch_frames=cfg.vision_pretrain_batch,
+                lr=cfg.vision_pretrain_lr,
+                weight_decay=cfg.weight_decay,
+                seed=cfg.seed,
+            )
+            append_log(log_path, {"step": 0, "event": "vision_pretrain", **pre.to_dict()})
 
     target = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
     losses: list[float] = []
@@ -703,7 +756,7 @@ def train_video_model(
     model.eval()
     val = evaluate(model, batcher, val_s, val_f, cfg.batch_size, autocast, cfg.caption_share > 0)
     append_log(log_path, {"step": step, "event": "eval", "final": True, **val})
-    if cfg.train_lm == "lora":
+    if cfg.train_lm == "lora" and not cfg.lora_adapters:
         merge_lora(language_model)  # the folder stores a plain language model
     model_dir = model.save_pretrained(out / MODEL_DIR, processor=processor)
     append_log(log_path, {"step": step, "event": "end", "time": utc_now(), "seconds": round(elapsed, 1)})
