@@ -504,3 +504,35 @@ def test_cli_vision_pretraining_and_adapter_options():
     assert (cfg.lora_adapters, cfg.vision_pretrain_steps, cfg.vision_lr) == (True, 50, 0.0)
     cfg = config_from_args(parser.parse_args(["--preset", "cpu-v3"]))
     assert (cfg.lora_adapters, cfg.vision_pretrain_steps, cfg.vision_lr) == (False, 0, None)
+    cfg = config_from_args(parser.parse_args(["--preset", "cpu-v3-lora", "--no-lora-adapters"]))
+    assert (cfg.train_lm, cfg.lora_adapters, cfg.vision_pretrain_steps, cfg.vision_lr) == ("lora", False, 200, 0.0)
+    c = VideoTrainConfig(**PRESETS["cpu-v3-lora"])
+    assert (c.benchmark, c.train_lm, c.lora_adapters, c.frames, c.threads) == ("v3", "lora", True, 32, 1)
+
+
+# ----- the frame-drop check of a trained model ----------------------------------------------------------------------
+def test_frame_drop_plan_and_eval_mechanics(tok, v3_data):
+    """The conditions remove the records' answer frames, or as many frames without an event; every question is
+    answered under each (a tiny random model: the mechanics, not the accuracy)."""
+    from namm_transfer.evals.video_qa import frame_drop as fd
+
+    samples, frames = load_split("test", 20, N_FRAMES, 32, N_FRAMES, folder=v3_data["test"], benchmark="v3")
+    rng = np.random.default_rng(0)
+    for s, rec in zip(samples, _records(v3_data["test"], "test"), strict=True):
+        plan = fd.drop_plan(s, N_FRAMES, rng)
+        assert plan["full"] == [] and plan["no_answer"] == rec["answer_frames"]
+        assert len(plan["no_distractor"]) == len(rec["answer_frames"])
+        assert not set(plan["no_distractor"]) & set(rec["event_frames"])
+    cfg = _config(tok)
+    torch.manual_seed(0)
+    model = vm.NammVideoLlavaForConditionalGeneration(cfg.model_config(tiny_lm(tok).config), tiny_lm(tok))
+    proc = NammVideoLlavaProcessor.from_config(model.config, tok)
+    out = fd.frame_drop_eval(model, proc, samples[:5], frames[:5])
+    assert out["n"] == 5 and set(out["correct"]) == set(fd.CONDITIONS)
+    assert all(len(v) == 5 and set(v) <= {0, 1} for v in out["correct"].values())
+    assert out["accuracy"] == {c: float(np.mean(v)) for c, v in out["correct"].items()}
+    assert set(out["vs_full"]) == {"no_answer", "no_distractor"} and out["vs_full"]["no_answer"]["n"] == 5
+    plain = dict(samples[0].extra)
+    plain.pop("answer_frames")
+    with pytest.raises(ValueError, match="needs benchmark v3"):
+        fd.drop_plan(type(samples[0])(**{**samples[0].__dict__, "extra": plain}), N_FRAMES, rng)

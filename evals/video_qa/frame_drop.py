@@ -1,0 +1,147 @@
+"""Frame-drop check of a trained video model on benchmark v3: are the answer-bearing frames where the generator says?
+
+For every held-out question the model answers three times (teacher-forced, the letter with the highest logit among
+the options, as ``val_acc4`` of the trainer; options in their stored order):
+
+- ``full``: all frames;
+- ``no_answer``: the question's ``answer_frames`` (the generator's record) removed;
+- ``no_distractor``: as many frames removed, drawn (seeded) from the frames that show no event.
+
+A model that reads the video loses accuracy without the answer frames and keeps it without as many distractors.
+The differences to ``full`` come with paired bootstrap intervals (:func:`namm_transfer.stats.paired_bootstrap`,
+stratified by question category).
+
+Command line (prints the JSON summary; ``--output`` also writes it)::
+
+    python -m namm_transfer.evals.video_qa.frame_drop --model runs/video/cpu-v3-lora/model --questions 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CONDITIONS", "drop_plan", "frame_drop_eval", "main"]
+
+logger = logging.getLogger(__name__)
+
+CONDITIONS = ("full", "no_answer", "no_distractor")
+
+
+def drop_plan(sample: Any, n_frames: int, rng: np.random.Generator) -> dict[str, list[int]]:
+    """The frames each condition removes from ``sample``'s video: ``{"full": [], "no_answer": answer_frames,
+    "no_distractor": as many frames without an event}``."""
+    extra = sample.extra if isinstance(sample.extra, dict) else {}
+    answer = [int(f) for f in extra.get("answer_frames") or []]
+    events = {int(f) for f in extra.get("event_frames") or []}
+    if not answer or not events:
+        raise ValueError(f"sample {sample.id!r} has no answer_frames / event_frames: the frame drop needs benchmark v3")
+    others = [f for f in range(n_frames) if f not in events]
+    if len(others) < len(answer):
+        raise ValueError(f"sample {sample.id!r}: {len(answer)} answer frames but only {len(others)} without an event")
+    distract = sorted(int(f) for f in rng.choice(others, size=len(answer), replace=False))
+    return {"full": [], "no_answer": sorted(answer), "no_distractor": distract}
+
+
+def frame_drop_eval(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Any],
+    frames: np.ndarray,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy of ``model`` on ``samples`` (frames ``(N, F, H, W, 3)`` uint8) under the :data:`CONDITIONS`, one
+    question a forward (the videos of a condition differ in length).
+
+    Returns ``{"n", "seed", "accuracy": {condition: share}, "by_category": {category: {condition: share}},
+    "vs_full": {condition: PairedInterval dict}, "correct": {condition: [0/1 per question]}}``.
+    """
+    import torch
+
+    from namm_transfer.stats import paired_bootstrap
+
+    from .train_data import QuestionBatcher, batch_metrics
+
+    batcher = QuestionBatcher(model, processor)
+    rng = np.random.default_rng(seed)
+    n_frames = int(frames.shape[1])
+    plans = [drop_plan(s, n_frames, rng) for s in samples]
+    correct: dict[str, list[int]] = {c: [] for c in CONDITIONS}
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for cond in CONDITIONS:
+            for i, sample in enumerate(samples):
+                video = np.delete(np.asarray(frames[i]), plans[i][cond], axis=0)
+                m = batch_metrics(model, batcher.batch([sample], [video]), batcher.letter_ids, _null)
+                correct[cond].append(int(round(float(m["acc4"]))))
+    model.train(was)
+    cats = [str(s.extra.get("question_category", "?")) for s in samples]
+    by_cat = {
+        c: {
+            cond: float(np.mean([v for v, k in zip(correct[cond], cats, strict=True) if k == c])) for cond in CONDITIONS
+        }
+        for c in sorted(set(cats))
+    }
+    vs_full = {}
+    for cond in CONDITIONS[1:]:
+        diffs: dict[str, list[float]] = {}
+        for k, a, b in zip(cats, correct[cond], correct["full"], strict=True):
+            diffs.setdefault(k, []).append(float(a - b))
+        vs_full[cond] = paired_bootstrap(diffs).as_dict()
+    return {
+        "n": len(samples),
+        "seed": seed,
+        "accuracy": {c: float(np.mean(v)) for c, v in correct.items()},
+        "by_category": by_cat,
+        "vs_full": vs_full,
+        "correct": correct,
+    }
+
+
+def _null() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m namm_transfer.evals.video_qa.frame_drop``: the frame-drop check of a trained model folder."""
+    from namm_transfer.evals.args import StrictParser
+
+    parser = StrictParser(prog="python -m namm_transfer.evals.video_qa.frame_drop", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a trained video model folder (or shipped name)")
+    parser.add_argument("--questions", type=int, default=300, help="held-out v3 test questions (default 300)")
+    parser.add_argument("--seed", type=int, default=0, help="data seed of the test split and of the drawn frames")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON summary here")
+    args: argparse.Namespace = parser.parse_args(argv)
+    import torch
+
+    from .model import load_video_model
+    from .synthetic import V3_DEFAULTS
+    from .train_data import load_split
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_video_model(args.model)
+    f, size = int(V3_DEFAULTS["frames_per_video"]), int(V3_DEFAULTS["size"])
+    samples, frames = load_split("test", args.questions, f, size, f, args.seed, benchmark="v3")
+    out = frame_drop_eval(model, processor, samples, frames, seed=args.seed)
+    summary = {"model": str(args.model), **{k: v for k, v in out.items() if k != "correct"}}
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({**summary, "correct": out["correct"]}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
