@@ -536,3 +536,44 @@ def test_frame_drop_plan_and_eval_mechanics(tok, v3_data):
     plain.pop("answer_frames")
     with pytest.raises(ValueError, match="needs benchmark v3"):
         fd.drop_plan(type(samples[0])(**{**samples[0].__dict__, "extra": plain}), N_FRAMES, rng)
+
+
+V3_MODEL_ENV = "NAMM_VIDEO_V3_MODEL"
+"""A trained v3 video model folder (``<run>/model`` of ``namm-transfer video train --preset cpu-v3-lora``) for the
+frame-drop test; without it the shipped ``smollm2-135m-video-v3`` is used when present."""
+FRAME_DROP_MIN_FULL = 0.4
+"""The trained model's full-video accuracy on the 60 questions must reach this (chance 25%)."""
+
+
+def _trained_v3_model() -> Path:
+    import os
+
+    given = os.environ.get(V3_MODEL_ENV)
+    folder = Path(given) if given else vm.shipped_video_dir() / "smollm2-135m-video-v3"
+    if not vm.is_video_model_folder(folder):
+        pytest.skip(
+            f"no trained v3 video model at {folder}: train one (`namm-transfer video train --preset cpu-v3-lora`) "
+            f"and set {V3_MODEL_ENV}=<run folder>/model, or ship it as smollm2-135m-video-v3"
+        )
+    return folder
+
+
+def test_trained_model_frame_drop(tmp_path):
+    """Issue 23's must-show on the trained model: on 60 held-out v3 questions (the test split's first, seed 0),
+    removing each question's answer frames lowers its accuracy (paired interval below 0), removing as many frames
+    without an event does not (interval not below 0, and above the answer frames' one)."""
+    from namm_transfer.evals.video_qa import frame_drop as fd
+    from namm_transfer.models import ModelNotAvailableError
+
+    folder = _trained_v3_model()
+    try:
+        model, proc = vm.load_video_model(folder)
+    except (ModelNotAvailableError, FileNotFoundError) as err:
+        pytest.skip(f"the trained v3 model's language model is not available offline: {err}")
+    syn.generate_benchmark_v3(tmp_path, 60, "test", seed=0)
+    samples, frames = load_split("test", 60, N_FRAMES, 32, N_FRAMES, folder=tmp_path, benchmark="v3")
+    out = fd.frame_drop_eval(model, proc, samples, frames)
+    acc, vs = out["accuracy"], out["vs_full"]
+    assert acc["full"] >= FRAME_DROP_MIN_FULL, acc  # clearly above chance (25%)
+    assert vs["no_answer"]["hi"] < 0, vs
+    assert vs["no_distractor"]["hi"] >= 0 and vs["no_distractor"]["mean"] > vs["no_answer"]["hi"], vs

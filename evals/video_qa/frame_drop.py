@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ def frame_drop_eval(
     }
     vs_full = {}
     for cond in CONDITIONS[1:]:
-        diffs: dict[str, list[float]] = {}
+        diffs: dict[Hashable, list[float]] = {}
         for k, a, b in zip(cats, correct[cond], correct["full"], strict=True):
             diffs.setdefault(k, []).append(float(a - b))
         vs_full[cond] = paired_bootstrap(diffs).as_dict()
