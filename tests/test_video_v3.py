@@ -493,6 +493,39 @@ def test_lora_adapter_folder_is_small_and_reloads_to_the_same_logits(tok, v3_dat
         _config(tok, train_lm="full", lora_adapters=True)
 
 
+def test_init_from_starts_a_run_from_another_runs_checkpoint(tok, v3_data, tmp_path):
+    """``init_from``: a curriculum stage starts from another run's trained tensors (here a LoRA run's adapters,
+    vision tower and projector), logged; a checkpoint of another ``train_lm`` does not fit and is refused."""
+    first = train_video_model(
+        _config(tok, train_lm="lora", steps=2),
+        tmp_path / "a",
+        language_model=tiny_lm(tok),
+        tokenizer=tok,
+        data_folders=v3_data,
+    )
+    ckpt = latest_checkpoint(first.output)
+    want = load_file(str(ckpt / "model.safetensors"))
+    cfg = _config(tok, train_lm="lora", steps=2, caption_share=0.2, init_from=str(ckpt))
+    second = train_video_model(
+        cfg, tmp_path / "b", stop_at=0, language_model=tiny_lm(tok), tokenizer=tok, data_folders=v3_data
+    )
+    got = second.model.trainable_state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert [e["folder"] for e in read_log(tmp_path / "b" / "train_log.jsonl") if e.get("event") == "init_from"] == [
+        str(ckpt)
+    ]
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train_video_model(
+            _config(tok, train_lm="full", steps=1, init_from=str(ckpt)),
+            tmp_path / "c",
+            language_model=tiny_lm(tok),
+            tokenizer=tok,
+            data_folders=v3_data,
+        )
+    with pytest.raises(ValueError, match="vision_pretrain_steps=0"):
+        _config(tok, init_from=str(ckpt), vision_pretrain_steps=5)
+
+
 def test_cli_vision_pretraining_and_adapter_options():
     from namm_transfer.evals.args import StrictParser
     from namm_transfer.evals.video_qa.cli_train import add_arguments, config_from_args
@@ -563,6 +596,7 @@ def test_trained_model_frame_drop(tmp_path):
     removing each question's answer frames lowers its accuracy (paired interval below 0), removing as many frames
     without an event does not (interval not below 0, and above the answer frames' one)."""
     from namm_transfer.evals.video_qa import frame_drop as fd
+
     from namm_transfer.models import ModelNotAvailableError
 
     folder = _trained_v3_model()

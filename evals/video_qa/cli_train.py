@@ -63,6 +63,11 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "vision_pretrain_batch": (int, "frames per vision pretraining step"),
     "vision_pretrain_lr": (float, "AdamW learning rate of the vision pretraining stage"),
     "vision_lr": (float, "learning rate of the vision tower in the language stage (0: frozen; default: --lr)"),
+    "init_from": (
+        str,
+        "start from another run's checkpoint (<run>/checkpoints/step-N) or model folder of the same model, with a "
+        "fresh optimizer and schedule (a curriculum stage)",
+    ),
     "test_videos": (int, "held-out v3 test questions whose seeds must be disjoint from training's"),
     "dtype": (str, "the language model's dtype: float32, bfloat16, float16"),
     "threads": (int, "torch CPU threads"),

@@ -139,6 +139,10 @@ class VideoTrainConfig(RunConfig):
     vision_pretrain_lr: float = 1e-3
     vision_lr: float | None = None
     """The vision tower's learning rate in the language stage (None: ``lr``, as the projector; 0: frozen)."""
+    init_from: str | None = None
+    """A checkpoint folder (``<run>/checkpoints/step-N``) or model folder of a run of the same model whose trained
+    tensors (vision tower, projector, language model or its adapters) start this run, with a fresh optimizer and
+    schedule: a curriculum stage (e.g. captions first, then mostly questions)."""
     # optimization
     steps: int = 1500
     batch_size: int = 16
@@ -199,6 +203,8 @@ class VideoTrainConfig(RunConfig):
             raise ValueError(f"vision_lr must be >= 0 (0: frozen), got {self.vision_lr}")
         if self.lora_adapters and self.train_lm != "lora":
             raise ValueError(f"lora_adapters needs train_lm='lora', got {self.train_lm!r}")
+        if self.vision_pretrain_steps and self.init_from:
+            raise ValueError("init_from loads a trained vision tower: set vision_pretrain_steps=0 with it")
         if self.vision_pretrain_steps and self.benchmark != "v3":
             raise ValueError("vision pretraining needs benchmark v3 (every frame read); set vision_pretrain_steps=0")
         if self.benchmark not in ("v2", "v3"):
@@ -409,6 +415,7 @@ IDENTITY_FIELDS = (
     "vision_pretrain_batch",
     "vision_pretrain_lr",
     "vision_lr",
+    "init_from",
     "train_videos",
     "video_frames",
     "video_size",
@@ -525,6 +532,25 @@ def _load_checkpoint(path: Path, st: TrainState, cfg: VideoTrainConfig) -> dict[
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda_rng"]])
     return state
+
+
+def _init_from(model: Any, folder: Path) -> None:
+    """Load the trained tensors of another run's checkpoint or model folder (the same keys as this model's)."""
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from {folder}: no model.safetensors (give a checkpoint or model folder)")
+    dev = next(model.model.multi_modal_projector.parameters()).device
+    weights = load_file(str(path), device=str(dev))
+    want = set(model.trainable_state_dict())
+    if set(weights) != want:
+        diff = sorted(set(weights) ^ want)
+        raise ValueError(
+            f"init_from {folder} does not fit this model (same model dimensions and --train-lm needed; a LoRA run "
+            f"starts from another's checkpoint, whose adapters are unmerged): {diff[:5]}"
+        )
+    model.load_state_dict(weights, strict=False)
 
 
 def _keep_on_resume(entry: Mapping[str, Any]) -> bool:
@@ -686,6 +712,9 @@ def train_video_model(
                 "versions": _versions(),
             },
         )
+        if cfg.init_from:
+            _init_from(model, Path(cfg.init_from))
+            append_log(log_path, {"step": 0, "event": "init_from", "folder": str(cfg.init_from)})
         if cfg.vision_pretrain_steps:
             from .vision_pretrain import pretrain_vision
 
