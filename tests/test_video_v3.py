@@ -560,8 +560,11 @@ def test_frame_drop_plan_and_eval_mechanics(tok, v3_data):
     torch.manual_seed(0)
     model = vm.NammVideoLlavaForConditionalGeneration(cfg.model_config(tiny_lm(tok).config), tiny_lm(tok))
     proc = NammVideoLlavaProcessor.from_config(model.config, tok)
-    out = fd.frame_drop_eval(model, proc, samples[:5], frames[:5])
+    out = fd.frame_drop_eval(model, proc, samples[:5], frames[:5], captions=True)
     assert out["n"] == 5 and set(out["correct"]) == set(fd.CONDITIONS)
+    assert all(len(out["caption_losses"][c]) == 5 for c in fd.CONDITIONS)
+    assert out["caption_loss"] == {c: float(np.mean(v)) for c, v in out["caption_losses"].items()}
+    assert set(out["caption_vs_full"]) == {"no_answer", "no_distractor"}
     assert all(len(v) == 5 and set(v) <= {0, 1} for v in out["correct"].values())
     assert out["accuracy"] == {c: float(np.mean(v)) for c, v in out["correct"].items()}
     assert set(out["vs_full"]) == {"no_answer", "no_distractor"} and out["vs_full"]["no_answer"]["n"] == 5
@@ -591,10 +594,10 @@ def _trained_v3_model() -> Path:
     return folder
 
 
-def test_trained_model_frame_drop(tmp_path):
-    """Issue 23's must-show on the trained model: on 60 held-out v3 questions (the test split's first, seed 0),
-    removing each question's answer frames lowers its accuracy (paired interval below 0), removing as many frames
-    without an event does not (interval not below 0, and above the answer frames' one)."""
+@pytest.fixture(scope="module")
+def trained_frame_drop(tmp_path_factory):
+    """The frame-drop check (answers and captions) of the trained v3 model on 60 held-out questions (the test
+    split's first, seed 0); skipped with the reason when no trained model or no offline SmolLM2 is there."""
     from namm_transfer.evals.video_qa import frame_drop as fd
 
     from namm_transfer.models import ModelNotAvailableError
@@ -604,10 +607,25 @@ def test_trained_model_frame_drop(tmp_path):
         model, proc = vm.load_video_model(folder)
     except (ModelNotAvailableError, FileNotFoundError) as err:
         pytest.skip(f"the trained v3 model's language model is not available offline: {err}")
-    syn.generate_benchmark_v3(tmp_path, 60, "test", seed=0)
-    samples, frames = load_split("test", 60, N_FRAMES, 32, N_FRAMES, folder=tmp_path, benchmark="v3")
-    out = fd.frame_drop_eval(model, proc, samples, frames)
-    acc, vs = out["accuracy"], out["vs_full"]
+    root = tmp_path_factory.mktemp("v3-held-out")
+    syn.generate_benchmark_v3(root, 60, "test", seed=0)
+    samples, frames = load_split("test", 60, N_FRAMES, 32, N_FRAMES, folder=root, benchmark="v3")
+    return fd.frame_drop_eval(model, proc, samples, frames, captions=True)
+
+
+def test_trained_model_reads_the_answer_frames(trained_frame_drop):
+    """The trained model's caption loss rises when each video's answer frames are removed (paired interval above
+    0) and rises less, if at all, when as many frames without an event are removed."""
+    vs = trained_frame_drop["caption_vs_full"]
+    assert vs["no_answer"]["lo"] > 0, vs
+    assert vs["no_distractor"]["mean"] < vs["no_answer"]["lo"], vs
+
+
+def test_trained_model_frame_drop(trained_frame_drop):
+    """Issue 23's must-show on the trained model: removing each question's answer frames lowers its accuracy
+    (paired interval below 0), removing as many frames without an event does not (interval not below 0, and above
+    the answer frames' one)."""
+    acc, vs = trained_frame_drop["accuracy"], trained_frame_drop["vs_full"]
     assert acc["full"] >= FRAME_DROP_MIN_FULL, acc  # clearly above chance (25%)
     assert vs["no_answer"]["hi"] < 0, vs
     assert vs["no_distractor"]["hi"] >= 0 and vs["no_distractor"]["mean"] > vs["no_answer"]["hi"], vs

@@ -8,6 +8,8 @@ the options, as ``val_acc4`` of the trainer; options in their stored order):
 - ``no_distractor``: as many frames removed, drawn (seeded) from the frames that show no event.
 
 A model that reads the video loses accuracy without the answer frames and keeps it without as many distractors.
+With ``captions`` the same three conditions also give each video's teacher-forced caption loss (the caption task of
+training: every shape in order), which shows whether the model reads the frames even where it cannot yet answer.
 The differences to ``full`` come with paired bootstrap intervals (:func:`namm_transfer.stats.paired_bootstrap`,
 stratified by question category).
 
@@ -56,12 +58,15 @@ def frame_drop_eval(
     frames: np.ndarray,
     *,
     seed: int = 0,
+    captions: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of ``model`` on ``samples`` (frames ``(N, F, H, W, 3)`` uint8) under the :data:`CONDITIONS`, one
     question a forward (the videos of a condition differ in length).
 
     Returns ``{"n", "seed", "accuracy": {condition: share}, "by_category": {category: {condition: share}},
-    "vs_full": {condition: PairedInterval dict}, "correct": {condition: [0/1 per question]}}``.
+    "vs_full": {condition: PairedInterval dict}, "correct": {condition: [0/1 per question]}}``; with ``captions``
+    also ``"caption_loss": {condition: mean}``, ``"caption_vs_full"`` (intervals of the loss differences) and
+    ``"caption_losses": {condition: [per question]}``.
     """
     import torch
 
@@ -74,6 +79,7 @@ def frame_drop_eval(
     n_frames = int(frames.shape[1])
     plans = [drop_plan(s, n_frames, rng) for s in samples]
     correct: dict[str, list[int]] = {c: [] for c in CONDITIONS}
+    cap: dict[str, list[float]] = {c: [] for c in CONDITIONS}
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -82,6 +88,9 @@ def frame_drop_eval(
                 video = np.delete(np.asarray(frames[i]), plans[i][cond], axis=0)
                 m = batch_metrics(model, batcher.batch([sample], [video]), batcher.letter_ids, _null)
                 correct[cond].append(int(round(float(m["acc4"]))))
+                if captions:
+                    mc = batch_metrics(model, batcher.batch([sample], [video], [True]), batcher.letter_ids, _null)
+                    cap[cond].append(float(mc["loss"]))
     model.train(was)
     cats = [str(s.extra.get("question_category", "?")) for s in samples]
     by_cat = {
@@ -90,12 +99,24 @@ def frame_drop_eval(
         }
         for c in sorted(set(cats))
     }
-    vs_full = {}
-    for cond in CONDITIONS[1:]:
-        diffs: dict[Hashable, list[float]] = {}
-        for k, a, b in zip(cats, correct[cond], correct["full"], strict=True):
-            diffs.setdefault(k, []).append(float(a - b))
-        vs_full[cond] = paired_bootstrap(diffs).as_dict()
+
+    def intervals(values: dict[str, list[float]] | dict[str, list[int]]) -> dict[str, Any]:
+        out = {}
+        for cond in CONDITIONS[1:]:
+            diffs: dict[Hashable, list[float]] = {}
+            for k, a, b in zip(cats, values[cond], values["full"], strict=True):
+                diffs.setdefault(k, []).append(float(a - b))
+            out[cond] = paired_bootstrap(diffs).as_dict()
+        return out
+
+    extra: dict[str, Any] = {}
+    if captions:
+        extra = {
+            "caption_loss": {c: float(np.mean(v)) for c, v in cap.items()},
+            "caption_vs_full": intervals(cap),
+            "caption_losses": cap,
+        }
+    vs_full = intervals(correct)
     return {
         "n": len(samples),
         "seed": seed,
@@ -103,6 +124,7 @@ def frame_drop_eval(
         "by_category": by_cat,
         "vs_full": vs_full,
         "correct": correct,
+        **extra,
     }
 
 
@@ -121,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=300, help="held-out v3 test questions (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="data seed of the test split and of the drawn frames")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--captions", action="store_true", help="also the caption loss under each condition (twice the forwards)"
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON summary here")
     args: argparse.Namespace = parser.parse_args(argv)
     import torch
@@ -133,13 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_video_model(args.model)
     f, size = int(V3_DEFAULTS["frames_per_video"]), int(V3_DEFAULTS["size"])
     samples, frames = load_split("test", args.questions, f, size, f, args.seed, benchmark="v3")
-    out = frame_drop_eval(model, processor, samples, frames, seed=args.seed)
-    summary = {"model": str(args.model), **{k: v for k, v in out.items() if k != "correct"}}
+    out = frame_drop_eval(model, processor, samples, frames, seed=args.seed, captions=args.captions)
+    per_question = ("correct", "caption_losses")
+    summary = {"model": str(args.model), **{k: v for k, v in out.items() if k not in per_question}}
     text = json.dumps(summary, indent=1)
     print(text)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({**summary, "correct": out["correct"]}, indent=1) + "\n")
+        full = {**summary, **{k: out[k] for k in per_question if k in out}}
+        args.output.write_text(json.dumps(full, indent=1) + "\n")
     return 0
 
 
