@@ -575,8 +575,9 @@ def test_frame_drop_plan_and_eval_mechanics(tok, v3_data):
 
 
 V3_MODEL_ENV = "NAMM_VIDEO_V3_MODEL"
-"""A trained v3 video model folder (``<run>/model`` of ``namm-transfer video train --preset cpu-v3-lora``) for the
-frame-drop test; without it the shipped ``smollm2-135m-video-v3`` is used when present."""
+"""A trained v3 video model folder (``<run>/model`` of ``namm-transfer video train --preset cpu-v3-lora``) or one of
+its checkpoints (``<run>/checkpoints/step-N``) for the frame-drop tests; without it the shipped
+``smollm2-135m-video-v3`` is used when present."""
 FRAME_DROP_MIN_FULL = 0.4
 """The trained model's full-video accuracy on the 60 questions must reach this (chance 25%)."""
 
@@ -586,7 +587,7 @@ def _trained_v3_model() -> Path:
 
     given = os.environ.get(V3_MODEL_ENV)
     folder = Path(given) if given else vm.shipped_video_dir() / "smollm2-135m-video-v3"
-    if not vm.is_video_model_folder(folder):
+    if not vm.is_video_model_folder(folder) and not (folder / "trainer_state.json").is_file():
         pytest.skip(
             f"no trained v3 video model at {folder}: train one (`namm-transfer video train --preset cpu-v3-lora`) "
             f"and set {V3_MODEL_ENV}=<run folder>/model, or ship it as smollm2-135m-video-v3"
@@ -604,7 +605,10 @@ def trained_frame_drop(tmp_path_factory):
 
     folder = _trained_v3_model()
     try:
-        model, proc = vm.load_video_model(folder)
+        if (folder / "trainer_state.json").is_file():
+            model, proc = fd.load_checkpoint_model(folder)
+        else:
+            model, proc = vm.load_video_model(folder)
     except (ModelNotAvailableError, FileNotFoundError) as err:
         pytest.skip(f"the trained v3 model's language model is not available offline: {err}")
     root = tmp_path_factory.mktemp("v3-held-out")
@@ -615,7 +619,8 @@ def trained_frame_drop(tmp_path_factory):
 
 def test_trained_model_reads_the_answer_frames(trained_frame_drop):
     """The trained model's caption loss rises when each video's answer frames are removed (paired interval above
-    0) and rises less, if at all, when as many frames without an event are removed."""
+    0) and rises less, if at all, when as many frames without an event are removed (measured on 100 questions at
+    step 200 of ``cpu-v3-lora``: +1.89 [1.77, 2.00] and -0.018 [-0.033, -0.004])."""
     vs = trained_frame_drop["caption_vs_full"]
     assert vs["no_answer"]["lo"] > 0, vs
     assert vs["no_distractor"]["mean"] < vs["no_answer"]["lo"], vs

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CONDITIONS", "drop_plan", "frame_drop_eval", "main"]
+__all__ = ["CONDITIONS", "drop_plan", "frame_drop_eval", "load_checkpoint_model", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,37 @@ def frame_drop_eval(
     }
 
 
+def load_checkpoint_model(folder: str | Path, language_model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
+    """``(model, processor)`` of a training checkpoint (``<run>/checkpoints/step-N``: its ``trainer_state.json``
+    config and ``model.safetensors``), around ``config.text_model`` (or the given language model and tokenizer); LoRA
+    adapters are attached as in training (unmerged). Eval mode."""
+    import json as _json
+
+    from safetensors.torch import load_file
+
+    from .model import NammVideoLlavaForConditionalGeneration, add_lora
+    from .processor import NammVideoLlavaProcessor
+    from .train import VideoTrainConfig
+
+    folder = Path(folder)
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} is not a training checkpoint (trainer_state.json + model.safetensors)")
+    cfg = VideoTrainConfig.from_dict(_json.loads(state_file.read_text(encoding="utf-8"))["config"])
+    if language_model is None or tokenizer is None:
+        from namm_transfer.models import load_model
+
+        language_model, tokenizer = load_model(cfg.text_model, device="cpu", dtype="float32")
+    model = NammVideoLlavaForConditionalGeneration(cfg.model_config(language_model.config), language_model)
+    if cfg.train_lm == "lora":
+        add_lora(model.model.language_model, cfg.lora_rank, cfg.lora_alpha)
+    weights = load_file(str(folder / "model.safetensors"))
+    if set(weights) != set(model.trainable_state_dict()):
+        raise ValueError(f"{folder}/model.safetensors does not fit the model of its trainer_state.json")
+    model.load_state_dict(weights, strict=False)
+    return model.eval(), NammVideoLlavaProcessor.from_config(model.config, tokenizer)
+
+
 def _null() -> Any:
     import contextlib
 
@@ -139,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     from namm_transfer.evals.args import StrictParser
 
     parser = StrictParser(prog="python -m namm_transfer.evals.video_qa.frame_drop", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a trained video model folder (or shipped name)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a trained video model folder (or shipped name), or a training checkpoint (<run>/checkpoints/step-N)",
+    )
     parser.add_argument("--questions", type=int, default=300, help="held-out v3 test questions (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="data seed of the test split and of the drawn frames")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -155,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train_data import load_split
 
     torch.set_num_threads(args.threads)
-    model, processor = load_video_model(args.model)
+    if (Path(args.model) / "trainer_state.json").is_file():
+        model, processor = load_checkpoint_model(args.model)
+    else:
+        model, processor = load_video_model(args.model)
     f, size = int(V3_DEFAULTS["frames_per_video"]), int(V3_DEFAULTS["size"])
     samples, frames = load_split("test", args.questions, f, size, f, args.seed, benchmark="v3")
     out = frame_drop_eval(model, processor, samples, frames, seed=args.seed, captions=args.captions)
