@@ -634,3 +634,19 @@ def test_trained_model_frame_drop(trained_frame_drop):
     assert acc["full"] >= FRAME_DROP_MIN_FULL, acc  # clearly above chance (25%)
     assert vs["no_answer"]["hi"] < 0, vs
     assert vs["no_distractor"]["hi"] >= 0 and vs["no_distractor"]["mean"] > vs["no_answer"]["hi"], vs
+
+
+def test_checkpoint_loads_for_the_frame_drop_check(tok, v3_data, tmp_path):
+    """``load_checkpoint_model``: a LoRA run's last checkpoint gives the trained model's logits exactly."""
+    from namm_transfer.evals.video_qa import frame_drop as fd
+
+    cfg = _config(tok, train_lm="lora", lora_adapters=True, steps=2)
+    res = train_video_model(cfg, tmp_path, language_model=tiny_lm(tok), tokenizer=tok, data_folders=v3_data)
+    model, proc = fd.load_checkpoint_model(latest_checkpoint(tmp_path), language_model=tiny_lm(tok), tokenizer=tok)
+    samples, frames = load_split("val", 2, N_FRAMES, 32, N_FRAMES, folder=v3_data["val"], benchmark="v3")
+    batch = QuestionBatcher(model, proc).batch(samples, list(frames))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_videos")}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, res.model.eval()(**inputs).logits)
+    with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
+        fd.load_checkpoint_model(tmp_path, language_model=tiny_lm(tok), tokenizer=tok)
