@@ -85,7 +85,8 @@ TRAIN_LM_MODES = ("none", "full", "lora")
 """``none``: the language model stays frozen (its weights come from ``text_model``); ``full``: it is fine-tuned
 whole (attention architecture unchanged) and its weights are stored in the folder; ``lora``: low-rank adapters
 (:class:`LoRALinear`) on its attention and MLP projections are trained, then merged into those projections
-(:func:`merge_lora`), so the folder stores a plain language model as with ``full``."""
+(:func:`merge_lora`), so the folder stores a plain language model as with ``full``, or (``lora_adapters``) the folder
+stores the adapters alone and loading merges them into ``text_model``'s weights."""
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The ``nn.Linear`` submodules of the decoder layers that :func:`add_lora` wraps."""
 
@@ -109,6 +110,10 @@ class NammVideoLlavaConfig(PretrainedConfig):
         image_mean, image_std: pixel normalization after scaling to [0, 1].
         train_lm: :data:`TRAIN_LM_MODES`; with ``"full"`` or ``"lora"`` (merged) the folder's weights hold the
             fine-tuned language model (its tied head once), loaded over ``text_model``'s.
+        lora_rank, lora_alpha: the LoRA adapters' rank and scale numerator (``train_lm="lora"``).
+        lora_adapters: with ``train_lm="lora"``, the folder stores the adapters only (unmerged, a few MB: the
+            shippable form) and :meth:`~NammVideoLlavaForConditionalGeneration.from_pretrained` attaches them to
+            ``text_model``'s weights and merges them; False: it stores the merged language model.
     """
 
     model_type = MODEL_TYPE
@@ -132,6 +137,9 @@ class NammVideoLlavaConfig(PretrainedConfig):
         image_mean: tuple[float, ...] | list[float] = (0.5, 0.5, 0.5),
         image_std: tuple[float, ...] | list[float] = (0.5, 0.5, 0.5),
         train_lm: str = "none",
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_adapters: bool = False,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -154,6 +162,11 @@ class NammVideoLlavaConfig(PretrainedConfig):
         if train_lm not in TRAIN_LM_MODES:
             raise ValueError(f"train_lm must be one of {TRAIN_LM_MODES}, got {train_lm!r}")
         self.train_lm = train_lm
+        self.lora_rank = int(lora_rank)
+        self.lora_alpha = float(lora_alpha)
+        self.lora_adapters = bool(lora_adapters)
+        if self.lora_adapters and train_lm != "lora":
+            raise ValueError(f"lora_adapters needs train_lm='lora', got train_lm={train_lm!r}")
         super().__init__(**kwargs)
         self.validate_dims()
 
@@ -313,12 +326,16 @@ class NammVideoLlavaModel(NammVideoLlavaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)  # type: ignore[operator]
 
-    def get_video_features(self, pixel_values_videos: Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+    def get_video_features(
+        self, pixel_values_videos: Tensor, project: bool = True, **kwargs: Any
+    ) -> BaseModelOutputWithPooling:
         """Video features in the language model's embedding space.
 
         Args:
             pixel_values_videos: (batch, frames, 3, image_size, image_size), normalized as the
                 processor does.
+            project: False: ``pooler_output`` holds the pooled vision features (batch * frames, tokens_per_frame,
+                vision_embed_dim), before the projector (vision pretraining).
 
         Returns:
             ``last_hidden_state`` (batch * frames, patches, vision_embed_dim): the vision tower's
@@ -346,7 +363,7 @@ class NammVideoLlavaModel(NammVideoLlavaPreTrainedModel):
             sq = feats.transpose(1, 2).reshape(b * f, -1, grid, grid)
             k = grid // c.pool_grid
             pooled = nn.functional.avg_pool2d(sq, kernel_size=k, stride=k).flatten(2).transpose(1, 2)
-        tokens = self.multi_modal_projector(pooled)
+        tokens = self.multi_modal_projector(pooled) if project else pooled
         return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=tokens)
 
     def get_placeholder_mask(
@@ -546,13 +563,20 @@ class NammVideoLlavaForConditionalGeneration(NammVideoLlavaPreTrainedModel, Gene
         self, save_directory: str | os.PathLike[str], processor: Any = None, **kwargs: Any
     ) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (:meth:`trainable_state_dict`: vision tower + projector,
-        and the language model only when ``config.train_lm`` is ``"full"``).
+        and the language model when ``config.train_lm`` is ``"full"`` or ``"lora"``: merged, or with
+        ``config.lora_adapters`` its LoRA adapters only, which must then be attached).
 
         With ``processor`` its ``processor_config.json`` is written too. Returns the folder.
         """
         from safetensors.torch import save_file
 
-        if self._has_lora():
+        if getattr(self.config, "lora_adapters", False):
+            if not self._has_lora():
+                raise ValueError(
+                    "config.lora_adapters is set but no LoRA adapters are attached (a loaded model has them merged): "
+                    "save the training run's model, or set config.lora_adapters = False to store the merged weights"
+                )
+        elif self._has_lora():
             raise ValueError(
                 "merge the LoRA adapters first (merge_lora(model.model.language_model)): a folder stores a plain "
                 "language model"
@@ -578,13 +602,16 @@ class NammVideoLlavaForConditionalGeneration(NammVideoLlavaPreTrainedModel, Gene
         language_model: nn.Module | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        merge: bool = True,
         **kwargs: Any,
     ) -> NammVideoLlavaForConditionalGeneration:
         """Load a folder written by :meth:`save_pretrained` around ``language_model``.
 
         Without ``language_model``, ``config.text_model`` is loaded with
         :func:`namm_transfer.models.load_model` (``device``, ``dtype``; sdpa attention). The vision
-        tower and projector are kept in float32 on a CPU and take ``dtype`` elsewhere.
+        tower and projector are kept in float32 on a CPU and take ``dtype`` elsewhere. A folder of LoRA adapters
+        (``config.lora_adapters``) gets them attached to the language model (float32) and merged into its projections
+        (``merge=False``: left attached, as in training).
         """
         from safetensors.torch import load_file
 
@@ -599,6 +626,9 @@ class NammVideoLlavaForConditionalGeneration(NammVideoLlavaPreTrainedModel, Gene
 
             language_model, _ = load_model(config.text_model, device=device or "cpu", dtype=dtype or "float32")
         model = cls(config, language_model)
+        adapters = bool(getattr(config, "lora_adapters", False))
+        if adapters:
+            add_lora(model.model.language_model, config.lora_rank, config.lora_alpha)
         weights = load_file(str(folder / WEIGHTS_FILE))
         expected = set(model.trainable_state_dict())
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -607,6 +637,8 @@ class NammVideoLlavaForConditionalGeneration(NammVideoLlavaPreTrainedModel, Gene
                 f"{folder / WEIGHTS_FILE} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         model.load_state_dict(weights, strict=False)
+        if adapters and merge:
+            merge_lora(model.model.language_model)
         if dtype is not None and str(device or "cpu") != "cpu":
             from namm_transfer.models import _torch_dtype
 

@@ -128,6 +128,21 @@ class VideoTrainConfig(RunConfig):
     lora_rank: int = 8
     lora_alpha: float = 16.0
     """LoRA rank and scale numerator (the update is ``alpha / rank * B A``), for ``train_lm="lora"``."""
+    lora_adapters: bool = False
+    """With ``train_lm="lora"``: the model folder stores the adapters unmerged (a few MB, the shippable form; loading
+    merges them into ``text_model``'s weights) instead of the merged language model."""
+    vision_pretrain_steps: int = 0
+    """Steps of the vision pretraining stage (:mod:`.vision_pretrain`, benchmark v3 only) run before the first
+    step: the vision tower learns per-frame labels (shape present, its colour and shape) of the train split,
+    ``vision_pretrain_batch`` frames a step at ``vision_pretrain_lr``; 0: none (a random ViT)."""
+    vision_pretrain_batch: int = 128
+    vision_pretrain_lr: float = 1e-3
+    vision_lr: float | None = None
+    """The vision tower's learning rate in the language stage (None: ``lr``, as the projector; 0: frozen)."""
+    init_from: str | None = None
+    """A checkpoint folder (``<run>/checkpoints/step-N``) or model folder of a run of the same model whose trained
+    tensors (vision tower, projector, language model or its adapters) start this run, with a fresh optimizer and
+    schedule: a curriculum stage (e.g. captions first, then mostly questions)."""
     # optimization
     steps: int = 1500
     batch_size: int = 16
@@ -179,6 +194,19 @@ class VideoTrainConfig(RunConfig):
                 f"lm_lr and lora_alpha must be > 0 and lora_rank >= 1, got {self.lm_lr}, {self.lora_alpha}, "
                 f"{self.lora_rank}"
             )
+        if self.vision_pretrain_steps < 0 or self.vision_pretrain_batch < 2 or self.vision_pretrain_lr <= 0:
+            raise ValueError(
+                "vision_pretrain_steps must be >= 0, vision_pretrain_batch >= 2 and vision_pretrain_lr > 0, got "
+                f"{self.vision_pretrain_steps}, {self.vision_pretrain_batch}, {self.vision_pretrain_lr}"
+            )
+        if self.vision_lr is not None and self.vision_lr < 0:
+            raise ValueError(f"vision_lr must be >= 0 (0: frozen), got {self.vision_lr}")
+        if self.lora_adapters and self.train_lm != "lora":
+            raise ValueError(f"lora_adapters needs train_lm='lora', got {self.train_lm!r}")
+        if self.vision_pretrain_steps and self.init_from:
+            raise ValueError("init_from loads a trained vision tower: set vision_pretrain_steps=0 with it")
+        if self.vision_pretrain_steps and self.benchmark != "v3":
+            raise ValueError("vision pretraining needs benchmark v3 (every frame read); set vision_pretrain_steps=0")
         if self.benchmark not in ("v2", "v3"):
             raise ValueError(f"benchmark must be v2 or v3, got {self.benchmark!r}")
         if self.benchmark == "v3" and (self.video_frames < 32 or self.frames != self.video_frames):
@@ -202,6 +230,9 @@ class VideoTrainConfig(RunConfig):
             text_model=self.text_model,
             video_token_id=self.video_token_id,
             train_lm=self.train_lm,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_adapters=self.lora_adapters,
         )
 
 
@@ -289,6 +320,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         dtype="float32",
         threads=2,
     ),
+    "cpu-v3-lora": dict(
+        benchmark="v3",
+        train_lm="lora",
+        lora_rank=8,
+        lora_alpha=16.0,
+        lora_adapters=True,
+        vision_pretrain_steps=200,
+        vision_pretrain_batch=128,
+        vision_pretrain_lr=1e-3,
+        vision_lr=0.0,
+        train_videos=3000,
+        val_videos=100,
+        video_frames=32,
+        video_size=32,
+        frames=32,
+        image_size=32,
+        patch_size=8,
+        vision_embed_dim=96,
+        vision_depth=2,
+        vision_heads=3,
+        tokens_per_frame=4,
+        caption_share=0.5,
+        steps=700,
+        batch_size=4,
+        lr=1e-3,
+        lm_lr=5e-4,
+        warmup=20,
+        log_every=5,
+        checkpoint_every=20,
+        eval_every=100,
+        device="cpu",
+        dtype="float32",
+        threads=1,
+    ),
     "device-v3": dict(
         benchmark="v3",
         train_lm="full",
@@ -331,7 +396,13 @@ too (``train_lm="full"``; the frozen SmolLM2-135M could not answer even from a t
 captions), language model at lr 1e-4, in float32 on 2 threads, sized to about two hours from
 :data:`SECONDS_PER_STEP_CPU_V3`; ``device-v3``: a 6-layer ViT of width 192, 16 tokens per frame, 3,000 steps of 16
 questions (half captions), language model at lr 5e-5 with float32 master weights under bfloat16 autocast, on a GPU
-(not run yet)."""
+(not run yet).
+
+``cpu-v3-lora``: ``cpu-v3``'s model with the recipe measured to make the language model read the video (see
+docs/training.md): the vision pretraining stage first (:mod:`.vision_pretrain`, 200 steps of 128 frames, seconds),
+the tower then frozen (``vision_lr=0``), LoRA rank 8 on every projection at lr 5e-4 (the projector at 1e-3), the
+adapters stored unmerged (``lora_adapters``: a folder of about 12 MB instead of the whole language model), 700 steps
+of 4 (half captions) on one thread."""
 
 IDENTITY_FIELDS = (
     "benchmark",
@@ -339,6 +410,12 @@ IDENTITY_FIELDS = (
     "lm_lr",
     "lora_rank",
     "lora_alpha",
+    "lora_adapters",
+    "vision_pretrain_steps",
+    "vision_pretrain_batch",
+    "vision_pretrain_lr",
+    "vision_lr",
+    "init_from",
     "train_videos",
     "video_frames",
     "video_size",
@@ -457,6 +534,25 @@ def _load_checkpoint(path: Path, st: TrainState, cfg: VideoTrainConfig) -> dict[
     return state
 
 
+def _init_from(model: Any, folder: Path) -> None:
+    """Load the trained tensors of another run's checkpoint or model folder (the same keys as this model's)."""
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from {folder}: no model.safetensors (give a checkpoint or model folder)")
+    dev = next(model.model.multi_modal_projector.parameters()).device
+    weights = load_file(str(path), device=str(dev))
+    want = set(model.trainable_state_dict())
+    if set(weights) != want:
+        diff = sorted(set(weights) ^ want)
+        raise ValueError(
+            f"init_from {folder} does not fit this model (same model dimensions and --train-lm needed; a LoRA run "
+            f"starts from another's checkpoint, whose adapters are unmerged): {diff[:5]}"
+        )
+    model.load_state_dict(weights, strict=False)
+
+
 def _keep_on_resume(entry: Mapping[str, Any]) -> bool:
     """Log entries of the end of a run (final eval, time budget, end) go when it resumes (``steps`` may grow)."""
     return entry.get("event") not in ("end", "time_budget") and not entry.get("final")
@@ -571,12 +667,18 @@ def train_video_model(
         language_model.gradient_checkpointing_enable()
     processor = NammVideoLlavaProcessor.from_config(mcfg, tokenizer)
     batcher = QuestionBatcher(model, processor)
-    params = model.trainable_parameters()
+    if cfg.vision_lr == 0:
+        model.model.vision_tower.requires_grad_(False)
+    params = [p for p in model.trainable_parameters() if p.requires_grad]
     lm_params = model.language_model_parameters() if train_lm else []
-    lm_ids = {id(p) for p in lm_params}
-    groups = [{"params": [p for p in params if id(p) not in lm_ids], "lr": cfg.lr}]
+    vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
+    vision_own = cfg.vision_lr is not None and cfg.vision_lr > 0 and cfg.vision_lr != cfg.lr
+    own = {id(p) for p in lm_params} | (vision_ids if vision_own else set())
+    groups = [{"params": [p for p in params if id(p) not in own], "lr": cfg.lr}]
     if lm_params:
         groups.append({"params": lm_params, "lr": cfg.lm_lr})
+    if vision_own:
+        groups.append({"params": [p for p in params if id(p) in vision_ids], "lr": cfg.vision_lr})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     rng = np.random.default_rng(cfg.seed)
@@ -610,6 +712,26 @@ def train_video_model(
                 "versions": _versions(),
             },
         )
+        if cfg.init_from:
+            _init_from(model, Path(cfg.init_from))
+            append_log(log_path, {"step": 0, "event": "init_from", "folder": str(cfg.init_from)})
+        if cfg.vision_pretrain_steps:
+            from .vision_pretrain import pretrain_vision
+
+            pre = pretrain_vision(
+                model,
+                processor,
+                train_s,
+                train_f,
+                val_s,
+                val_f,
+                steps=cfg.vision_pretrain_steps,
+                batch_frames=cfg.vision_pretrain_batch,
+                lr=cfg.vision_pretrain_lr,
+                weight_decay=cfg.weight_decay,
+                seed=cfg.seed,
+            )
+            append_log(log_path, {"step": 0, "event": "vision_pretrain", **pre.to_dict()})
 
     target = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
     losses: list[float] = []
@@ -703,7 +825,7 @@ def train_video_model(
     model.eval()
     val = evaluate(model, batcher, val_s, val_f, cfg.batch_size, autocast, cfg.caption_share > 0)
     append_log(log_path, {"step": step, "event": "eval", "final": True, **val})
-    if cfg.train_lm == "lora":
+    if cfg.train_lm == "lora" and not cfg.lora_adapters:
         merge_lora(language_model)  # the folder stores a plain language model
     model_dir = model.save_pretrained(out / MODEL_DIR, processor=processor)
     append_log(log_path, {"step": step, "event": "end", "time": utc_now(), "seconds": round(elapsed, 1)})

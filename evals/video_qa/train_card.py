@@ -57,6 +57,12 @@ def write_curve(log_path: str | os.PathLike[str], out: str | os.PathLike[str]) -
     return path
 
 
+def _lm_stored(train_lm: str, adapters: bool) -> str:
+    if adapters:
+        return "its LoRA adapters stored here"
+    return "its fine-tuned weights stored here" if train_lm != "none" else "frozen, not stored here"
+
+
 def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str], name: str | None = None) -> Path:
     """Write ``README.md`` into a model folder from its config.json and the run's log."""
     folder = Path(folder)
@@ -77,7 +83,13 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
     )
     title = name or folder.name
     train_lm = str(cfg.get("train_lm") or "none")
-    lora = f", rank {cfg.get('lora_rank')} alpha {cfg.get('lora_alpha')} adapters merged" if train_lm == "lora" else ""
+    adapters = train_lm == "lora" and bool(cfg.get("lora_adapters"))
+    lora = (
+        f", rank {cfg.get('lora_rank')} alpha {cfg.get('lora_alpha')} adapters "
+        f"{'stored unmerged, merged into the base weights at load' if adapters else 'merged'}"
+        if train_lm == "lora"
+        else ""
+    )
     lm_state = (
         f"language model fine-tuned (`--train-lm {train_lm}`{lora}, AdamW lr {cfg.get('lm_lr')})"
         if train_lm != "none"
@@ -92,11 +104,13 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         f"{mcfg.get('vision_depth')} layers, {mcfg.get('vision_heads')} heads, trained from scratch) and a two-layer "
         f"GELU projector turn every frame into {mcfg.get('tokens_per_frame')} tokens, spliced into the prompt of "
         f"`{mcfg.get('text_model')}` ({_TEXT_MODELS.get(str(mcfg.get('text_model')), '')}"
-        f"{'its fine-tuned weights stored here' if train_lm != 'none' else 'frozen, not stored here'}), "
+        f"{_lm_stored(train_lm, adapters)}), "
         "video first and question after it.",
         "",
         (
-            "This folder holds the vision tower, the projector and the fine-tuned language model "
+            "This folder holds the vision tower, the projector and the language model's LoRA adapters "
+            if adapters
+            else "This folder holds the vision tower, the projector and the fine-tuned language model "
             if train_lm != "none"
             else "This folder holds only the vision tower and projector "
         )
@@ -132,6 +146,17 @@ def write_card(folder: str | os.PathLike[str], log_path: str | os.PathLike[str],
         f"{fmt_number(steps[-1].get('seconds_per_step') if steps else None, 3)} s per step, "
         f"{fmt_number(steps[-1].get('tokens_per_s') if steps else None, 0)} tokens/s at the end",
     ]
+    pre = next((r for r in rows if r.get("event") == "vision_pretrain"), None)
+    if pre:
+        held = pre.get("held_out") or {}
+        lines.append(
+            f"- vision pretraining first: {pre.get('steps')} steps of {cfg.get('vision_pretrain_batch')} frames "
+            f"(per-frame labels of the train split: shape present, its colour, its shape), {pre.get('seconds')} s; "
+            f"held-out per-frame accuracy {fmt_number(100 * float(held.get('present', 0)), 1)}% present, "
+            f"{fmt_number(100 * float(held.get('colour', 0)), 1)}% colour, "
+            f"{fmt_number(100 * float(held.get('shape', 0)), 1)}% shape ({held.get('frames')} val frames); the "
+            f"tower then {'stayed frozen' if cfg.get('vision_lr') == 0 else 'trained on'}"
+        )
     if budget:
         lines.append(f"- stopped by the time budget at step {budget['step']} (of {cfg.get('steps')} planned)")
     lines += [
