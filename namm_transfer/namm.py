@@ -52,6 +52,11 @@ class NAMMConfig:
     newest token is protected). Not in the paper: added because an evolved NAMM can score the first token far out
     of its training range (it receives a large share of every head's attention) and evict it in a few heads,
     which costs a language model much of its accuracy (measured: training/README.md, session 6)."""
+    recent_tokens: int = 0
+    """Always keep the newest ``recent_tokens`` positions of each sequence (a recent window, as H2O's and
+    StreamingLLM's). 0 is the spec (only the newest token is protected). Not in the paper: under a ratio budget that
+    also holds at the end of the prompt, a scorer that has seen little of the question's attention yet can evict
+    the question itself (issue 22's first measurements, docs/findings.md)."""
     length_normalized_features: bool = False
     """Multiply every attention row by the number of live cached tokens its query sees (in its sequence and KV head)
     before the spectrogram, so a token that gets the uniform share of attention has signal 1 however long the cache
@@ -101,12 +106,14 @@ class NAMMConfig:
             raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.recent_tokens < 0:
+            raise ValueError(f"recent_tokens must be >= 0, got {self.recent_tokens}")
 
 
-OUTSIDE_SPEC: dict[str, Any] = {"sink_tokens": 0, "length_normalized_features": False}
+OUTSIDE_SPEC: dict[str, Any] = {"sink_tokens": 0, "recent_tokens": 0, "length_normalized_features": False}
 """Config fields that are not in the paper's network, with the value that keeps namm-spec.md."""
 
-RECORDED_WHEN_SET: dict[str, Any] = {"length_normalized_features": False}
+RECORDED_WHEN_SET: dict[str, Any] = {"recent_tokens": 0, "length_normalized_features": False}
 """Config fields that :meth:`NAMMConfig.to_dict` leaves out at this (their default) value."""
 
 

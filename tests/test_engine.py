@@ -700,6 +700,38 @@ def test_sink_tokens_are_kept_whatever_the_score(model):
         replace(NAMM().config, sink_tokens=-1)
 
 
+def newest_tokens_vector(youngest_age: int) -> torch.Tensor:
+    """Score = cos((youngest_age - 0.5) / f) - cos(age / f): negative only for age < youngest_age (the newest)."""
+    net = NAMM()
+    p = net.unflatten(torch.zeros(4172))
+    f = 50000 ** (3 / 4)
+    p["w_out"][7] = -1.0
+    p["b_out"][0] = torch.cos(torch.tensor((youngest_age - 0.5) / f, dtype=torch.float64)).item()
+    return torch.cat([t.reshape(-1) for t in p.values()])
+
+
+def test_recent_tokens_are_kept_whatever_the_score(model):
+    """NAMMConfig.recent_tokens: the newest positions survive a vector that scores them negative, in threshold mode
+    and with a token budget; 0 (the spec) protects the newest token only."""
+    from dataclasses import replace
+
+    ids, _ = _batch(1, 16)
+    cases = ((0, None, [*range(12), 15]), (3, None, [*range(12), 13, 14, 15]), (2, "8t", [*range(6), 14, 15]))
+    for recent, budget, expect in cases:
+        net = _namm(newest_tokens_vector(4))  # negative for ages < 4: positions 12..15 of 16
+        net.config = replace(net.config, recent_tokens=recent)
+        with attach(model, NAMMPolicy(net, budget=budget), update_interval=16, chunk_size=16, record_kept=True) as mem:
+            mem.prefill(ids)
+            kept = mem.stats.kept_positions[0]
+        for layer in mem.stats.managed_layers:
+            for head_positions in kept[layer][0]:
+                assert head_positions.tolist() == list(expect), (recent, budget)
+    assert replace(NAMM().config, recent_tokens=3).outside_spec() == {"recent_tokens": 3}
+    assert "recent_tokens" not in NAMM().config.to_dict()  # default configs record what older files hold
+    with pytest.raises(ValueError, match="recent_tokens"):
+        replace(NAMM().config, recent_tokens=-1)
+
+
 def test_nonfinite_namm_score_is_a_clear_error(model):
     v = torch.zeros(4172)
     v[-1] = 3e38  # readout bias

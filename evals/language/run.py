@@ -327,6 +327,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="always keep the first N positions under NAMM (NAMMConfig.sink_tokens; default: the checkpoint's, "
         "0 for the paper's rule)",
     )
+    g.add_argument(
+        "--namm-recent",
+        type=int,
+        default=None,
+        metavar="N",
+        help="always keep the newest N positions under NAMM (NAMMConfig.recent_tokens, outside the spec; default: "
+        "the checkpoint's, 0 for the paper's rule)",
+    )
     g.add_argument("--no-plot", action="store_true", help="do not write the score vs retained-cache PNG")
     c = parser.add_argument_group("calibration (which (task, length) cells the full cache answers)")
     c.add_argument(
@@ -876,6 +884,13 @@ def main(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         namm_net.config = replace(namm_net.config, sink_tokens=args.namm_sinks)
+    if namm_net is not None and args.namm_recent is not None:
+        if args.namm_recent < 0:
+            print(f"error: --namm-recent must be >= 0, got {args.namm_recent}", file=sys.stderr)
+            return 2
+        from dataclasses import replace
+
+        namm_net.config = replace(namm_net.config, recent_tokens=args.namm_recent)
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     find_adapter(model)  # an unsupported model is refused before anything is written
     chat = bool(getattr(tokenizer, "chat_template", None))
@@ -955,6 +970,11 @@ def main(args: argparse.Namespace) -> int:
         },
         "eval_only_tasks": sorted(t for t in args.tasks if t in EVAL_ONLY_TASKS),
         "namm_sink_tokens": namm_net.config.sink_tokens if namm_net is not None else None,
+        **(
+            {"namm_recent_tokens": namm_net.config.recent_tokens}
+            if namm_net is not None and namm_net.config.recent_tokens
+            else {}
+        ),
         "max_new_tokens": args.max_new_tokens if args.max_new_tokens == "task" else int(args.max_new_tokens),
         "dtype": dtype,
         "prompt": "chat template + answer cue" if chat else "raw prompt ending in the answer cue",
@@ -1122,6 +1142,8 @@ def main(args: argparse.Namespace) -> int:
         title = f"{model_name}, NAMM {ckpt.get('name') or '-'}, protocols {args.protocols}"
         if namm_net is not None and namm_net.config.sink_tokens:
             title += f", {namm_net.config.sink_tokens} sinks kept"
+        if namm_net is not None and namm_net.config.recent_tokens:
+            title += f", newest {namm_net.config.recent_tokens} kept"
         if write_plot(png, rows, by_task, title) is not None:
             extra_summary["plot"] = png.name
     path = writer.finalize(rows, by_task, extra=extra_summary)

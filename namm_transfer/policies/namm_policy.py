@@ -143,10 +143,14 @@ class NAMMPolicy(MemoryPolicy):
                 f"NAMM produced non-finite scores at layer {st.layer} (update {st.step}); check the weights "
                 "and normalization statistics (std near 0?) of the checkpoint"
             )
-        sinks = self.namm.config.sink_tokens
-        if sinks > 0:  # protected like the newest token: +inf ranks first in keep_top too
-            position = stack_layers([st.position for st in states])
-            scores = scores.masked_fill((position < sinks) & valid, float("inf"))
+        sinks, recent = self.namm.config.sink_tokens, self.namm.config.recent_tokens
+        if sinks > 0 or recent > 0:  # protected like the newest token: +inf ranks first in keep_top too
+            position = stack_layers([st.position for st in states])  # (L, B, H, S)
+            protect = position < sinks
+            if recent > 0:
+                newest = stack_layers([st.newest_position for st in states])  # (L, B)
+                protect = protect | (position > newest[:, :, None, None] - recent)
+            scores = scores.masked_fill(protect & valid, float("inf"))
         if self.budget is not None:
             return self.keep_top_layers(states, list(scores.unbind(0)))
         keep = (scores >= self.namm.config.threshold) & valid
@@ -208,4 +212,5 @@ class NAMMPolicy(MemoryPolicy):
             "threshold": self.namm.config.threshold,
             "max_tokens": self.namm.config.max_tokens,
             "sink_tokens": self.namm.config.sink_tokens,
+            **({"recent_tokens": self.namm.config.recent_tokens} if self.namm.config.recent_tokens else {}),
         }
