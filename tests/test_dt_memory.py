@@ -345,12 +345,13 @@ def test_po_long_context_training_resumes_evaluates_and_ships(tmp_path, monkeypa
     assert train_mod.resolve_dt("shipped", "hopper-po") == "shipped:hopper-po-medium"
 
 
-def test_shipped_long_context_dt_cached_rollout_equals_its_full_history_forward():
-    """The shipped long-context hopper DT (K=200), unmodified: its cached full-history rollout acts as its own
+@pytest.mark.parametrize("name, env", [("hopper-medium-long", "hopper"), ("hopper-po-medium-long", "hopper-po")])
+def test_shipped_long_context_dt_cached_rollout_equals_its_full_history_forward(name, env):
+    """Each shipped long-context DT (K=200), unmodified: its cached full-history rollout acts as its own
     forward over the whole history, checked at steps past its 200-step training window (up to 450 steps, 1,349
     tokens), and the history beyond the window changes its action (so the comparison is not vacuous)."""
-    model, info = load_dt("shipped:hopper-medium-long")
-    assert info["context_length"] == 200 and info["env"] == "hopper"
+    model, info = load_dt(f"shipped:{name}")
+    assert info["context_length"] == 200 and info["env"] == env
     steps, b = 450, 2
     g = torch.Generator().manual_seed(1)
     states = torch.randn(b, steps, info["state_dim"], generator=g)  # already in normalized units
