@@ -148,7 +148,10 @@ class NAMMPolicy(MemoryPolicy):
             position = stack_layers([st.position for st in states])  # (L, B, H, S)
             protect = position < sinks
             if recent > 0:
-                newest = stack_layers([st.newest_position for st in states])  # (L, B)
+                newest_of = [st.newest_position for st in states]
+                if any(t is None for t in newest_of):
+                    raise RuntimeError("the engine sets newest_position before select")
+                newest = stack_layers([t for t in newest_of if t is not None])  # (L, B)
                 protect = protect | (position > newest[:, :, None, None] - recent)
             scores = scores.masked_fill(protect & valid, float("inf"))
         if self.budget is not None:
