@@ -681,21 +681,26 @@ def test_namm_vector_evicts_exactly_the_oldest_token(model):
             assert head_positions.tolist() == list(range(1, 16))
 
 
+def _assert_namm_keeps(model, net, budget, expect, label):
+    """Prefill 16 tokens with ``net`` as the policy (one update); every layer and head keeps exactly ``expect``."""
+    ids, _ = _batch(1, 16)
+    with attach(model, NAMMPolicy(net, budget=budget), update_interval=16, chunk_size=16, record_kept=True) as mem:
+        mem.prefill(ids)
+        kept = mem.stats.kept_positions[0]
+    for layer in mem.stats.managed_layers:
+        for head_positions in kept[layer][0]:
+            assert head_positions.tolist() == list(expect), label
+
+
 def test_sink_tokens_are_kept_whatever_the_score(model):
     """NAMMConfig.sink_tokens: the first positions survive a vector that scores them (the oldest) negative, in
     threshold mode and with a token budget; 0 (the spec) evicts them."""
     from dataclasses import replace
 
-    ids, _ = _batch(1, 16)
     for sinks, budget, expect in ((0, None, range(2, 16)), (2, None, range(16)), (1, "8t", [0, *range(9, 16)])):
         net = _namm(oldest_token_vector(14))  # negative for ages >= 14: positions 0 and 1 of 16
         net.config = replace(net.config, sink_tokens=sinks)
-        with attach(model, NAMMPolicy(net, budget=budget), update_interval=16, chunk_size=16, record_kept=True) as mem:
-            mem.prefill(ids)
-            kept = mem.stats.kept_positions[0]
-        for layer in mem.stats.managed_layers:
-            for head_positions in kept[layer][0]:
-                assert head_positions.tolist() == list(expect), (sinks, budget)
+        _assert_namm_keeps(model, net, budget, expect, (sinks, budget))
     with pytest.raises(ValueError, match="sink_tokens"):
         replace(NAMM().config, sink_tokens=-1)
 
@@ -715,17 +720,11 @@ def test_recent_tokens_are_kept_whatever_the_score(model):
     and with a token budget; 0 (the spec) protects the newest token only."""
     from dataclasses import replace
 
-    ids, _ = _batch(1, 16)
     cases = ((0, None, [*range(12), 15]), (3, None, [*range(12), 13, 14, 15]), (2, "8t", [*range(6), 14, 15]))
     for recent, budget, expect in cases:
         net = _namm(newest_tokens_vector(4))  # negative for ages < 4: positions 12..15 of 16
         net.config = replace(net.config, recent_tokens=recent)
-        with attach(model, NAMMPolicy(net, budget=budget), update_interval=16, chunk_size=16, record_kept=True) as mem:
-            mem.prefill(ids)
-            kept = mem.stats.kept_positions[0]
-        for layer in mem.stats.managed_layers:
-            for head_positions in kept[layer][0]:
-                assert head_positions.tolist() == list(expect), (recent, budget)
+        _assert_namm_keeps(model, net, budget, expect, (recent, budget))
     assert replace(NAMM().config, recent_tokens=3).outside_spec() == {"recent_tokens": 3}
     assert "recent_tokens" not in NAMM().config.to_dict()  # default configs record what older files hold
     with pytest.raises(ValueError, match="recent_tokens"):

@@ -387,6 +387,19 @@ def test_language_eval_namm_sinks_option(assets, tmp_path, capsys):
     assert "--namm-sinks must be >= 0" in capsys.readouterr().err
 
 
+def test_language_eval_namm_recent_option(assets, tmp_path, capsys):
+    """--namm-recent N: the loaded NAMM keeps its newest N positions (in the settings only when set); bad N is
+    refused."""
+    extra = ("--policies", "namm", "--protocols", "threshold", "--limit", "1", "--no-plot")
+    assert _eval(assets, "llama", tmp_path / "recent.json", "--namm-recent", "8", *extra) == 0
+    header, records = _jsonl(tmp_path / "recent.json")
+    assert header["settings"]["namm_recent_tokens"] == 8 and len(records) == 1
+    assert _eval(assets, "llama", tmp_path / "plain.json", *extra) == 0
+    assert "namm_recent_tokens" not in _jsonl(tmp_path / "plain.json")[0]["settings"]
+    assert _eval(assets, "llama", tmp_path / "bad.json", "--policies", "namm", "--namm-recent", "-1") == 2
+    assert "--namm-recent must be >= 0" in capsys.readouterr().err
+
+
 def test_language_eval_sharded_then_merged(assets, tmp_path, monkeypatch):
     from namm_transfer.results import merge_shards
 

@@ -877,20 +877,18 @@ def main(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:  # no default NAMM shipped yet, or a wrong path
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if namm_net is not None and args.namm_sinks is not None:
-        if args.namm_sinks < 0:
-            print(f"error: --namm-sinks must be >= 0, got {args.namm_sinks}", file=sys.stderr)
+    for flag, field, value in (
+        ("--namm-sinks", "sink_tokens", args.namm_sinks),
+        ("--namm-recent", "recent_tokens", args.namm_recent),
+    ):
+        if namm_net is None or value is None:
+            continue
+        if value < 0:
+            print(f"error: {flag} must be >= 0, got {value}", file=sys.stderr)
             return 2
         from dataclasses import replace
 
-        namm_net.config = replace(namm_net.config, sink_tokens=args.namm_sinks)
-    if namm_net is not None and args.namm_recent is not None:
-        if args.namm_recent < 0:
-            print(f"error: --namm-recent must be >= 0, got {args.namm_recent}", file=sys.stderr)
-            return 2
-        from dataclasses import replace
-
-        namm_net.config = replace(namm_net.config, recent_tokens=args.namm_recent)
+        namm_net.config = replace(namm_net.config, **{field: value})
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     find_adapter(model)  # an unsupported model is refused before anything is written
     chat = bool(getattr(tokenizer, "chat_template", None))

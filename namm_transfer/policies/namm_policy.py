@@ -148,11 +148,7 @@ class NAMMPolicy(MemoryPolicy):
             position = stack_layers([st.position for st in states])  # (L, B, H, S)
             protect = position < sinks
             if recent > 0:
-                newest_of = [st.newest_position for st in states]
-                if any(t is None for t in newest_of):
-                    raise RuntimeError("the engine sets newest_position before select")
-                newest = stack_layers([t for t in newest_of if t is not None])  # (L, B)
-                protect = protect | (position > newest[:, :, None, None] - recent)
+                protect = protect | (position > _newest_positions(states)[:, :, None, None] - recent)
             scores = scores.masked_fill(protect & valid, float("inf"))
         if self.budget is not None:
             return self.keep_top_layers(states, list(scores.unbind(0)))
@@ -174,11 +170,8 @@ class NAMMPolicy(MemoryPolicy):
         -inf."""
         b, h, s = states[0].shape
         n_layers = len(states)
-        newest = [st.newest_position for st in states]
-        if any(t is None for t in newest):
-            raise RuntimeError("the engine sets newest_position before select")
-        newest_t = stack_layers([t for t in newest if t is not None])  # (L, B)
-        age = (newest_t.view(n_layers, b, 1, 1) - stack_layers([st.position for st in states])).clamp_min(0)
+        newest = _newest_positions(states).view(n_layers, b, 1, 1)
+        age = (newest - stack_layers([st.position for st in states])).clamp_min(0)
         ema = stack_layers([st.tokens["namm_ema"] for st in states])
         x = self.namm.features(ema, age).reshape(n_layers * b * h, s, -1)
         theta = None
@@ -217,3 +210,11 @@ class NAMMPolicy(MemoryPolicy):
             "sink_tokens": self.namm.config.sink_tokens,
             **({"recent_tokens": self.namm.config.recent_tokens} if self.namm.config.recent_tokens else {}),
         }
+
+
+def _newest_positions(states: list[LayerState]) -> Tensor:
+    """(L, B) position of each sequence's newest token, per layer (set by the engine before ``select``)."""
+    newest = [st.newest_position for st in states]
+    if any(t is None for t in newest):
+        raise RuntimeError("the engine sets newest_position before select")
+    return stack_layers([t for t in newest if t is not None])
